@@ -1,0 +1,138 @@
+"""torch.distributed and megatron-core model-parallel state, from the usual torchrun environment.
+
+GPU: nccl, one device per LOCAL_RANK. CPU: gloo, with `cpu_support` applied. A single `python` process (no torchrun
+variables) becomes a world of one. Process groups are megatron's own (`parallel_state`), and callers that need them
+take them from there or from a `ProcessGroupCollection`, explicitly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_r3.platform import cpu_support
+
+
+@dataclass(frozen=True)
+class ParallelSizes:
+    """Megatron's model-parallel sizes (flag names without the dashes)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: int | None = None
+
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+
+def device() -> torch.device:
+    """This rank's device: cuda:LOCAL_RANK when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def initialize_torch_distributed(timeout_s: int = 600) -> None:
+    """Init the default process group from torchrun's variables (or as a world of one)."""
+    cpu_support.apply_cpu_support()
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(device())
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def initialize_model_parallel(sizes: ParallelSizes, *, seed: int = 1234, timeout_s: int = 600) -> None:
+    """(Re)initialise megatron's parallel state for `sizes` and seed its RNG tracker.
+
+    Calling it again with other sizes tears the previous groups down first, so one launch can test many layouts.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    initialize_torch_distributed(timeout_s=timeout_s)
+    world = dist.get_world_size()
+    if world % sizes.model_parallel_size() != 0:
+        raise ValueError(
+            f"world size {world} is not divisible by tensor x pipeline x context parallel size "
+            f"{sizes.tensor_model_parallel_size} x {sizes.pipeline_model_parallel_size} x "
+            f"{sizes.context_parallel_size}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=sizes.tensor_model_parallel_size,
+        pipeline_model_parallel_size=sizes.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=sizes.virtual_pipeline_model_parallel_size,
+        context_parallel_size=sizes.context_parallel_size,
+        expert_model_parallel_size=sizes.expert_model_parallel_size,
+        expert_tensor_parallel_size=sizes.expert_tensor_parallel_size,
+        distributed_timeout_minutes=max(1, timeout_s // 60),
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+_HOST_GROUP = None
+
+
+def host_group():
+    """A gloo group over the whole world for small host-side agreements (error flags, messages).
+
+    On GPU runs the default group is NCCL, and agreeing on an error through it would need a device tensor and a
+    device-to-host copy, i.e. a host sync in the training step; gloo moves host memory only.
+    """
+    global _HOST_GROUP
+    if not dist.is_initialized():
+        return None
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    if _HOST_GROUP is None:
+        _HOST_GROUP = dist.new_group(backend="gloo")
+    return _HOST_GROUP
+
+
+def agree_on_problems(local_problems: list[str], group=None) -> list[str]:
+    """Every rank's problems, on every rank (rank-prefixed), so all ranks raise alike instead of some hanging.
+
+    One small all-reduce when all is well; the messages travel only when some rank has one.
+    """
+    if not dist.is_initialized():
+        return list(local_problems)
+    group = group or host_group()
+    flag = torch.tensor([1 if local_problems else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if not int(flag[0]):
+        return []
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, list(local_problems), group=group)
+    ranks = dist.get_process_group_ranks(group)
+    return [f"rank {rank}: {problem}" for rank, problems in zip(ranks, gathered) for problem in problems]
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    global _HOST_GROUP
+    _HOST_GROUP = None
+    if dist.is_initialized():
+        dist.destroy_process_group()
