@@ -1,0 +1,49 @@
+"""Build megatron-core `GPTModel` chunks (one per virtual pipeline stage) with the replay-aware layer spec."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from megatron_r3.model.specs import replay_decoder_block_spec
+from megatron_r3.platform.distributed import device
+
+
+def build_gpt_chunks(
+    config,
+    *,
+    vocab_size: int,
+    max_sequence_length: int,
+    position_embedding_type: str = "rope",
+    rotary_base: int = 10000,
+    share_embeddings_and_output_weights: bool = False,
+    use_transformer_engine: bool | None = None,
+) -> list[GPTModel]:
+    """This rank's model chunks: one per virtual pipeline stage (a list of one without VP), on this rank's device."""
+    vp_size = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    chunks = []
+    for vp_stage in range(vp_size) if vp_size else [None]:
+        spec = replay_decoder_block_spec(config, use_transformer_engine=use_transformer_engine, vp_stage=vp_stage)
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=share_embeddings_and_output_weights,
+            position_embedding_type=position_embedding_type,
+            rotary_base=rotary_base,
+            vp_stage=vp_stage,
+        )
+        chunks.append(model.to(device()))
+    return chunks
+
+
+def count_parameters(chunks) -> int:
+    return sum(p.numel() for chunk in chunks for p in chunk.parameters())
+
+
+def parameters_of(chunks) -> list[torch.nn.Parameter]:
+    return [p for chunk in chunks for p in chunk.parameters()]

@@ -1,0 +1,190 @@
+"""The replay-aware router: a `TopKRouter` whose top-k can be recorded or replayed, with state owned by the router.
+
+megatron-core's `topk_routing_with_score_function` asks `router.router_replay.get_replay_topk(...)` for the top-k
+whenever `router_replay` is not None. Megatron's own `RouterReplay` keeps a process-global list of instances and
+needs one tensor per instance in construction order, which breaks as soon as a second model (reference model,
+rebuilt chunk) exists. Here every router owns a `RouterReplayState`; the schedule wrapper finds routers by walking
+the model chunk it is about to run and installs each router's ids by its global `layer_number`.
+
+Modes (megatron's `RouterReplayAction` vocabulary):
+- free (action None): native routing.
+- RECORD: native routing; the chosen ids are kept (compact dtype, on device) for R2.
+- REPLAY_FORWARD: the next installed ids are used; gate probabilities are still computed from this model's scores
+  at those ids, so gradients reach the router.
+- REPLAY_BACKWARD: activation recompute re-runs the router during backward; it must see the same ids as the
+  forward did, in the same (FIFO) order.
+
+A forward call made with grad disabled during a training pass is a checkpointed forward (full or selective `moe`
+recompute run the forward under `no_grad` and re-run it in backward), so its ids are queued for the recompute.
+
+Problems found inside the forward (no route installed, wrong row count) are *deferred*: the router falls back to
+native routing for that call, records the error, and the schedule wrapper raises on every rank after the schedule
+has finished. Raising here would leave the other ranks blocked in the next collective.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+
+@dataclass
+class InstalledRoutes:
+    """One microbatch's ids for one router, in the router's sequence-major token order.
+
+    expert_ids: [num_tokens, topk] compact integer dtype (uint8 / int16), on the router's device.
+    valid: optional bool [num_tokens]; False for padding rows (excluded from agreement statistics).
+    free_rows: optional bool [num_tokens]; True for rows that take native routing (counted fallback).
+    """
+
+    expert_ids: torch.Tensor
+    valid: Optional[torch.Tensor] = None
+    free_rows: Optional[torch.Tensor] = None
+
+
+class RouterReplayState:
+    """Per-router replay state: what to replay next, what to replay in recompute, what was recorded.
+
+    Lives on the router (an attribute of the module), so it is created, moved and destroyed with the model.
+    """
+
+    def __init__(self) -> None:
+        self.layer_number: Optional[int] = None
+        self.action: Optional[RouterReplayAction] = None
+        self.training_pass = False
+        self.collect_agreement = False
+        self._forward: deque[InstalledRoutes] = deque()
+        self._backward: deque[torch.Tensor] = deque()
+        self.recorded: list[torch.Tensor] = []
+        self.errors: list[str] = []
+        # Host-side counters (known from shapes, no device sync).
+        self.replayed_rows = 0
+        self.recomputed_rows = 0
+        # Device-side agreement counters: tokens whose native top-k set equals the replayed set, over valid tokens.
+        self.agree_tokens: Optional[torch.Tensor] = None
+        self.valid_tokens: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ driven by the schedule wrapper
+    def install(self, routes: InstalledRoutes) -> None:
+        """Queue one microbatch's ids for the next REPLAY_FORWARD call."""
+        self._forward.append(routes)
+
+    def pending(self) -> tuple[int, int]:
+        """(forward routes not yet consumed, recompute routes not yet consumed)."""
+        return len(self._forward), len(self._backward)
+
+    def take_recorded(self) -> list[torch.Tensor]:
+        recorded, self.recorded = self.recorded, []
+        return recorded
+
+    def reset(self) -> None:
+        """Drop every queued route and deferred error (after a failed or finished schedule)."""
+        self._forward.clear()
+        self._backward.clear()
+        self.recorded = []
+        self.errors = []
+        self.action = None
+        self.training_pass = False
+
+    def reset_counters(self) -> None:
+        self.replayed_rows = self.recomputed_rows = 0
+        self.agree_tokens = self.valid_tokens = None
+
+    # ------------------------------------------------------------------ megatron-core's hook
+    def get_replay_topk(
+        self,
+        scores: torch.Tensor,
+        topk: int,
+        num_groups: Optional[int] = None,
+        group_topk: Optional[int] = None,
+        default_compute_topk: Callable = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (scores at the chosen ids, chosen ids [num_tokens, topk] int64), as megatron expects."""
+
+        def native():
+            return default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
+
+        action = self.action
+        if action is None:
+            return native()
+        queue_for_recompute = self.training_pass and not torch.is_grad_enabled()
+        if action == RouterReplayAction.RECORD:
+            values, ids = native()
+            self.recorded.append(ids.detach().to(torch.int16 if scores.shape[1] > 256 else torch.uint8))
+            if queue_for_recompute:
+                self._backward.append(ids.detach())
+            return values, ids
+        if action == RouterReplayAction.REPLAY_BACKWARD:
+            if not self._backward:
+                return self._defer(f"recompute of layer {self.layer_number} found no replayed ids to reuse", native)
+            ids = self._backward.popleft()
+            self.recomputed_rows += ids.shape[0]
+            return scores.gather(1, ids), ids
+        if action != RouterReplayAction.REPLAY_FORWARD:
+            raise ValueError(f"unknown router replay action {action!r}")
+
+        if not self._forward:
+            return self._defer(f"layer {self.layer_number} was run with no routes installed", native)
+        routes = self._forward.popleft()
+        if tuple(routes.expert_ids.shape) != (scores.shape[0], topk):
+            return self._defer(
+                f"layer {self.layer_number}: installed routes have shape {tuple(routes.expert_ids.shape)}, the router "
+                f"sees {scores.shape[0]} tokens with top-{topk}",
+                native,
+            )
+        ids = routes.expert_ids.long()
+        native_ids = None
+        if routes.free_rows is not None or self.collect_agreement:
+            native_ids = native()[1]
+        if routes.free_rows is not None:
+            ids = torch.where(routes.free_rows.unsqueeze(1), native_ids, ids)
+        if self.collect_agreement:
+            self._count_agreement(native_ids, ids, routes.valid)
+        self.replayed_rows += ids.shape[0]
+        if queue_for_recompute:
+            self._backward.append(ids)
+        return scores.gather(1, ids), ids
+
+    # ------------------------------------------------------------------ helpers
+    def _defer(self, message: str, native) -> tuple[torch.Tensor, torch.Tensor]:
+        self.errors.append(message)
+        return native()
+
+    def _count_agreement(self, native_ids: torch.Tensor, ids: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
+        """Accumulate, on device, how many valid tokens' native top-k *set* equals the replayed set."""
+        same_set = (native_ids.sort(dim=1).values == ids.sort(dim=1).values).all(dim=1)
+        if valid is None:
+            valid = torch.ones_like(same_set)
+        agree = (same_set & valid).sum()
+        total = valid.sum()
+        if self.agree_tokens is None:
+            self.agree_tokens, self.valid_tokens = agree, total
+        else:
+            self.agree_tokens = self.agree_tokens + agree
+            self.valid_tokens = self.valid_tokens + total
+
+
+class ReplayTopKRouter(TopKRouter):
+    """`TopKRouter` that owns a `RouterReplayState` and answers megatron's replay hook through it.
+
+    Injected via `MoESubmodules.router` (see `megatron_r3.model.specs`); nothing in megatron-core is patched.
+    `config.moe_enable_routing_replay` must stay False so megatron does not also register its global instance.
+    """
+
+    def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False) -> None:
+        if config.moe_enable_routing_replay:
+            raise ValueError(
+                "moe_enable_routing_replay=True turns on megatron-core's process-global RouterReplay; megatron_r3 "
+                "replays through its own per-router state, so leave it False and use --router-replay"
+            )
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
+        self.router_replay = RouterReplayState()
+
+    @property
+    def replay(self) -> RouterReplayState:
+        return self.router_replay

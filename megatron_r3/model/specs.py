@@ -1,0 +1,64 @@
+"""GPT layer specs whose MoE layers use `ReplayTopKRouter`, injected through `MoESubmodules.router`.
+
+megatron-core builds an MoE layer from a spec: `submodules.mlp` is a `functools.partial(MoELayer,
+submodules=MoESubmodules(...))`. We rebuild that partial with `dataclasses.replace(submodules,
+router=ReplayTopKRouter)`; the rest of megatron-core is used as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from megatron_r3.model.cp_attention import with_context_parallel_core_attention
+from megatron_r3.model.replay_router import ReplayTopKRouter
+
+
+def transformer_engine_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def with_replay_router(mlp_spec):
+    """Return `mlp_spec` with its router replaced by `ReplayTopKRouter` (dense MLP specs are returned unchanged)."""
+    if isinstance(mlp_spec, functools.partial):
+        submodules = mlp_spec.keywords.get("submodules")
+        if isinstance(submodules, MoESubmodules):
+            keywords = dict(mlp_spec.keywords, submodules=dataclasses.replace(submodules, router=ReplayTopKRouter))
+            return functools.partial(mlp_spec.func, *mlp_spec.args, **keywords)
+        return mlp_spec
+    if isinstance(mlp_spec, ModuleSpec) and isinstance(mlp_spec.submodules, MoESubmodules):
+        return dataclasses.replace(mlp_spec, submodules=dataclasses.replace(mlp_spec.submodules, router=ReplayTopKRouter))
+    return mlp_spec
+
+
+def _layer_with_replay_router(layer_spec: ModuleSpec) -> ModuleSpec:
+    submodules = dataclasses.replace(layer_spec.submodules, mlp=with_replay_router(layer_spec.submodules.mlp))
+    return dataclasses.replace(layer_spec, submodules=submodules)
+
+
+def replay_decoder_block_spec(
+    config, *, use_transformer_engine: bool | None = None, vp_stage: int | None = None, pp_rank: int | None = None
+) -> TransformerBlockSubmodules:
+    """Megatron's GPT decoder block spec for this stage/chunk (dense and MoE layers per `moe_layer_freq`), with every
+    MoE layer's router replaced by `ReplayTopKRouter`. TransformerEngine modules when TE is importable (unchanged),
+    else local ones with `ContextParallelDotProductAttention` as core attention (CP and THD without TE)."""
+    if use_transformer_engine is None:
+        use_transformer_engine = transformer_engine_available()
+    block = get_gpt_decoder_block_spec(
+        config,
+        use_transformer_engine=use_transformer_engine,
+        normalization=config.normalization,
+        vp_stage=vp_stage,
+        pp_rank=pp_rank,
+    )
+    layer_specs = [_layer_with_replay_router(spec) for spec in block.layer_specs]
+    if not use_transformer_engine:
+        # Local spec: megatron's DotProductAttention refuses CP and packed (THD) batches; see model/cp_attention.py.
+        layer_specs = [with_context_parallel_core_attention(spec) for spec in layer_specs]
+    return dataclasses.replace(block, layer_specs=layer_specs)
