@@ -234,8 +234,8 @@ def alltoall_split_sizes_as_numpy() -> None:
 
 
 def sequence_parallel_torch_norm() -> None:
-    """Answers `AssertionError: WrappedTorchNorm does not currently support sequence parallelism` (local spec
-    without apex, `sequence_parallel=True`).
+    """Answers `AssertionError: sequence parallel not supported by torch LayerNorm` from `WrappedTorchNorm`
+    (local spec without apex, `sequence_parallel=True`).
 
     The torch norm is correct under SP as long as its parameters' gradients are all-reduced over TP; that is what
     the `sequence_parallel` attribute on a parameter asks `finalize_model_grads` to do (as Megatron's own

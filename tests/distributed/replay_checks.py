@@ -31,8 +31,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from megatron_r3.platform.distributed import ParallelSizes, initialize_model_parallel  # noqa: E402
 
-initialize_model_parallel(ParallelSizes())  # gloo/NCCL + CPU support before megatron builds anything
-
 from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region  # noqa: E402
@@ -53,39 +51,11 @@ from megatron_r3.replay.microbatch import localize_routes, routes_from_recorded 
 from megatron_r3.replay.r2 import gather_recorded_routes  # noqa: E402
 from megatron_r3.replay.schedule import ReplayRouters, RouteReplayError, run_schedule  # noqa: E402
 from megatron_r3.train.batch import microbatch_inputs  # noqa: E402
+from tests.distributed.layouts import LAYOUTS, RECOMPUTE  # noqa: E402
 
 VOCAB, NUM_LAYERS, EXPERTS, TOPK = 128, 4, 8, 2
 MOE_LAYER_FREQ = [0, 1, 1, 1]
 NUM_MICROBATCHES, SAMPLES_PER_MICROBATCH, SEQ_LENGTH = 2, 2, 20
-F32 = dict(pipeline_dtype=torch.float32)
-
-LAYOUTS = {
-    "dp4": (ParallelSizes(), {}),
-    "tp2sp": (ParallelSizes(tensor_model_parallel_size=2), dict(sequence_parallel=True)),
-    "pp2": (ParallelSizes(pipeline_model_parallel_size=2), F32),
-    "pp2vp2": (
-        ParallelSizes(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
-        dict(F32, virtual_pipeline_model_parallel_size=2),
-    ),
-    "ep2_alltoall": (ParallelSizes(expert_model_parallel_size=2), dict(moe_token_dispatcher_type="alltoall")),
-    "ep2_allgather": (ParallelSizes(expert_model_parallel_size=2), dict(moe_token_dispatcher_type="allgather")),
-    "tp2ep2": (
-        ParallelSizes(tensor_model_parallel_size=2, expert_model_parallel_size=2),
-        dict(sequence_parallel=True, moe_token_dispatcher_type="alltoall"),
-    ),
-    "pp2ep2": (ParallelSizes(pipeline_model_parallel_size=2, expert_model_parallel_size=2), F32),
-    "tp2pp2": (
-        ParallelSizes(tensor_model_parallel_size=2, pipeline_model_parallel_size=2),
-        dict(F32, sequence_parallel=True),
-    ),
-}
-RECOMPUTE = {
-    "none": {},
-    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
-    "moe": dict(recompute_granularity="selective", recompute_modules=["moe"]),
-}
-
-
 def make_config(sizes: ParallelSizes, overrides: dict, recompute: dict) -> TransformerConfig:
     return TransformerConfig(
         num_layers=NUM_LAYERS, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
@@ -347,6 +317,7 @@ def main() -> None:
     parser.add_argument("--recompute", nargs="*", default=list(RECOMPUTE))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    initialize_model_parallel(ParallelSizes())  # gloo/NCCL + CPU support before megatron builds anything
     rank = dist.get_rank()
     records = []
     for name in args.layouts:

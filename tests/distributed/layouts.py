@@ -1,0 +1,41 @@
+"""Parallel layouts the gloo tests run on 4 ranks: name -> (ParallelSizes, TransformerConfig overrides)."""
+
+import torch
+
+from megatron_r3.platform.distributed import ParallelSizes
+
+F32 = dict(pipeline_dtype=torch.float32)
+
+LAYOUTS = {
+    "dp4": (ParallelSizes(), {}),
+    "tp2sp": (ParallelSizes(tensor_model_parallel_size=2), dict(sequence_parallel=True)),
+    "pp2": (ParallelSizes(pipeline_model_parallel_size=2), F32),
+    "pp2vp2": (
+        ParallelSizes(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
+        dict(F32, virtual_pipeline_model_parallel_size=2),
+    ),
+    "ep2_alltoall": (ParallelSizes(expert_model_parallel_size=2), dict(moe_token_dispatcher_type="alltoall")),
+    "ep2_allgather": (ParallelSizes(expert_model_parallel_size=2), dict(moe_token_dispatcher_type="allgather")),
+    "tp2ep2": (
+        ParallelSizes(tensor_model_parallel_size=2, expert_model_parallel_size=2),
+        dict(sequence_parallel=True, moe_token_dispatcher_type="alltoall"),
+    ),
+    "pp2ep2": (ParallelSizes(pipeline_model_parallel_size=2, expert_model_parallel_size=2), F32),
+    "tp2pp2": (
+        ParallelSizes(tensor_model_parallel_size=2, pipeline_model_parallel_size=2),
+        dict(F32, sequence_parallel=True),
+    ),
+    # context parallelism; without TransformerEngine it runs through model/cp_attention.py
+    "cp2": (ParallelSizes(context_parallel_size=2), {}),
+    "cp2tp2sp": (
+        ParallelSizes(tensor_model_parallel_size=2, context_parallel_size=2),
+        dict(sequence_parallel=True),
+    ),
+    "cp2ep2": (ParallelSizes(context_parallel_size=2, expert_model_parallel_size=2), {}),
+    "cp2pp2": (ParallelSizes(context_parallel_size=2, pipeline_model_parallel_size=2), F32),
+}
+RECOMPUTE = {
+    "none": {},
+    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+    "moe": dict(recompute_granularity="selective", recompute_modules=["moe"]),
+}

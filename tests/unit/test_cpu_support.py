@@ -1,0 +1,60 @@
+"""Each CPU patch answers one exact megatron-core/torch error. The probes reproduce that error on an unpatched
+megatron-core in a fresh interpreter: the day one stops failing, upstream no longer needs the patch and the test
+says so."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_r3.platform import cpu_support
+from tests.distributed.launch import REPO, free_port
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU support is only applied without CUDA")
+
+# patch -> text the unpatched call still produces
+EXPECTED = {
+    "cuda_runtime_stand_ins": "Torch not compiled with CUDA enabled",
+    "cpu_rng_tracker": "Torch not compiled with CUDA enabled",
+    "cuda_device_literals": "Torch not compiled with CUDA enabled",
+    "cpu_causal_masks": "Torch not compiled with CUDA enabled",
+    "alltoall_split_sizes_as_numpy": "returns Tensor",
+    "sequence_parallel_torch_norm": "sequence parallel not supported by torch LayerNorm",
+    "uneven_gather_scatter_for_gloo": "invalid tensor size",
+    "cp_rope_slice_on_cpu": "pin_memory=True requires a CUDA or other accelerator backend",
+}
+
+
+@pytest.fixture(scope="module")
+def probes():
+    script = Path(__file__).with_name("cpu_support_probes.py")
+    proc = subprocess.run(
+        [sys.executable, str(script), str(free_port())], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_every_patch_is_probed_and_documented():
+    assert set(cpu_support.PATCHES) == set(EXPECTED)
+    for name in cpu_support.PATCHES:
+        doc = getattr(cpu_support, name).__doc__
+        assert doc and doc.startswith("Answers `"), f"{name} must name the exact error it answers"
+        assert EXPECTED[name].split(" ")[0] in doc or name == "alltoall_split_sizes_as_numpy"
+
+
+@pytest.mark.parametrize("patch", sorted(EXPECTED))
+def test_patch_still_needed(probes, patch):
+    assert EXPECTED[patch] in probes[patch], (
+        f"unpatched megatron-core no longer gives {EXPECTED[patch]!r} ({probes[patch]!r}): "
+        f"remove cpu_support.{patch}"
+    )
+
+
+def test_triton_is_real_not_stubbed():
+    import megatron.core.transformer.moe.ops.paged_stash as paged_stash
+
+    assert hasattr(paged_stash, "triton")
