@@ -38,6 +38,11 @@ def replay_bypass_reasons(config) -> list[str]:
         )
     if get("transformer_impl") == "inference_optimized":
         reasons.append("transformer_impl='inference_optimized' builds InferenceTopKRouter, which has no replay hook")
+    if get("enable_cuda_graph", False) or get("external_cuda_graph", False):
+        reasons.append(
+            "enable_cuda_graph / external_cuda_graph capture the router into a CUDA graph, freezing the ids that "
+            "replay must change every microbatch"
+        )
     if get("cuda_graph_impl", "none") not in (None, "none"):
         reasons.append(
             f"cuda_graph_impl={get('cuda_graph_impl')!r} captures the router into a CUDA graph, freezing the ids "

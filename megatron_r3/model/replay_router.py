@@ -123,6 +123,12 @@ class RouterReplayState:
             if not self._backward:
                 return self._defer(f"recompute of layer {self.layer_number} found no replayed ids to reuse", native)
             ids = self._backward.popleft()
+            if ids.shape[0] != scores.shape[0]:
+                return self._defer(
+                    f"recompute of layer {self.layer_number} sees {scores.shape[0]} tokens, the forward replayed "
+                    f"{ids.shape[0]}",
+                    native,
+                )
             self.recomputed_rows += ids.shape[0]
             return scores.gather(1, ids), ids
         if action != RouterReplayAction.REPLAY_FORWARD:
@@ -144,7 +150,10 @@ class RouterReplayState:
         if routes.free_rows is not None:
             ids = torch.where(routes.free_rows.unsqueeze(1), native_ids, ids)
         if self.collect_agreement:
-            self._count_agreement(native_ids, ids, routes.valid)
+            valid = routes.valid
+            if routes.free_rows is not None:  # fallback rows route natively: they agree trivially, don't count them
+                valid = ~routes.free_rows if valid is None else valid & ~routes.free_rows
+            self._count_agreement(native_ids, ids, valid)
         self.replayed_rows += ids.shape[0]
         if queue_for_recompute:
             self._backward.append(ids)

@@ -117,5 +117,8 @@ def routes_from_recorded(recorded: dict[int, torch.Tensor], valid: torch.Tensor,
     bit, because even padding tokens keep their experts and so every expert sees the same token count.
     """
     numbers = tuple(sorted(recorded))
+    if not numbers:  # a rank (pipeline stage) whose layers are all dense records nothing
+        expert_ids = torch.empty((valid.shape[0], 0, 0), dtype=torch.uint8, device=valid.device)
+        return MicrobatchRoutes(expert_ids=expert_ids, layer_numbers=(), valid=valid, num_valid=num_valid)
     expert_ids = torch.stack([recorded[n] for n in numbers], dim=1)
     return MicrobatchRoutes(expert_ids=expert_ids, layer_numbers=numbers, valid=valid, num_valid=num_valid)

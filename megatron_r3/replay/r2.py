@@ -28,6 +28,8 @@ def scatter_recorded_to_slots(
     """Pure part: this rank's recorded ids `{layer_number: [num_tokens, topk]}` into `[num_slots, L_all, K]`."""
     full = torch.zeros(layout.num_slots, num_layers, topk, dtype=dtype, device=token_slots.device)
     for number, ids in recorded.items():
+        if not 1 <= number <= num_layers:  # 0 would silently write into the last layer (index -1)
+            raise ValueError(f"recorded layer number {number} is outside 1..{num_layers}")
         if ids.shape != (token_slots.shape[0], topk):
             raise ValueError(
                 f"layer {number} recorded ids of shape {tuple(ids.shape)} for {token_slots.shape[0]} router tokens"
@@ -60,10 +62,12 @@ def gather_recorded_routes(
         for per_mb, layout, slots in zip(recorded, layouts, token_slots)
     ]
     flat = torch.cat([full.reshape(-1) for full in fulls])
+    # Reduced as bytes (NCCL has no int16): every slot/layer is either zero ("not mine") on all but one rank or
+    # identical on the ranks that hold it, so a byte-wise MAX reproduces the value exactly.
+    as_bytes = flat.view(torch.uint8)
     for group in groups:
         if group is not None and dist.get_world_size(group) > 1:
-            # gloo and NCCL both reduce uint8/int16 with MAX; ids are >= 0 and zeros mark "not mine".
-            dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+            dist.all_reduce(as_bytes, op=dist.ReduceOp.MAX, group=group)
     flat = flat.cpu()
     out, start = [], 0
     for full, layout in zip(fulls, layouts):
