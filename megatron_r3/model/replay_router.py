@@ -38,13 +38,24 @@ class InstalledRoutes:
     """One microbatch's ids for one router, in the router's sequence-major token order.
 
     expert_ids: [num_tokens, topk] compact integer dtype (uint8 / int16), on the router's device.
-    valid: optional bool [num_tokens]; False for padding rows (excluded from agreement statistics).
+    valid: optional bool [num_tokens]; False for padding rows (excluded from the statistics).
     free_rows: optional bool [num_tokens]; True for rows that take native routing (counted fallback).
+    observe_only: route natively and only *measure* agreement with these ids (replay off, or R2's record pass,
+        with the rollout engine's routes at hand).
     """
 
     expert_ids: torch.Tensor
     valid: Optional[torch.Tensor] = None
     free_rows: Optional[torch.Tensor] = None
+    observe_only: bool = False
+
+
+# Device-side counters a router accumulates over valid tokens (no host sync until the step's metrics are logged):
+#   valid:    real (non-padding) tokens that saw installed routes
+#   compared: valid tokens that were not in the counted fallback
+#   agree:    compared tokens whose *native* top-k set equals the installed set (engine/trainer agreement)
+#   match:    valid tokens whose *used* top-k set equals the installed set (1.0 under replay; = agree when off)
+COUNTERS = ("valid", "compared", "agree", "match")
 
 
 class RouterReplayState:
@@ -65,13 +76,11 @@ class RouterReplayState:
         # Host-side counters (known from shapes, no device sync).
         self.replayed_rows = 0
         self.recomputed_rows = 0
-        # Device-side agreement counters: tokens whose native top-k set equals the replayed set, over valid tokens.
-        self.agree_tokens: Optional[torch.Tensor] = None
-        self.valid_tokens: Optional[torch.Tensor] = None
+        self.counters: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ driven by the schedule wrapper
     def install(self, routes: InstalledRoutes) -> None:
-        """Queue one microbatch's ids for the next REPLAY_FORWARD call."""
+        """Queue one microbatch's ids for the next forward call (REPLAY_FORWARD, or RECORD when observing)."""
         self._forward.append(routes)
 
     def pending(self) -> tuple[int, int]:
@@ -93,7 +102,7 @@ class RouterReplayState:
 
     def reset_counters(self) -> None:
         self.replayed_rows = self.recomputed_rows = 0
-        self.agree_tokens = self.valid_tokens = None
+        self.counters = {}
 
     # ------------------------------------------------------------------ megatron-core's hook
     def get_replay_topk(
@@ -113,69 +122,87 @@ class RouterReplayState:
         if action is None:
             return native()
         queue_for_recompute = self.training_pass and not torch.is_grad_enabled()
+        if action == RouterReplayAction.REPLAY_BACKWARD:
+            return self._recompute(scores, native)
         if action == RouterReplayAction.RECORD:
             values, ids = native()
             self.recorded.append(ids.detach().to(torch.int16 if scores.shape[1] > 256 else torch.uint8))
+            if self._forward:  # routes installed alongside a recording are observed, never used
+                routes = self._take(scores, topk)
+                if routes is not None and self.collect_agreement:
+                    self._count(routes, native_ids=ids, used_ids=ids)
             if queue_for_recompute:
                 self._backward.append(ids.detach())
             return values, ids
-        if action == RouterReplayAction.REPLAY_BACKWARD:
-            if not self._backward:
-                return self._defer(f"recompute of layer {self.layer_number} found no replayed ids to reuse", native)
-            ids = self._backward.popleft()
-            if ids.shape[0] != scores.shape[0]:
-                return self._defer(
-                    f"recompute of layer {self.layer_number} sees {scores.shape[0]} tokens, the forward replayed "
-                    f"{ids.shape[0]}",
-                    native,
-                )
-            self.recomputed_rows += ids.shape[0]
-            return scores.gather(1, ids), ids
         if action != RouterReplayAction.REPLAY_FORWARD:
             raise ValueError(f"unknown router replay action {action!r}")
 
-        if not self._forward:
-            return self._defer(f"layer {self.layer_number} was run with no routes installed", native)
-        routes = self._forward.popleft()
-        if tuple(routes.expert_ids.shape) != (scores.shape[0], topk):
-            return self._defer(
-                f"layer {self.layer_number}: installed routes have shape {tuple(routes.expert_ids.shape)}, the router "
-                f"sees {scores.shape[0]} tokens with top-{topk}",
-                native,
-            )
-        ids = routes.expert_ids.long()
-        native_ids = None
-        if routes.free_rows is not None or self.collect_agreement:
-            native_ids = native()[1]
-        if routes.free_rows is not None:
-            ids = torch.where(routes.free_rows.unsqueeze(1), native_ids, ids)
+        routes = self._take(scores, topk)
+        if routes is None:
+            return native()
+        if routes.observe_only:
+            values, ids = native()
+            native_ids = ids
+        else:
+            ids = routes.expert_ids.long()
+            native_ids = None
+            if routes.free_rows is not None or self.collect_agreement:
+                native_ids = native()[1]
+            if routes.free_rows is not None:
+                ids = torch.where(routes.free_rows.unsqueeze(1), native_ids, ids)
+            values = scores.gather(1, ids)
+            self.replayed_rows += ids.shape[0]
         if self.collect_agreement:
-            valid = routes.valid
-            if routes.free_rows is not None:  # fallback rows route natively: they agree trivially, don't count them
-                valid = ~routes.free_rows if valid is None else valid & ~routes.free_rows
-            self._count_agreement(native_ids, ids, valid)
-        self.replayed_rows += ids.shape[0]
+            self._count(routes, native_ids=native_ids, used_ids=ids)
         if queue_for_recompute:
-            self._backward.append(ids)
-        return scores.gather(1, ids), ids
+            self._backward.append(ids.detach())
+        return values, ids
 
     # ------------------------------------------------------------------ helpers
-    def _defer(self, message: str, native) -> tuple[torch.Tensor, torch.Tensor]:
-        self.errors.append(message)
-        return native()
+    def _take(self, scores: torch.Tensor, topk: int) -> Optional[InstalledRoutes]:
+        """Pop the next installed routes, or defer an error (and return None) when they are missing or malformed."""
+        if not self._forward:
+            self.errors.append(f"layer {self.layer_number} was run with no routes installed")
+            return None
+        routes = self._forward.popleft()
+        if tuple(routes.expert_ids.shape) != (scores.shape[0], topk):
+            self.errors.append(
+                f"layer {self.layer_number}: installed routes have shape {tuple(routes.expert_ids.shape)}, the router "
+                f"sees {scores.shape[0]} tokens with top-{topk}"
+            )
+            return None
+        return routes
 
-    def _count_agreement(self, native_ids: torch.Tensor, ids: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
-        """Accumulate, on device, how many valid tokens' native top-k *set* equals the replayed set."""
-        same_set = (native_ids.sort(dim=1).values == ids.sort(dim=1).values).all(dim=1)
-        if valid is None:
-            valid = torch.ones_like(same_set)
-        agree = (same_set & valid).sum()
-        total = valid.sum()
-        if self.agree_tokens is None:
-            self.agree_tokens, self.valid_tokens = agree, total
-        else:
-            self.agree_tokens = self.agree_tokens + agree
-            self.valid_tokens = self.valid_tokens + total
+    def _recompute(self, scores: torch.Tensor, native) -> tuple[torch.Tensor, torch.Tensor]:
+        """Activation recompute in backward: reuse the ids of the matching forward, in FIFO order."""
+        if not self._backward:
+            self.errors.append(f"recompute of layer {self.layer_number} found no replayed ids to reuse")
+            return native()
+        ids = self._backward.popleft()
+        if ids.shape[0] != scores.shape[0]:
+            self.errors.append(
+                f"recompute of layer {self.layer_number} sees {scores.shape[0]} tokens, the forward replayed "
+                f"{ids.shape[0]}"
+            )
+            return native()
+        self.recomputed_rows += ids.shape[0]
+        return scores.gather(1, ids), ids
+
+    def _count(self, routes: InstalledRoutes, *, native_ids: torch.Tensor, used_ids: torch.Tensor) -> None:
+        """Accumulate the COUNTERS on device: top-k *sets* are compared (the order within a row is irrelevant)."""
+        installed = routes.expert_ids.long().sort(dim=1).values
+        native_same = (native_ids.sort(dim=1).values == installed).all(dim=1)
+        used_same = (used_ids.sort(dim=1).values == installed).all(dim=1)
+        valid = routes.valid if routes.valid is not None else torch.ones_like(native_same)
+        compared = valid if routes.free_rows is None else valid & ~routes.free_rows
+        counts = {
+            "valid": valid.sum(),
+            "compared": compared.sum(),
+            "agree": (native_same & compared).sum(),
+            "match": (used_same & valid).sum(),
+        }
+        for name, value in counts.items():
+            self.counters[name] = value if name not in self.counters else self.counters[name] + value
 
 
 class ReplayTopKRouter(TopKRouter):

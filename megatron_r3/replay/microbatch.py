@@ -36,6 +36,7 @@ class MicrobatchRoutes:
     free_rows: Optional[torch.Tensor] = None
     num_valid: int = 0
     num_free: int = 0
+    observe_only: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -62,7 +63,14 @@ class MicrobatchRoutes:
             index = self.layer_numbers.index(layer_number)
         except ValueError:
             raise KeyError(f"no routes for layer {layer_number}; this microbatch has layers {self.layer_numbers}")
-        return InstalledRoutes(expert_ids=self.expert_ids[:, index], valid=self.valid, free_rows=self.free_rows)
+        return InstalledRoutes(
+            expert_ids=self.expert_ids[:, index], valid=self.valid, free_rows=self.free_rows,
+            observe_only=self.observe_only,
+        )
+
+    def observed(self) -> "MicrobatchRoutes":
+        """The same routes, to be compared with native routing instead of replayed."""
+        return replace(self, observe_only=True)
 
 
 def localize_routes(

@@ -29,13 +29,12 @@ class RouteReplayError(RuntimeError):
 
 @dataclass
 class ReplayStatistics:
-    """Per-router counters of one or more schedules: host ints come from shapes (rows include padding);
-    agreement counters (valid tokens only) stay on device until the step's metrics are logged."""
+    """Per-router counters of one or more schedules: host ints come from shapes (rows include padding); the
+    per-layer device counters (see `replay_router.COUNTERS`) stay on device until the step's metrics are logged."""
 
     replayed_rows: int = 0
     recomputed_rows: int = 0
-    agree_tokens: dict[int, torch.Tensor] = field(default_factory=dict)
-    valid_tokens: dict[int, torch.Tensor] = field(default_factory=dict)
+    layer_counters: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 class ReplayRouters:
@@ -81,9 +80,8 @@ class ReplayRouters:
                 state = router.replay
                 stats.replayed_rows += state.replayed_rows
                 stats.recomputed_rows += state.recomputed_rows
-                if state.agree_tokens is not None:
-                    stats.agree_tokens[number] = state.agree_tokens
-                    stats.valid_tokens[number] = state.valid_tokens
+                if state.counters:
+                    stats.layer_counters[number] = dict(state.counters)
                 if reset:
                     state.reset_counters()
         return stats
@@ -116,7 +114,9 @@ def run_schedule(
     """Run megatron's `forward_backward_func` with router replay.
 
     action: None (native routing), RECORD (R2's old-logprob pass), or REPLAY_FORWARD (R3, and R2's updates);
-        `routes[n]` holds microbatch n's ids for REPLAY_FORWARD.
+        `routes[n]` holds microbatch n's ids for REPLAY_FORWARD. With RECORD, or with REPLAY_FORWARD and
+        observe-only routes, given routes are only compared with the native ones (agreement statistics).
+    collect_agreement: accumulate the per-layer agreement counters (read them with `routers.statistics()`).
     Everything else is passed to `forward_backward_func` unchanged.
     """
     replaying = action == RouterReplayAction.REPLAY_FORWARD
@@ -124,11 +124,14 @@ def run_schedule(
         raise ValueError(f"run_schedule drives RECORD or REPLAY_FORWARD, not {action}")
     if replaying and routes is None:
         raise ValueError("REPLAY_FORWARD needs routes, one MicrobatchRoutes per microbatch")
+    if action is None and routes is not None:
+        raise ValueError("routes were given for native routing; pass action=REPLAY_FORWARD (observe-only routes "
+                         "to measure agreement without replaying)")
     chunk_of = {id(chunk): index for index, chunk in enumerate(routers.chunks)}
     forward_counts = [0] * len(routers.chunks)
     recorded: list[dict[int, torch.Tensor]] = [{} for _ in range(num_microbatches)]
     problems: list[str] = []
-    if replaying and len(routes) != num_microbatches:
+    if routes is not None and len(routes) != num_microbatches:
         problems.append(f"{len(routes)} microbatches of routes for a schedule of {num_microbatches} microbatches")
 
     def replay_forward_step(data_iterator, model, *args, **kwargs):
@@ -138,12 +141,12 @@ def run_schedule(
         microbatch = forward_counts[index]
         forward_counts[index] += 1
         chunk_routers = routers.by_chunk[index]
-        if replaying and microbatch < len(routes):
+        if routes is not None and microbatch < len(routes):
             _install(chunk_routers, routes[microbatch], microbatch, index, problems)
         for router in chunk_routers.values():
             router.replay.action = action
             router.replay.training_pass = not forward_only
-            router.replay.collect_agreement = collect_agreement and replaying
+            router.replay.collect_agreement = collect_agreement and routes is not None
         try:
             return forward_step_func(data_iterator, model, *args, **kwargs)
         finally:
@@ -187,13 +190,11 @@ def run_schedule(
     if agreed:
         routers.reset()
         raise RouteReplayError("router replay failed:\n- " + "\n- ".join(agreed))
-    if action == RouterReplayAction.RECORD:
-        return ScheduleResult(losses=losses, recorded=recorded)
-    return ScheduleResult(
-        losses=losses,
-        replayed_tokens=sum(r.num_valid - r.num_free for r in routes),
-        fallback_tokens=sum(r.num_free for r in routes),
-    )
+    result = ScheduleResult(losses=losses, recorded=recorded if action == RouterReplayAction.RECORD else None)
+    if replaying and not any(r.observe_only for r in routes):
+        result.replayed_tokens = sum(r.num_valid - r.num_free for r in routes)
+        result.fallback_tokens = sum(r.num_free for r in routes)
+    return result
 
 
 def _install(chunk_routers, microbatch_routes: MicrobatchRoutes, microbatch: int, chunk: int, problems) -> None:

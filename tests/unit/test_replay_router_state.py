@@ -195,27 +195,65 @@ def test_free_rows_take_native_ids():
     assert_equal(values, torch.tensor([[0.30, 0.00], [0.80, 0.70], [0.05, 0.15]]))
 
 
+def counters(state):
+    return {name: int(value) for name, value in state.counters.items()}
+
+
 def test_agreement_counters():
     state = state_for(action=FORWARD)
     state.collect_agreement = True
-    # row 0: {7,1} == native {1,7} (order differs) -> agree; row 1: {0,3} != {0,2}; row 2: {7,4} == {4,7} but invalid
+    # native ids are [[1,7],[0,2],[4,7]].
+    # row 0: {7,1} == native {1,7} (order differs) -> agree; row 1: {0,3} != {0,2}; row 2: {7,4} == {4,7} but invalid.
+    # Replay uses the installed ids, so every valid row "matches" the installed set.
     state.install(InstalledRoutes(u8([[7, 1], [0, 3], [7, 4]]), valid=torch.tensor([True, True, False])))
     call(state)
-    assert (int(state.agree_tokens), int(state.valid_tokens)) == (1, 2)
-    # second microbatch without a valid mask: all rows equal to native -> +3 / +3
+    assert counters(state) == {"valid": 2, "compared": 2, "agree": 1, "match": 2}
+    # second microbatch without a valid mask: all rows equal to native -> +3 everywhere
     state.install(InstalledRoutes(u8([[1, 7], [0, 2], [4, 7]])))
     call(state)
-    assert (int(state.agree_tokens), int(state.valid_tokens)) == (4, 5)
+    assert counters(state) == {"valid": 5, "compared": 5, "agree": 4, "match": 5}
     state.reset_counters()
-    assert state.agree_tokens is None and state.valid_tokens is None
+    assert state.counters == {}
     assert (state.replayed_rows, state.recomputed_rows) == (0, 0)
+
+
+def test_agreement_excludes_fallback_rows_but_match_counts_them():
+    state = state_for(action=FORWARD)
+    state.collect_agreement = True
+    # row 1 falls back to native {0,2} while the installed set is {0,3}: not compared, and it does not match.
+    state.install(InstalledRoutes(u8([[7, 1], [0, 3], [4, 7]]), free_rows=torch.tensor([False, True, False])))
+    call(state)
+    assert counters(state) == {"valid": 3, "compared": 2, "agree": 2, "match": 2}
+
+
+def test_observe_only_routes_natively_and_measures():
+    state = state_for(action=FORWARD)
+    state.collect_agreement = True
+    # the engine's ids differ from native in row 1: native routing is used, agreement and match are 2 of 3
+    state.install(InstalledRoutes(u8([[7, 1], [0, 3], [4, 7]]), observe_only=True))
+    values, ids = call(state)
+    assert_equal(ids, NATIVE_IDS)
+    assert_equal(values, NATIVE_VALUES)
+    assert counters(state) == {"valid": 3, "compared": 3, "agree": 2, "match": 2}
+    assert state.replayed_rows == 0
+
+
+def test_record_with_observed_routes():
+    state = state_for(action=RouterReplayAction.RECORD)
+    state.collect_agreement = True
+    state.install(InstalledRoutes(u8([[7, 1], [0, 3], [4, 7]]), observe_only=True))
+    values, ids = call(state)
+    assert_equal(ids, NATIVE_IDS)
+    assert counters(state) == {"valid": 3, "compared": 3, "agree": 2, "match": 2}
+    assert state.pending() == (0, 0)
+    assert len(state.take_recorded()) == 1
 
 
 def test_agreement_off_by_default():
     state = state_for(action=FORWARD)
     state.install(InstalledRoutes(u8([[7, 1], [0, 3], [7, 4]])))
     call(state)
-    assert state.agree_tokens is None and state.valid_tokens is None
+    assert state.counters == {}
 
 
 # ------------------------------------------------------------------------------------------- deferred errors
@@ -265,11 +303,11 @@ def test_reset_and_pending():
     with torch.no_grad():
         call(state)
     state.action = RECORD
-    call(state)
+    call(state)  # records, and consumes the second installed route as an observation
     state.action = BACKWARD
     call(state)
     call(state)  # queue now empty -> deferred error
-    assert state.pending() == (1, 0)
+    assert state.pending() == (0, 0)
     assert len(state.recorded) == 1 and len(state.errors) == 1
     state.reset()
     assert state.pending() == (0, 0)
