@@ -1,0 +1,385 @@
+"""The embedded rollout engine: a transformers ``Qwen3MoeForCausalLM`` run in this process.
+
+It is the CPU-capable default and deliberately a different implementation from the Megatron trainer (transformers'
+attention, fused-expert MoE, its own kernels and, by default, bf16 against the trainer's fp32), so the
+train/inference mismatch that router replay fixes is real. The trainer cannot tell it from SGLang: it returns the same
+:class:`~megatron_r3.rollout.base.RolloutSample`\\ s, with routes in SGLang's ``[T-1, num_hidden_layers, top_k]``
+layout (dense layers zero, ``Routes(source="hf")``).
+
+Generation
+    Sequences (``samples_per_prompt`` copies of each prompt, grouped by prompt) are run in batches of at most
+    ``max_batch_size``. A batch is **left-padded** to its longest prompt with an attention mask and per-sequence
+    position ids (``cumsum(mask) - 1``), prefilled once into a transformers ``DynamicCache``, then decoded one token
+    per step; a sequence that finishes (stop token or length) is dropped from the batch and the cache
+    (``DynamicCache.batch_select_indices``), like a continuous-batching server retiring a request. Each sequence is
+    capped at ``max_position_embeddings`` tokens in total (finish reason "length").
+
+Logprobs
+    ``response_logprobs[i] = log_softmax(logits / T)[token_i]`` in float32, T the temperature (T = 1 for greedy),
+    *before* top-k / top-p filtering (see :mod:`megatron_r3.rollout.sampling`). The trainer computes its
+    logprobs the same way, so ``logp_train - logp_rollout`` measures only the engines' numerical mismatch.
+
+Routes
+    :class:`~megatron_r3.rollout.hf_capture.RouteCapture` hooks every MoE router and records the top-k ids it
+    returned, which are the ids the block used. Row r is position r: prompt rows come from the prefill (padding
+    dropped), row ``P + j - 1`` from the decode step that fed response token ``j - 1``; the last sampled token is
+    never fed, hence ``T - 1`` rows; a sequence that stopped early has no rows past its stop token.
+
+Reproducibility
+    ``SamplingParams.seed`` seeds a fresh generator for the call: the same call with the same seed gives identical
+    samples. Without a seed, the engine's own generator (seeded by ``seed=`` at construction) advances across calls.
+    Samples do not depend on the seed alone: batch composition (``max_batch_size``) may change them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+
+from megatron_r3.replay.routes import routes_from_array
+from megatron_r3.rollout.base import RolloutResult, RolloutSample, SamplingParams
+from megatron_r3.rollout.hf_capture import RouteCapture, moe_layer_map
+from megatron_r3.rollout.hf_weights import WeightLoader
+from megatron_r3.rollout.sampling import sample_tokens
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(f"dtype must be a torch dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
+
+
+def _build_model(model_or_config):
+    from transformers import PretrainedConfig, Qwen3MoeForCausalLM
+
+    if isinstance(model_or_config, PretrainedConfig):
+        if getattr(model_or_config, "model_type", None) != "qwen3_moe":
+            raise TypeError(f"expected a Qwen3MoeConfig, got model_type {model_or_config.model_type!r}")
+        return Qwen3MoeForCausalLM(model_or_config)
+    if isinstance(model_or_config, torch.nn.Module):
+        config = getattr(model_or_config, "config", None)
+        if getattr(config, "model_type", None) != "qwen3_moe" or not hasattr(model_or_config, "model"):
+            raise TypeError(
+                f"expected a transformers Qwen3MoeForCausalLM, got {type(model_or_config).__name__} "
+                f"(model_type {getattr(config, 'model_type', None)!r})"
+            )
+        return model_or_config
+    raise TypeError(
+        f"HFRolloutEngine takes a Qwen3MoeForCausalLM or a Qwen3MoeConfig, got {type(model_or_config).__name__}"
+    )
+
+
+def _cast_keep_fp32_buffers(model, dtype: torch.dtype, device: torch.device) -> None:
+    """``model.to(device, dtype)`` but float buffers (RoPE ``inv_freq``) keep their dtype, as ``from_pretrained``
+    leaves them: casting the inverse frequencies to bf16 would bend every rotary angle at long positions."""
+    keep = {name: buf.detach().clone() for name, buf in model.named_buffers() if buf.is_floating_point()}
+    model.to(device=device, dtype=dtype)
+    for name, value in keep.items():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        module._buffers[leaf] = value.to(device)
+
+
+class HFRolloutEngine:
+    """A transformers Qwen3-MoE policy in this process, implementing :class:`~megatron_r3.rollout.base.RolloutEngine`.
+
+    Args:
+        model_or_config: a built ``Qwen3MoeForCausalLM`` (the engine takes ownership: it is cast and moved in place)
+            or a ``Qwen3MoeConfig`` (a model is built, randomly initialised from torch's global RNG).
+        state_dict: optional weights to load right away, by HF checkpoint names (or live parameter names).
+        dtype: the rollout dtype (``torch.bfloat16`` reproduces a bf16 inference engine against an fp32 trainer).
+        device: where the model runs (default: where the given model is, else CPU).
+        max_batch_size: most sequences decoded together.
+        progress: show a tqdm bar during :meth:`generate`.
+        seed: seed of the generator used by calls whose ``SamplingParams.seed`` is None.
+    """
+
+    def __init__(
+        self,
+        model_or_config,
+        *,
+        state_dict: Optional[Mapping[str, torch.Tensor]] = None,
+        dtype: Union[torch.dtype, str] = torch.bfloat16,
+        device: Union[str, torch.device, None] = None,
+        max_batch_size: int = 64,
+        progress: bool = True,
+        seed: int = 0,
+    ):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        model = _build_model(model_or_config)
+        if device is None:
+            first = next(model.parameters(), None)
+            device = first.device if first is not None else torch.device("cpu")
+        self.device = torch.device(device)
+        self.dtype = _as_dtype(dtype)
+        _cast_keep_fp32_buffers(model, self.dtype, self.device)
+        model.eval()
+        model.requires_grad_(False)
+        self.model = model
+        self.config = model.config
+        self.moe_layers = moe_layer_map(self.config)
+        self.max_batch_size = int(max_batch_size)
+        self.progress = progress
+        self.weight_version = 0
+        self.last_stats: dict[str, float] = {}
+        self._generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        self._capture = RouteCapture(model)
+        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name is deprecated)
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._loader = WeightLoader(model)
+        self._closed = False
+        if state_dict is not None:
+            self.update_weights(state_dict.items())
+            self.weight_version = 0
+
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, strict: bool = False) -> int:
+        """Copy ``(name, tensor)`` pairs into the model in place (dtype-cast); names are HF checkpoint names.
+
+        Per-expert names (``model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight``) are written into
+        transformers' fused ``gate_up_proj`` / ``down_proj``; the live fused names are accepted as well. Unknown
+        names and shape mismatches raise. With ``strict=True`` every weight of the model must be given (tied
+        aliases count once), else ValueError lists what is missing. Returns the number of tensors loaded.
+        """
+        self._check_open()
+        if isinstance(named_tensors, Mapping):
+            named_tensors = named_tensors.items()
+        seen: set[str] = set()
+        count = self._loader.load(named_tensors, on_loaded=lambda name: seen.update(self._loader.covers(name)))
+        if strict:
+            missing = [name for name in self._loader.expected_names() if name not in seen]
+            if missing:
+                shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+                raise ValueError(f"update_weights(strict=True): weights not given: {shown}")
+        self.weight_version += 1
+        return count
+
+    def expected_weight_names(self) -> list[str]:
+        """The HF checkpoint names a full weight update consists of."""
+        return self._loader.expected_names()
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams,
+        *,
+        samples_per_prompt: int = 1,
+        return_routes: bool = False,
+    ) -> RolloutResult:
+        """Sample ``samples_per_prompt`` responses per prompt; samples come back grouped by prompt, in prompt order."""
+        self._check_open()
+        if not isinstance(sampling, SamplingParams):
+            raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be a positive int, got {samples_per_prompt!r}")
+        checked = [self._check_prompt(index, prompt) for index, prompt in enumerate(prompts)]
+        sequences = [(index, prompt) for index, prompt in enumerate(checked) for _ in range(samples_per_prompt)]
+        generator = self._generator
+        if sampling.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(int(sampling.seed))
+
+        from tqdm.auto import tqdm
+
+        samples: list[RolloutSample] = []
+        start = time.perf_counter()
+        with tqdm(total=len(sequences), desc="rollout", unit="seq", disable=not self.progress, leave=False) as bar:
+            for begin in range(0, len(sequences), self.max_batch_size):
+                chunk = sequences[begin : begin + self.max_batch_size]
+                try:
+                    samples += self._generate_batch(chunk, begin, sampling, generator, return_routes, bar)
+                finally:
+                    self._capture.stop()
+        seconds = time.perf_counter() - start
+        new_tokens = sum(sample.response_length for sample in samples)
+        self.last_stats = {
+            "sequences": float(len(samples)),
+            "new_tokens": float(new_tokens),
+            "seconds": seconds,
+            "tokens_per_s": new_tokens / seconds if seconds > 0 else 0.0,
+        }
+        return RolloutResult(samples=samples)
+
+    def _check_prompt(self, index: int, prompt) -> torch.Tensor:
+        tokens = torch.as_tensor(prompt)
+        if tokens.dim() != 1:
+            raise ValueError(f"prompt {index} must be a 1-D sequence of token ids, got shape {tuple(tokens.shape)}")
+        if tokens.numel() == 0:
+            raise ValueError(f"prompt {index} is empty; every prompt needs at least one token")
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.dtype.is_complex:
+            raise ValueError(f"prompt {index} must hold integer token ids, got {tokens.dtype}")
+        tokens = tokens.to(torch.int64).cpu()
+        vocab = self.config.vocab_size
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= vocab:
+            bad = low if low < 0 else high
+            raise ValueError(f"prompt {index} holds token id {bad}, outside the vocabulary [0, {vocab})")
+        limit = self.config.max_position_embeddings
+        if tokens.numel() >= limit:
+            raise ValueError(
+                f"prompt {index} has {tokens.numel()} tokens but the model's max_position_embeddings is {limit}: "
+                f"a prompt may have at most {limit - 1} tokens to leave room for one generated token"
+            )
+        return tokens
+
+    @torch.inference_mode()
+    def _generate_batch(self, chunk, first: int, sampling: SamplingParams, generator, return_routes: bool, bar):
+        """Generate one batch; ``first`` is the index of its first sequence in the whole call (for error messages)."""
+        from transformers import DynamicCache
+
+        device = self.device
+        batch = len(chunk)
+        lengths = torch.tensor([prompt.numel() for _, prompt in chunk], dtype=torch.int64, device=device)
+        width = int(lengths.max())
+        limit = self.config.max_position_embeddings
+        max_new = torch.clamp(limit - lengths, max=sampling.max_new_tokens)  # >= 1: prompts are < limit
+        max_steps = int(max_new.max())
+        pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+
+        input_ids = torch.full((batch, width), pad_id, dtype=torch.int64, device=device)
+        mask = torch.zeros((batch, width), dtype=torch.int64, device=device)
+        for row, (_, prompt) in enumerate(chunk):
+            input_ids[row, width - prompt.numel() :] = prompt.to(device)
+            mask[row, width - prompt.numel() :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        active = torch.arange(batch, device=device)  # model batch row -> sequence of the chunk
+
+        routes_buffer = None
+        if return_routes:
+            routes_buffer = self._capture.start(batch, width + max_steps - 1, device)
+            self._capture.expect(torch.where(mask.bool(), positions, -1), active)
+        cache = DynamicCache(config=self.config)
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+            **{self._cache_kwarg: cache},
+        )
+        if return_routes:
+            self._capture.finish_step()
+
+        response = torch.zeros((batch, max_steps), dtype=torch.int64, device=device)
+        logprobs = torch.zeros((batch, max_steps), dtype=torch.float32, device=device)
+        response_length = torch.zeros(batch, dtype=torch.int64, device=device)
+        stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+        stop_ids = torch.tensor(sorted(set(sampling.stop_token_ids)), dtype=torch.int64, device=device)
+        step = 0
+        while True:
+            tokens, token_logprobs = sample_tokens(
+                out.logits[:, -1, :], temperature=sampling.temperature, top_k=sampling.top_k,
+                top_p=sampling.top_p, generator=generator,
+            )
+            response[active, step] = tokens
+            logprobs[active, step] = token_logprobs
+            response_length[active] = step + 1
+            hit_stop = torch.isin(tokens, stop_ids)
+            stopped[active] = hit_stop
+            done = hit_stop | (step + 1 >= max_new[active])
+            finished = int(done.sum())
+            if finished:
+                bar.update(finished)
+            if finished == active.numel():
+                break
+            if finished:  # retire finished sequences from the batch and the KV cache
+                keep = torch.nonzero(~done).flatten()
+                cache.batch_select_indices(keep)
+                active, tokens, mask = active[keep], tokens[keep], mask[keep]
+            mask = torch.cat([mask, torch.ones((active.numel(), 1), dtype=mask.dtype, device=device)], dim=1)
+            fed_positions = (lengths[active] + step).unsqueeze(1)  # response token `step` sits at P + step
+            if return_routes:
+                self._capture.expect(fed_positions, active)
+            out = self.model(
+                input_ids=tokens.unsqueeze(1), attention_mask=mask, position_ids=fed_positions, use_cache=True,
+                **{self._cache_kwarg: cache},
+            )
+            if return_routes:
+                self._capture.finish_step()
+            step += 1
+
+        response, logprobs, response_length = response.cpu(), logprobs.cpu(), response_length.cpu()
+        stopped = stopped.cpu().tolist()
+        if routes_buffer is not None:
+            routes_buffer = routes_buffer.cpu()
+        samples = []
+        for row, (prompt_index, prompt) in enumerate(chunk):
+            length = int(response_length[row])
+            prompt_length = prompt.numel()
+            routes = None
+            if routes_buffer is not None:
+                routes = routes_from_array(
+                    routes_buffer[row, : prompt_length + length - 1],
+                    num_experts=self.config.num_experts, source="hf", sample_id=first + row,
+                )
+            samples.append(
+                RolloutSample(
+                    tokens=torch.cat([prompt, response[row, :length]]),
+                    prompt_length=prompt_length,
+                    response_logprobs=logprobs[row, :length].clone(),
+                    routes=routes,
+                    finish_reason="stop" if stopped[row] else "length",
+                    prompt_index=prompt_index,
+                )
+            )
+        return samples
+
+    # ------------------------------------------------------------------ lifecycle
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("HFRolloutEngine is closed")
+
+    def close(self) -> None:
+        """Remove the capture hooks and release the model; further calls raise."""
+        if self._closed:
+            return
+        self._capture.remove()
+        self._closed = True
+        self.model = None
+        self._loader = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+if __name__ == "__main__":  # throughput on this machine: python -m megatron_r3.rollout.hf_engine [--samples 64 ...]
+    import argparse
+
+    from transformers import Qwen3MoeConfig
+
+    parser = argparse.ArgumentParser(description="tokens/s of the embedded HF rollout engine on a tiny Qwen3-MoE")
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--dtypes", default="bf16,fp32")
+    parser.add_argument("--routes", action="store_true", help="also capture routes")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    config = Qwen3MoeConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        mlp_only_layers=[0], max_position_embeddings=512, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    prompts = torch.randint(0, 128, (args.samples, args.prompt_tokens)).tolist()
+    params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, seed=0)
+    for name in args.dtypes.split(","):
+        torch.manual_seed(0)
+        engine = HFRolloutEngine(config, dtype=name, progress=False, max_batch_size=args.samples)
+        engine.generate(prompts[:2], params, return_routes=args.routes)  # warm-up
+        rates = []
+        for _ in range(args.repeats):
+            engine.generate(prompts, params, return_routes=args.routes)
+            rates.append(engine.last_stats["tokens_per_s"])
+        print(f"{name}: {args.samples} samples x {args.new_tokens} new tokens, routes={args.routes}, "
+              f"threads={torch.get_num_threads()}: best {max(rates):.0f} tokens/s "
+              f"({', '.join(f'{r:.0f}' for r in rates)})")
+        engine.close()
