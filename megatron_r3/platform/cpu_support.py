@@ -29,6 +29,7 @@ PATCHES = (
     "sequence_parallel_torch_norm",
     "uneven_gather_scatter_for_gloo",
     "cp_rope_slice_on_cpu",
+    "cpu_grad_clip",
 )
 
 
@@ -325,6 +326,34 @@ def cp_rope_slice_on_cpu() -> None:
 
     for module in (rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding):
         module.get_pos_emb_on_this_cp_rank = get_pos_emb_on_this_cp_rank
+
+
+def cpu_grad_clip() -> None:
+    """Answers `AssertionError` at `assert param.grad.type() == 'torch.cuda.FloatTensor'` in
+    `megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32` (every optimizer step with --clip-grad).
+
+    The check only insists the fp32 grads live on a GPU. The same clipping (scale every grad by
+    max_norm / (total_norm + 1e-6) when that is below 1) is applied to CPU fp32 grads; the optimizer module imported
+    the function by name, so it is updated too.
+    """
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        attribute = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attribute).detach() for p in parameters if getattr(p, attribute, None) is not None]
+        for grad in grads:
+            if grad.dtype not in (torch.float32, torch.bfloat16):
+                raise TypeError(f"clip_grad_by_total_norm_fp32 expects fp32/bf16 grads, got {grad.dtype}")
+        coefficient = max_norm / (total_norm + 1.0e-6)
+        if isinstance(coefficient, torch.Tensor):
+            torch._foreach_mul_(grads, coefficient.clamp_max(1.0))
+        elif coefficient < 1.0:
+            torch._foreach_mul_(grads, coefficient)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
 def apply_cpu_support(force: bool = False) -> bool:

@@ -47,6 +47,7 @@ def main(port: int) -> None:
     dist.init_process_group("gloo")
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.models.common.embeddings.rope_utils import get_pos_emb_on_this_cp_rank
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.transformer.moe.moe_utils import maybe_move_tensor_to_cpu
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -54,6 +55,8 @@ def main(port: int) -> None:
     from megatron.core.transformer.utils import get_default_causal_mask
 
     parallel_state.initialize_model_parallel()
+    with_grad = torch.nn.Parameter(torch.ones(3))
+    with_grad.grad = torch.ones(3)
 
     class TwoRankGroup:
         def size(self):
@@ -76,6 +79,7 @@ def main(port: int) -> None:
         "alltoall_split_sizes_as_numpy": "returns " + type(maybe_move_tensor_to_cpu(torch.tensor([1]), as_numpy=True)).__name__,
         "sequence_parallel_torch_norm": error_of(lambda: WrappedTorchNorm(sp_config, 8)),
         "cp_rope_slice_on_cpu": error_of(lambda: get_pos_emb_on_this_cp_rank(torch.zeros(8, 1, 1, 4), 0, TwoRankGroup())),
+        "cpu_grad_clip": error_of(lambda: clip_grad_by_total_norm_fp32([with_grad], 1.0, 10.0)),
     }
     dist.destroy_process_group()
     queue = mp.get_context("spawn").SimpleQueue()

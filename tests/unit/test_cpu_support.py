@@ -25,6 +25,7 @@ EXPECTED = {
     "sequence_parallel_torch_norm": "sequence parallel not supported by torch LayerNorm",
     "uneven_gather_scatter_for_gloo": "invalid tensor size",
     "cp_rope_slice_on_cpu": "pin_memory=True requires a CUDA or other accelerator backend",
+    "cpu_grad_clip": "AssertionError",
 }
 
 
@@ -44,6 +45,15 @@ def test_every_patch_is_probed_and_documented():
         doc = getattr(cpu_support, name).__doc__
         assert doc and doc.startswith("Answers `"), f"{name} must name the exact error it answers"
         assert EXPECTED[name].split(" ")[0] in doc or name == "alltoall_split_sizes_as_numpy"
+
+
+def test_grad_clip_probe_fails_on_the_cuda_type_check():
+    import inspect
+
+    from megatron.core.optimizer import clip_grads
+
+    source = inspect.getsource(clip_grads.clip_grad_by_total_norm_fp32)
+    assert "torch.cuda.FloatTensor" in source, "the CUDA type check is gone: remove cpu_support.cpu_grad_clip"
 
 
 @pytest.mark.parametrize("patch", sorted(EXPECTED))
