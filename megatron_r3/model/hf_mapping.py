@@ -1,0 +1,516 @@
+"""The ONE place for the Megatron <-> HF *checkpoint* mapping of the Qwen-MoE family: names, shapes, QKV interleave,
+[gate; up] fusion, tensor-parallel split dims, expert ids.
+
+HF names are the on-disk checkpoint names (`save_pretrained` output, hub checkpoints, SGLang `load_weights`), with
+one tensor per expert. transformers 5 keeps experts fused *in memory* (`mlp.experts.gate_up_proj` [E, 2I, H] =
+[gate; up] per expert, `mlp.experts.down_proj` [E, H, I]) and converts on load/save; the helpers at the end of this
+file do the same conversion for a live HF module (`hf_state_dict_to_checkpoint_names`,
+`load_checkpoint_tensors_into_hf_module`).
+
+Mapping table (`{i}` = global 0-based layer = megatron `layer_number - 1`; `{j}` = the layer's index inside its
+model chunk; `{l}` = local expert index; `{e}` = global expert id = ep_rank * num_local_experts + l):
+
+  HF checkpoint name                                   megatron parameter (local spec | TE spec)             split
+  model.embed_tokens.weight                            embedding.word_embeddings.weight                      TP dim 0, vocab padded
+  model.layers.{i}.input_layernorm.weight              decoder.layers.{j}.input_layernorm.weight             -
+                                                       | ...self_attention.linear_qkv.layer_norm_weight
+  model.layers.{i}.self_attn.{q,k,v}_proj.weight       ...self_attention.linear_qkv.weight                   TP dim 0, QKV interleaved by query group
+  model.layers.{i}.self_attn.{q,k,v}_proj.bias         ...self_attention.linear_qkv.bias  (Qwen2-MoE)        TP dim 0, interleaved
+  model.layers.{i}.self_attn.q_norm.weight             ...self_attention.q_layernorm.weight                  -
+  model.layers.{i}.self_attn.k_norm.weight             ...self_attention.k_layernorm.weight                  -
+  model.layers.{i}.self_attn.o_proj.weight             ...self_attention.linear_proj.weight                  TP dim 1
+  model.layers.{i}.post_attention_layernorm.weight     ...pre_mlp_layernorm.weight                           -
+                                                       | ...mlp.linear_fc1.layer_norm_weight (TE, dense layer)
+  model.layers.{i}.mlp.{gate,up}_proj.weight           ...mlp.linear_fc1.weight  (dense layer)               TP dim 0, [gate; up] per shard
+  model.layers.{i}.mlp.down_proj.weight                ...mlp.linear_fc2.weight  (dense layer)               TP dim 1
+  model.layers.{i}.mlp.gate.weight                     ...mlp.router.weight                                  -
+  model.layers.{i}.mlp.experts.{e}.{gate,up}_proj.weight
+                                                       ...mlp.experts.local_experts.{l}.linear_fc1.weight    ETP dim 0, [gate; up], EP by expert
+                                                       | ...mlp.experts.linear_fc1.weight{l}  (TEGroupedMLP)
+  model.layers.{i}.mlp.experts.{e}.down_proj.weight    ...mlp.experts.local_experts.{l}.linear_fc2.weight    ETP dim 1, EP by expert
+                                                       | ...mlp.experts.linear_fc2.weight{l}
+  model.layers.{i}.mlp.shared_expert.{gate,up}_proj.weight   ...mlp.shared_experts.linear_fc1.weight (Qwen2)  TP dim 0, [gate; up]
+  model.layers.{i}.mlp.shared_expert.down_proj.weight  ...mlp.shared_experts.linear_fc2.weight               TP dim 1
+  model.layers.{i}.mlp.shared_expert_gate.weight       ...mlp.shared_experts.gate_weight                     -
+  model.norm.weight                                    decoder.final_layernorm.weight                        -
+  lm_head.weight                                       output_layer.weight                                   TP dim 0, vocab padded
+                                                       (tied embeddings: no lm_head.weight in the checkpoint; a
+                                                       last-stage output_layer.weight is loaded from the embedding)
+
+QKV: megatron's fused weight is [num_query_groups, (heads_per_group + 2) * head_dim, hidden] - per group its query
+heads, then its key head, then its value head - so a contiguous TP split gives each rank whole groups. fc1 is
+[gate; up] *per TP shard*: rank r holds [gate_r; up_r], not a contiguous slice of [gate; up].
+
+Everything here is pure tensor code: no process group. `megatron_r3.model.weights` adds the collectives.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
+
+import torch
+
+from megatron_r3.model.qwen3_moe import ModelArch
+
+COPY, QKV, GATE_UP = "copy", "qkv", "gate_up"
+
+
+class MappingError(KeyError):
+    """A parameter or checkpoint name that the mapping does not know, or a tensor of the wrong shape."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class ParamMapping:
+    """How one megatron parameter (one rank's shard) relates to HF checkpoint tensors.
+
+    hf_names: the checkpoint tensors it is built from (q/k/v for QKV, gate/up for fc1, else one).
+    kind: COPY, QKV or GATE_UP.
+    tp_dim: dim split across tensor parallel ranks (the expert-TP group for experts); None = replicated.
+    expert_id: global expert id for routed-expert parameters (they are split over EP and ETP), else None.
+    layer: global 0-based decoder layer, or None for embedding / final norm / output layer.
+    vocab: rows are the (padded) vocabulary.
+    tied: the output layer of a tied-embedding model; loaded from the embedding, never exported.
+    """
+
+    megatron_name: str
+    hf_names: tuple[str, ...]
+    kind: str = COPY
+    tp_dim: Optional[int] = None
+    expert_id: Optional[int] = None
+    layer: Optional[int] = None
+    vocab: bool = False
+    tied: bool = False
+
+    @property
+    def is_expert(self) -> bool:
+        return self.expert_id is not None
+
+
+# ------------------------------------------------------------------------------------------------ the name table
+# Per decoder layer: (megatron suffixes - local spec first, then TE spec variants), (HF suffixes), kind, tp_dim.
+_ATTN = [
+    (("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"), ("input_layernorm.weight",), COPY, None),
+    (
+        ("self_attention.linear_qkv.weight",),
+        ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+        QKV,
+        0,
+    ),
+    (
+        ("self_attention.linear_qkv.bias",),
+        ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+        QKV,
+        0,
+    ),
+    (("self_attention.q_layernorm.weight",), ("self_attn.q_norm.weight",), COPY, None),
+    (("self_attention.k_layernorm.weight",), ("self_attn.k_norm.weight",), COPY, None),
+    (("self_attention.linear_proj.weight",), ("self_attn.o_proj.weight",), COPY, 1),
+    (("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"), ("post_attention_layernorm.weight",), COPY, None),
+]
+_DENSE_MLP = [
+    (("mlp.linear_fc1.weight",), ("mlp.gate_proj.weight", "mlp.up_proj.weight"), GATE_UP, 0),
+    (("mlp.linear_fc2.weight",), ("mlp.down_proj.weight",), COPY, 1),
+]
+_ROUTER = [(("mlp.router.weight",), ("mlp.gate.weight",), COPY, None)]
+_SHARED = [
+    (
+        ("mlp.shared_experts.linear_fc1.weight",),
+        ("mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight"),
+        GATE_UP,
+        0,
+    ),
+    (("mlp.shared_experts.linear_fc2.weight",), ("mlp.shared_expert.down_proj.weight",), COPY, 1),
+    (("mlp.shared_experts.gate_weight",), ("mlp.shared_expert_gate.weight",), COPY, None),
+]
+# Routed experts: (megatron regexes with a `l` group), (HF suffixes with {e}), kind, tp_dim.
+_EXPERTS = [
+    (
+        (r"mlp\.experts\.local_experts\.(?P<l>\d+)\.linear_fc1\.weight", r"mlp\.experts\.linear_fc1\.weight(?P<l>\d+)"),
+        ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"),
+        GATE_UP,
+        0,
+    ),
+    (
+        (r"mlp\.experts\.local_experts\.(?P<l>\d+)\.linear_fc2\.weight", r"mlp\.experts\.linear_fc2\.weight(?P<l>\d+)"),
+        ("mlp.experts.{e}.down_proj.weight",),
+        COPY,
+        1,
+    ),
+]
+_LAYER_RE = re.compile(r"^decoder\.layers\.(?P<j>\d+)\.(?P<rest>.+)$")
+_EMBEDDING = "embedding.word_embeddings.weight"
+_FINAL_NORM = "decoder.final_layernorm.weight"
+_OUTPUT = "output_layer.weight"
+
+
+def map_megatron_name(
+    name: str,
+    arch: ModelArch,
+    *,
+    layer_number_of: Callable[[int], int] = lambda j: j + 1,
+    expert_offset: int = 0,
+) -> ParamMapping:
+    """The mapping of megatron parameter `name` (as in `GPTModel.named_parameters()` of one chunk).
+
+    layer_number_of(j): the global 1-based `layer_number` of `decoder.layers.{j}` in this chunk (PP/VP offset).
+    expert_offset: global id of this rank's first local expert (ep_rank * num_local_experts).
+    """
+    if name == _EMBEDDING:
+        return ParamMapping(name, ("model.embed_tokens.weight",), COPY, 0, vocab=True)
+    if name == _FINAL_NORM:
+        return ParamMapping(name, ("model.norm.weight",), COPY, None)
+    if name == _OUTPUT:
+        if arch.tie_word_embeddings:
+            return ParamMapping(name, ("model.embed_tokens.weight",), COPY, 0, vocab=True, tied=True)
+        return ParamMapping(name, ("lm_head.weight",), COPY, 0, vocab=True)
+    match = _LAYER_RE.match(name)
+    if not match:
+        raise MappingError(
+            f"no HF mapping for megatron parameter {name!r} (MTP and other extra modules are not mapped)"
+        )
+    layer = layer_number_of(int(match["j"])) - 1
+    rest = match["rest"]
+    prefix = f"model.layers.{layer}."
+    for megatron_suffixes, hf_suffixes, kind, tp_dim in _ATTN + _DENSE_MLP + _ROUTER + _SHARED:
+        if rest in megatron_suffixes:
+            return ParamMapping(name, tuple(prefix + s for s in hf_suffixes), kind, tp_dim, layer=layer)
+    for patterns, hf_suffixes, kind, tp_dim in _EXPERTS:
+        for pattern in patterns:
+            expert = re.fullmatch(pattern, rest)
+            if expert:
+                e = expert_offset + int(expert["l"])
+                if not 0 <= e < arch.num_experts:
+                    raise MappingError(f"{name!r}: global expert id {e} outside [0, {arch.num_experts})")
+                names = tuple(prefix + s.format(e=e) for s in hf_suffixes)
+                return ParamMapping(name, names, kind, tp_dim, expert_id=e, layer=layer)
+    raise MappingError(f"no HF mapping for megatron parameter {name!r}")
+
+
+def chunk_param_mappings(chunk: torch.nn.Module, arch: ModelArch, *, expert_offset: int = 0):
+    """[(parameter, ParamMapping)] for every parameter of one megatron model chunk, with global layer numbers read
+    from each layer's `layer_number` (so PP and VP offsets come from megatron itself)."""
+    module = getattr(chunk, "module", chunk)  # DDP / Float16Module wrappers
+    while hasattr(module, "module") and not hasattr(module, "decoder"):
+        module = module.module
+    layers = module.decoder.layers if getattr(module, "decoder", None) is not None else []
+
+    def layer_number_of(j: int) -> int:
+        return int(layers[j].layer_number)
+
+    return [
+        (param, map_megatron_name(name, arch, layer_number_of=layer_number_of, expert_offset=expert_offset))
+        for name, param in module.named_parameters()
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ the HF side
+def hf_layer_names(arch: ModelArch, layer: int) -> list[str]:
+    """Checkpoint names of decoder layer `layer`, in export order."""
+    p = f"model.layers.{layer}."
+    names = [p + "input_layernorm.weight"]
+    names += [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
+    if arch.qkv_bias:
+        names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
+    if arch.qk_norm:
+        names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
+    names += [p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight"]
+    if arch.moe_layers[layer]:
+        names.append(p + "mlp.gate.weight")
+        for e in range(arch.num_experts):
+            names += [p + f"mlp.experts.{e}.{x}_proj.weight" for x in ("gate", "up", "down")]
+        if arch.shared_expert_intermediate_size:
+            names += [p + f"mlp.shared_expert.{x}_proj.weight" for x in ("gate", "up", "down")]
+            if arch.shared_expert_gate:
+                names.append(p + "mlp.shared_expert_gate.weight")
+    else:
+        names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+    return names
+
+
+def hf_checkpoint_names(arch: ModelArch) -> list[str]:
+    """Every checkpoint tensor name of the model, in the deterministic export order (embedding, layers 0..L-1,
+    final norm, lm_head; lm_head absent with tied embeddings, as `save_pretrained` writes it)."""
+    names = ["model.embed_tokens.weight"]
+    for layer in range(arch.num_layers):
+        names += hf_layer_names(arch, layer)
+    names.append("model.norm.weight")
+    if not arch.tie_word_embeddings:
+        names.append("lm_head.weight")
+    return names
+
+
+def hf_checkpoint_shape(arch: ModelArch, name: str) -> tuple[int, ...]:
+    """The shape of checkpoint tensor `name`."""
+    h, d = arch.hidden_size, arch.head_dim
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return (arch.vocab_size, h)
+    if name == "model.norm.weight" or name.endswith("layernorm.weight"):
+        return (h,)
+    rest = name.split(".", 3)[3]
+    q_out, kv_out = arch.num_attention_heads * d, arch.num_query_groups * d
+    shapes = {
+        "self_attn.q_proj.weight": (q_out, h),
+        "self_attn.k_proj.weight": (kv_out, h),
+        "self_attn.v_proj.weight": (kv_out, h),
+        "self_attn.q_proj.bias": (q_out,),
+        "self_attn.k_proj.bias": (kv_out,),
+        "self_attn.v_proj.bias": (kv_out,),
+        "self_attn.q_norm.weight": (d,),
+        "self_attn.k_norm.weight": (d,),
+        "self_attn.o_proj.weight": (h, q_out),
+        "mlp.gate.weight": (arch.num_experts, h),
+        "mlp.gate_proj.weight": (arch.intermediate_size, h),
+        "mlp.up_proj.weight": (arch.intermediate_size, h),
+        "mlp.down_proj.weight": (h, arch.intermediate_size),
+        "mlp.shared_expert_gate.weight": (1, h),
+    }
+    if rest in shapes:
+        return shapes[rest]
+    if rest.startswith("mlp.shared_expert."):
+        f = arch.shared_expert_intermediate_size
+        return (h, f) if rest.endswith("down_proj.weight") else (f, h)
+    if rest.startswith("mlp.experts."):
+        f = arch.moe_intermediate_size
+        return (h, f) if rest.endswith("down_proj.weight") else (f, h)
+    raise MappingError(f"unknown checkpoint name {name!r}")
+
+
+# ------------------------------------------------------------------------------------------------ tensor transforms
+def qkv_interleave(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: ModelArch) -> torch.Tensor:
+    """HF q [heads*d, ...], k/v [groups*d, ...] -> megatron linear_qkv [groups * (heads_per_group + 2) * d, ...]."""
+    g, hpg, d = arch.num_query_groups, arch.heads_per_group, arch.head_dim
+    rest = tuple(q.shape[1:])
+    fused = torch.cat([q.reshape(g, hpg * d, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest)], dim=1)
+    return fused.reshape(g * (hpg + 2) * d, *rest)
+
+
+def qkv_split(qkv: torch.Tensor, arch: ModelArch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `qkv_interleave` for the full (TP-gathered) tensor."""
+    g, hpg, d = arch.num_query_groups, arch.heads_per_group, arch.head_dim
+    rest = tuple(qkv.shape[1:])
+    grouped = qkv.reshape(g, (hpg + 2) * d, *rest)
+    q, k, v = torch.split(grouped, [hpg * d, d, d], dim=1)
+    return (
+        q.reshape(g * hpg * d, *rest).contiguous(),
+        k.reshape(g * d, *rest).contiguous(),
+        v.reshape(g * d, *rest).contiguous(),
+    )
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    if tensor.shape[0] == rows:
+        return tensor
+    if tensor.shape[0] > rows:
+        raise MappingError(f"vocabulary of {tensor.shape[0]} rows does not fit a padded vocabulary of {rows}")
+    return torch.cat([tensor, tensor.new_zeros((rows - tensor.shape[0],) + tuple(tensor.shape[1:]))], dim=0)
+
+
+def to_megatron_shard(
+    mapping: ParamMapping,
+    hf: Mapping[str, torch.Tensor],
+    arch: ModelArch,
+    *,
+    tp_size: int = 1,
+    tp_rank: int = 0,
+    local_shape: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
+    """This rank's megatron shard of `mapping`'s parameter from the HF tensors in `hf` (needs `mapping.hf_names`).
+
+    tp_size/tp_rank: the tensor-parallel group of the parameter (expert-TP group for routed experts).
+    local_shape: the megatron parameter's shape; needed for a padded vocabulary, checked otherwise.
+    """
+    missing = [n for n in mapping.hf_names if n not in hf]
+    if missing:
+        raise MappingError(f"{mapping.megatron_name}: missing checkpoint tensors {missing}")
+    tensors = [hf[n] for n in mapping.hf_names]
+    for name, tensor in zip(mapping.hf_names, tensors):
+        expected = hf_checkpoint_shape(arch, name)
+        if tuple(tensor.shape) != expected:
+            raise MappingError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected}")
+    dim = mapping.tp_dim
+    if mapping.kind == QKV:
+        full = qkv_interleave(*tensors, arch)
+        shard = full.chunk(tp_size, dim=0)[tp_rank] if dim is not None else full
+    elif mapping.kind == GATE_UP:
+        gate, up = tensors
+        shard = torch.cat([gate.chunk(tp_size, dim=0)[tp_rank], up.chunk(tp_size, dim=0)[tp_rank]], dim=0)
+    else:
+        full = tensors[0]
+        if mapping.vocab and local_shape is not None:
+            full = _pad_rows(full, int(local_shape[0]) * tp_size)
+        shard = full.chunk(tp_size, dim=dim)[tp_rank] if dim is not None and tp_size > 1 else full
+    if local_shape is not None and tuple(shard.shape) != tuple(local_shape):
+        raise MappingError(
+            f"{mapping.megatron_name}: built a shard of shape {tuple(shard.shape)} from {mapping.hf_names}, the "
+            f"parameter has shape {tuple(local_shape)} (tp_size={tp_size})"
+        )
+    return shard.contiguous()
+
+
+def from_megatron_shards(
+    mapping: ParamMapping, shards: Sequence[torch.Tensor], arch: ModelArch
+) -> dict[str, torch.Tensor]:
+    """Full HF checkpoint tensors from the TP shards of `mapping`'s parameter (in TP rank order; a single tensor
+    for replicated parameters or TP = 1). Vocabulary padding is dropped."""
+    dim = mapping.tp_dim
+    if mapping.kind == GATE_UP:
+        halves = [shard.chunk(2, dim=0) for shard in shards]
+        gate = torch.cat([h[0] for h in halves], dim=0)
+        up = torch.cat([h[1] for h in halves], dim=0)
+        out = dict(zip(mapping.hf_names, (gate, up)))
+    else:
+        full = shards[0] if dim is None or len(shards) == 1 else torch.cat(list(shards), dim=dim)
+        if mapping.kind == QKV:
+            out = dict(zip(mapping.hf_names, qkv_split(full, arch)))
+        else:
+            if mapping.vocab:
+                full = full[: arch.vocab_size]
+            out = {mapping.hf_names[0]: full}
+    result = {}
+    for name, tensor in out.items():
+        expected = hf_checkpoint_shape(arch, name)
+        if tuple(tensor.shape) != expected:
+            raise MappingError(f"{mapping.megatron_name} -> {name!r}: shape {tuple(tensor.shape)}, expected {expected}")
+        result[name] = tensor.contiguous()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ live HF modules
+_FUSED_EXPERTS_RE = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<which>gate_up_proj|down_proj)$")
+_EXPERT_CKPT_RE = re.compile(
+    r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<which>gate_proj|up_proj|down_proj)\.weight$"
+)
+
+
+def hf_state_dict_to_checkpoint_names(model_or_state_dict, *, tie_word_embeddings: Optional[bool] = None):
+    """Yield (checkpoint name, tensor) from a live HF model (or its state dict): fused expert tensors are split into
+    per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight` views (no copies), exactly the names `save_pretrained`
+    writes; `lm_head.weight` is skipped for tied embeddings, as `save_pretrained` does."""
+    if isinstance(model_or_state_dict, torch.nn.Module):
+        state = model_or_state_dict.state_dict()
+        if tie_word_embeddings is None:
+            config = getattr(model_or_state_dict, "config", None)
+            tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+    else:
+        state = model_or_state_dict
+    for name, tensor in state.items():
+        if tie_word_embeddings and name == "lm_head.weight":
+            continue
+        fused = _FUSED_EXPERTS_RE.match(name)
+        if fused and tensor.dim() == 3:
+            prefix = fused["prefix"]
+            if fused["which"] == "gate_up_proj":
+                half = tensor.shape[1] // 2
+                for e in range(tensor.shape[0]):
+                    yield f"{prefix}.{e}.gate_proj.weight", tensor[e, :half]
+                    yield f"{prefix}.{e}.up_proj.weight", tensor[e, half:]
+            else:
+                for e in range(tensor.shape[0]):
+                    yield f"{prefix}.{e}.down_proj.weight", tensor[e]
+            continue
+        yield name, tensor
+
+
+def hf_module_targets(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Name -> tensor of a live HF model's parameters and buffers (tied duplicates included). Fused experts must be
+    in transformers' default layout (`gate_up_proj` [E, 2I, H] = [gate; up], `down_proj` [E, H, I])."""
+    for name, module in model.named_modules():
+        if hasattr(module, "gate_up_proj") and (
+            getattr(module, "is_transposed", False) or not getattr(module, "is_concatenated", True)
+        ):
+            raise NotImplementedError(
+                f"{name}: fused expert weights stored transposed or interleaved; only the concatenated [E, 2I, H] "
+                "layout is mapped"
+            )
+    targets = dict(model.named_parameters(remove_duplicate=False))
+    targets.update(dict(model.named_buffers()))
+    return targets
+
+
+def hf_module_target(model: torch.nn.Module, name: str, targets: Optional[dict] = None) -> torch.Tensor:
+    """The tensor (a parameter or a slice of a fused expert parameter) of a live HF model that checkpoint tensor
+    `name` is loaded into. `targets`: `hf_module_targets(model)`, when looking up many names."""
+    targets = hf_module_targets(model) if targets is None else targets
+    if name in targets:
+        return targets[name]
+    expert = _EXPERT_CKPT_RE.match(name)
+    if expert:
+        prefix, e, which = expert["prefix"], int(expert["e"]), expert["which"]
+        if which == "down_proj" and f"{prefix}.down_proj" in targets:
+            return targets[f"{prefix}.down_proj"][e]
+        fused = targets.get(f"{prefix}.gate_up_proj")
+        if fused is not None:
+            half = fused.shape[1] // 2
+            return fused[e, :half] if which == "gate_proj" else fused[e, half:]
+    raise MappingError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
+
+
+@torch.no_grad()
+def load_checkpoint_tensors_into_hf_module(
+    model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]
+) -> list[str]:
+    """Copy checkpoint-named tensors into a live HF model in place (any subset, in any order: e.g. one bucket of a
+    weight sync). Per-expert tensors go into their slice of the fused expert parameters when the model keeps them
+    fused (transformers 5), or into the per-expert parameters otherwise. With tied embeddings, loading
+    `model.embed_tokens.weight` also updates `lm_head.weight` (the same tensor). Returns the names loaded."""
+    loaded, targets = [], hf_module_targets(model)
+    for name, tensor in named_tensors:
+        target = hf_module_target(model, name, targets)
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise MappingError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
+                               f"{tuple(target.shape)}")
+        target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+        loaded.append(name)
+    return loaded
+
+
+def checkpoint_names_to_hf_module_state(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], model: torch.nn.Module
+) -> dict[str, torch.Tensor]:
+    """A full state dict for `model.load_state_dict` (fused expert tensors stacked) from checkpoint-named tensors;
+    every expert of every fused parameter must be present."""
+    hf_module_targets(model)  # layout check
+    state = {name: tensor for name, tensor in model.state_dict().items()}
+    fused_parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for name, tensor in named_tensors:
+        expert = _EXPERT_CKPT_RE.match(name)
+        if name in state:
+            state[name] = tensor
+        elif expert and (f"{expert['prefix']}.gate_up_proj" in state or f"{expert['prefix']}.down_proj" in state):
+            fused_parts.setdefault(expert["prefix"], {}).setdefault(int(expert["e"]), {})[expert["which"]] = tensor
+        else:
+            raise MappingError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
+    for prefix, experts in fused_parts.items():
+        count = state[f"{prefix}.gate_up_proj"].shape[0]
+        if sorted(experts) != list(range(count)) or any(len(parts) != 3 for parts in experts.values()):
+            raise MappingError(f"{prefix}: need gate/up/down of all {count} experts to build the fused tensors")
+        state[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]], dim=0) for e in range(count)]
+        )
+        state[f"{prefix}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in range(count)])
+    config = getattr(model, "config", None)
+    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return state
+
+
+def iter_buckets(
+    items: Iterable[tuple[str, Optional[torch.Tensor]]], bucket_bytes: int, nbytes_of: Callable[[str], int]
+) -> Iterator[list[tuple[str, Optional[torch.Tensor]]]]:
+    """Group consecutive (name, tensor) items into lists of at most `bucket_bytes` (a larger tensor goes alone).
+    Sizes come from `nbytes_of(name)`, so every rank cuts the same buckets even where tensors are None."""
+    bucket, size = [], 0
+    for name, tensor in items:
+        nbytes = nbytes_of(name)
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket

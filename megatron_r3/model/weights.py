@@ -1,0 +1,644 @@
+"""HF checkpoint tensors <-> this rank's Megatron model chunks, with explicit process groups.
+
+(a) `load_hf_weights(chunks, source, arch)`: every rank reads only the checkpoint tensors its own parameters need
+    (its TP / expert-TP slice, its experts, its layers) from a state dict or a safetensors directory (single file or
+    sharded with `model.safetensors.index.json`), and copies its shard in.
+(b) `export_hf_weights(chunks, arch)`: an iterator of (HF checkpoint name, full tensor) in the fixed order of
+    `hf_mapping.hf_checkpoint_names` (expert order within a layer: gate/up of every expert, then down of every
+    expert), gathering across TP, expert-TP, EP and PP. It holds at most one parameter's full tensors at a time
+    (routed experts: one layer's experts of one projection), never the model.
+
+    Which ranks do what. Only one copy of the weights is read: dense parameters from the ranks with data-parallel
+    (incl. context-parallel) rank 0, routed experts from the ranks with expert-data-parallel rank 0. Each parameter
+    is gathered onto its group leader (TP rank 0; for experts expert-TP rank 0, then EP rank 0 of those), and the
+    leader sends it to **global rank 0** point to point (nothing moves when the leader is rank 0). With
+    `receivers="rank0"` (default) only global rank 0 gets tensors; every other rank yields the same names with
+    `None`. With `receivers="all"` rank 0 broadcasts each tensor to the whole world (e.g. one in-process rollout
+    engine per data-parallel rank). Every rank of the world must consume the iterator to the end, in lockstep order
+    of names (it drives the collectives); ranks with nothing to contribute just walk the names.
+    `bucket_bytes` groups consecutive tensors into lists of at most that many bytes (`export_hf_buckets`); bucket
+    boundaries come from shapes and dtypes known on every rank, so they agree everywhere.
+(c) `save_hf_checkpoint(chunks, arch, hf_config, directory)`: the export written by global rank 0 as safetensors
+    shards (+ `model.safetensors.index.json` when there are several) and `config.json`.
+
+Process groups default to megatron's `parallel_state` (after `initialize_model_parallel`); pass `ExportGroups`
+to use others. Object collectives (the once-per-call plan) go over the gloo host group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_r3.model.hf_mapping import (
+    GATE_UP,
+    MappingError,
+    ParamMapping,
+    chunk_param_mappings,
+    from_megatron_shards,
+    hf_checkpoint_names,
+    hf_checkpoint_shape,
+    iter_buckets,
+    map_megatron_name,
+    to_megatron_shard,
+)
+from megatron_r3.model.qwen3_moe import ModelArch, hf_config_to_json_dict
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+HF_CONFIG_IN_DIST_CHECKPOINT = "hf_config.json"
+
+
+# ================================================================================================ groups
+@dataclass
+class ExportGroups:
+    """The process groups (and this rank's coordinates in them) that the weight code uses. `None` group = size 1."""
+
+    tp: Any = None
+    etp: Any = None
+    ep: Any = None
+    world: Any = None
+    host: Any = None
+    tp_size: int = 1
+    tp_rank: int = 0
+    etp_size: int = 1
+    etp_rank: int = 0
+    ep_size: int = 1
+    ep_rank: int = 0
+    dense_source: bool = True  # data-parallel (with CP) rank 0: this rank's dense shards are the ones exported
+    expert_source: bool = True  # expert-data-parallel rank 0
+
+    @classmethod
+    def from_parallel_state(cls) -> "ExportGroups":
+        """From megatron's `parallel_state`; a single-process world without model parallelism works too."""
+        from megatron.core import parallel_state as ps
+
+        from megatron_r3.platform.distributed import host_group
+
+        if not ps.model_parallel_is_initialized():
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                raise RuntimeError("initialise megatron's parallel state (initialize_model_parallel) first")
+            return cls(world=dist.group.WORLD if dist.is_initialized() else None, host=host_group())
+        return cls(
+            tp=ps.get_tensor_model_parallel_group(),
+            etp=ps.get_expert_tensor_parallel_group(),
+            ep=ps.get_expert_model_parallel_group(),
+            world=dist.group.WORLD,
+            host=host_group(),
+            tp_size=ps.get_tensor_model_parallel_world_size(),
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            etp_size=ps.get_expert_tensor_parallel_world_size(),
+            etp_rank=ps.get_expert_tensor_parallel_rank(),
+            ep_size=ps.get_expert_model_parallel_world_size(),
+            ep_rank=ps.get_expert_model_parallel_rank(),
+            dense_source=ps.get_data_parallel_rank(with_context_parallel=True) == 0,
+            expert_source=ps.get_expert_data_parallel_rank() == 0,
+        )
+
+    def split_of(self, mapping: ParamMapping) -> tuple[int, int, Any]:
+        """(size, rank, group) of the tensor-parallel split that applies to `mapping`."""
+        if mapping.is_expert:
+            return self.etp_size, self.etp_rank, self.etp
+        return self.tp_size, self.tp_rank, self.tp
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _num_local_experts(chunks, arch: ModelArch, ep_size: int) -> int:
+    if arch.num_experts % ep_size:
+        raise ValueError(f"{arch.num_experts} experts do not split over expert parallel size {ep_size}")
+    return arch.num_experts // ep_size
+
+
+def model_mappings(chunks, arch: ModelArch, groups: ExportGroups) -> list[tuple[torch.nn.Parameter, ParamMapping]]:
+    """[(parameter, mapping)] of every parameter of this rank's chunks."""
+    offset = groups.ep_rank * _num_local_experts(chunks, arch, groups.ep_size)
+    out = []
+    for chunk in chunks:
+        out.extend(chunk_param_mappings(chunk, arch, expert_offset=offset))
+    return out
+
+
+# ================================================================================================ (a) load
+class TensorSource:
+    """Read-only access to checkpoint tensors by HF name."""
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __contains__(self, name: str) -> bool:
+        return name in set(self.names())
+
+    def close(self) -> None:
+        pass
+
+
+class StateDictSource(TensorSource):
+    def __init__(self, state: Mapping[str, torch.Tensor]):
+        self.state = state
+
+    def names(self) -> list[str]:
+        return list(self.state)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.state
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+
+class SafetensorsSource(TensorSource):
+    """A HF model directory: `model.safetensors`, or shards listed in `model.safetensors.index.json`, or any set of
+    `*.safetensors` files. Files are opened lazily and read one tensor at a time."""
+
+    def __init__(self, directory: str):
+        from safetensors import safe_open
+
+        self._safe_open = safe_open
+        self.directory = directory
+        index = os.path.join(directory, SAFE_INDEX)
+        if os.path.exists(index):
+            with open(index) as handle:
+                self.weight_map = dict(json.load(handle)["weight_map"])
+        else:
+            files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no safetensors files in {directory}")
+            self.weight_map = {}
+            for file in files:
+                with safe_open(os.path.join(directory, file), framework="pt") as handle:
+                    for name in handle.keys():
+                        self.weight_map[name] = file
+        self._handles: dict[str, Any] = {}
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.weight_map[name]
+        if file not in self._handles:
+            self._handles[file] = self._safe_open(os.path.join(self.directory, file), framework="pt")
+        return self._handles[file].get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def as_tensor_source(source) -> TensorSource:
+    if isinstance(source, TensorSource):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return SafetensorsSource(os.fspath(source))
+    if isinstance(source, torch.nn.Module):
+        from megatron_r3.model.hf_mapping import hf_state_dict_to_checkpoint_names
+
+        return StateDictSource(dict(hf_state_dict_to_checkpoint_names(source)))
+    if isinstance(source, Mapping):
+        return StateDictSource(source)
+    raise TypeError(f"cannot read checkpoint tensors from {type(source).__name__}")
+
+
+class _Needed(Mapping):
+    """The few checkpoint tensors one parameter needs, read on demand (tied output layer falls back to the embedding
+    when the checkpoint has no lm_head.weight)."""
+
+    def __init__(self, source: TensorSource, names):
+        self.source, self.names = source, names
+
+    def __getitem__(self, name):
+        if name not in self.names:
+            raise KeyError(name)
+        return self.source.get(name)
+
+    def __iter__(self):
+        return iter(n for n in self.names if n in self.source)
+
+    def __len__(self):
+        return sum(1 for _ in self)
+
+    def __contains__(self, name):
+        return name in self.names and name in self.source
+
+
+@torch.no_grad()
+def load_hf_weights(chunks, source, arch: ModelArch, *, groups: Optional[ExportGroups] = None) -> int:
+    """Copy this rank's shard of every parameter of `chunks` from HF checkpoint tensors.
+
+    source: a `{name: tensor}` mapping in checkpoint names, a live HF model, a safetensors directory, or a
+    `TensorSource`. No collectives: each rank reads what it needs. Returns the number of parameters loaded;
+    raises `MappingError` naming every missing or misshapen tensor.
+    """
+    groups = groups or ExportGroups.from_parallel_state()
+    src = as_tensor_source(source)
+    problems, count = [], 0
+    try:
+        for param, mapping in model_mappings(chunks, arch, groups):
+            size, rank, _ = groups.split_of(mapping)
+            try:
+                shard = to_megatron_shard(
+                    mapping, _Needed(src, mapping.hf_names), arch, tp_size=size, tp_rank=rank, local_shape=param.shape
+                )
+            except MappingError as exc:
+                problems.append(str(exc))
+                continue
+            param.data.copy_(shard.to(device=param.device, dtype=param.dtype))
+            count += 1
+    finally:
+        if src is not source:
+            src.close()
+    if problems:
+        raise MappingError("loading HF weights failed:\n- " + "\n- ".join(problems))
+    return count
+
+
+# ================================================================================================ (b) export
+@dataclass(frozen=True)
+class _Item:
+    """One unit of export: a dense parameter, or one projection of all routed experts of one layer."""
+
+    key: int  # position of its first name in the global order
+    names: tuple[str, ...]
+    leader: int  # global rank that ends up with the full tensors
+    dtype: str
+
+
+def _expert_item_names(arch: ModelArch, layer: int, projection: str) -> tuple[str, ...]:
+    p = f"model.layers.{layer}.mlp.experts."
+    if projection == "fc1":
+        return tuple(p + f"{e}.{x}_proj.weight" for e in range(arch.num_experts) for x in ("gate", "up"))
+    return tuple(p + f"{e}.down_proj.weight" for e in range(arch.num_experts))
+
+
+def export_order(arch: ModelArch) -> list[str]:
+    """The HF names in the order `export_hf_weights` yields them: `hf_checkpoint_names` with each MoE layer's
+    experts reordered to gate/up of every expert, then down of every expert (one gather per projection)."""
+    out = []
+    for name in hf_checkpoint_names(arch):
+        if ".mlp.experts." in name:
+            layer = int(name.split(".")[2])
+            first = f"model.layers.{layer}.mlp.experts.0.gate_proj.weight"
+            if name == first:
+                out += list(_expert_item_names(arch, layer, "fc1")) + list(_expert_item_names(arch, layer, "fc2"))
+            continue
+        out.append(name)
+    return out
+
+
+class _LocalPlan:
+    """This rank's part in every export item: which parameter(s) it holds and its role."""
+
+    def __init__(self, chunks, arch: ModelArch, groups: ExportGroups):
+        self.arch, self.groups = arch, groups
+        self.rank, self.world = _world()
+        self.dense: dict[str, tuple[torch.nn.Parameter, ParamMapping]] = {}  # first hf name -> (param, mapping)
+        self.experts: dict[tuple[int, str], list[tuple[torch.nn.Parameter, ParamMapping]]] = {}
+        for param, mapping in model_mappings(chunks, arch, groups):
+            if mapping.tied:
+                continue  # the embedding is exported from the first stage
+            if mapping.is_expert:
+                projection = "fc1" if mapping.kind == GATE_UP else "fc2"
+                self.experts.setdefault((mapping.layer, projection), []).append((param, mapping))
+            else:
+                self.dense[mapping.hf_names[0]] = (param, mapping)
+        for entries in self.experts.values():
+            entries.sort(key=lambda entry: entry[1].expert_id)
+
+    def led_items(self, order: dict[str, int]) -> list[_Item]:
+        """Items this rank leads (ends up holding in full)."""
+        g = self.groups
+        items = []
+        if g.dense_source and g.tp_rank == 0:
+            for first, (param, mapping) in self.dense.items():
+                items.append(_Item(order[first], mapping.hf_names, self.rank, str(param.dtype)))
+        if g.expert_source and g.etp_rank == 0 and g.ep_rank == 0:
+            for (layer, projection), entries in self.experts.items():
+                names = _expert_item_names(self.arch, layer, projection)
+                items.append(_Item(order[names[0]], names, self.rank, str(entries[0][0].dtype)))
+        return items
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.replace("torch.", ""))
+
+
+def _gather_to_leader(tensor: torch.Tensor, size: int, group, rank_in_group: int) -> Optional[list[torch.Tensor]]:
+    """Gather equal-shaped `tensor`s of a group onto its rank 0 (in group-rank order); None elsewhere."""
+    if size == 1:
+        return [tensor]
+    tensor = tensor.contiguous()
+    if rank_in_group == 0:
+        out = [torch.empty_like(tensor) for _ in range(size)]
+        dist.gather(tensor, out, dst=dist.get_global_rank(group, 0), group=group)
+        return out
+    dist.gather(tensor, None, dst=dist.get_global_rank(group, 0), group=group)
+    return None
+
+
+class _Exporter:
+    def __init__(self, chunks, arch: ModelArch, groups: ExportGroups, receivers: str, dtype: Optional[torch.dtype]):
+        if receivers not in ("rank0", "all"):
+            raise ValueError(f"receivers must be 'rank0' or 'all', got {receivers!r}")
+        self.arch, self.groups, self.receivers, self.cast = arch, groups, receivers, dtype
+        self.local = _LocalPlan(chunks, arch, groups)
+        self.rank, self.world = self.local.rank, self.local.world
+        self.names = export_order(arch)
+        order = {name: i for i, name in enumerate(self.names)}
+        led = self.local.led_items(order)
+        if self.world > 1:
+            gathered: list = [None] * dist.get_world_size(groups.host)
+            dist.all_gather_object(gathered, led, group=groups.host)
+            led = [item for items in gathered for item in items]
+        self.items = sorted(led, key=lambda item: item.key)
+        covered = [name for item in self.items for name in item.names]
+        if covered != self.names:
+            missing = sorted(set(self.names) - set(covered))
+            extra = sorted({n for n in covered if covered.count(n) > 1})
+            raise MappingError(
+                f"the model chunks of all ranks do not add up to the HF model: missing {missing[:8]}"
+                f"{'...' if len(missing) > 8 else ''}, duplicated {extra[:8]}"
+            )
+        device = None
+        for chunk in chunks:
+            for param in chunk.parameters():
+                device = param.device
+                break
+        self.device = device or torch.device("cpu")
+
+    def nbytes(self) -> dict[str, int]:
+        out = {}
+        for item in self.items:
+            dtype = self.cast or _dtype(item.dtype)
+            for name in item.names:
+                numel = 1
+                for dim in hf_checkpoint_shape(self.arch, name):
+                    numel *= dim
+                out[name] = numel * torch.empty((), dtype=dtype).element_size()
+        return out
+
+    # ---------------------------------------------------------------------------------------------------- items
+    def _dense(self, item: _Item) -> Optional[dict[str, torch.Tensor]]:
+        """Full tensors on the item's leader, None elsewhere (after this rank's part in the TP gather)."""
+        g = self.groups
+        held = self.local.dense.get(item.names[0])
+        if held is None or not g.dense_source:
+            return None
+        param, mapping = held
+        size, rank, group = g.split_of(mapping)
+        data = param.detach()
+        if mapping.tp_dim is None or size == 1:
+            shards = [data] if rank == 0 else None
+        else:
+            shards = _gather_to_leader(data, size, group, rank)
+        if shards is None:
+            return None
+        return from_megatron_shards(mapping, shards, self.arch)
+
+    def _experts(self, item: _Item) -> Optional[dict[str, torch.Tensor]]:
+        g = self.groups
+        layer = int(item.names[0].split(".")[2])
+        projection = "fc1" if item.names[0].endswith("gate_proj.weight") else "fc2"
+        entries = self.local.experts.get((layer, projection))
+        if not entries or not g.expert_source:
+            return None
+        stacked = torch.stack([param.detach() for param, _ in entries])  # [local experts, *shard]
+        etp_shards = _gather_to_leader(stacked, g.etp_size, g.etp, g.etp_rank)
+        if etp_shards is None:
+            return None
+        by_etp = torch.stack(etp_shards)  # [etp, local experts, *shard]
+        by_ep = _gather_to_leader(by_etp, g.ep_size, g.ep, g.ep_rank)
+        if by_ep is None:
+            return None
+        local_count = len(entries)
+        template = entries[0][1]
+        out: dict[str, torch.Tensor] = {}
+        for ep_rank, block in enumerate(by_ep):
+            for local in range(local_count):
+                mapping = map_megatron_name(
+                    _local_expert_name(template.megatron_name, local),
+                    self.arch,
+                    layer_number_of=lambda j, n=template.layer: n + 1,
+                    expert_offset=ep_rank * local_count,
+                )
+                out.update(from_megatron_shards(mapping, [block[t, local] for t in range(block.shape[0])], self.arch))
+        return out
+
+    def __iter__(self) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+        world_group = self.groups.world
+        for item in self.items:
+            full = None
+            if any(".mlp.experts." in n for n in item.names[:1]):
+                full = self._experts(item)
+            else:
+                full = self._dense(item)
+            if full is not None and self.cast is not None:
+                full = {n: t.to(self.cast) for n, t in full.items()}
+            dtype = self.cast or _dtype(item.dtype)
+            for name in item.names:
+                tensor = None
+                if self.rank == item.leader:
+                    tensor = full[name]
+                    if item.leader != 0:
+                        dist.send(tensor.contiguous(), dst=0, group=world_group)
+                        tensor = None
+                elif self.rank == 0:
+                    tensor = torch.empty(hf_checkpoint_shape(self.arch, name), dtype=dtype, device=self.device)
+                    dist.recv(tensor, src=item.leader, group=world_group)
+                if self.receivers == "all" and self.world > 1:
+                    if self.rank != 0:
+                        tensor = torch.empty(hf_checkpoint_shape(self.arch, name), dtype=dtype, device=self.device)
+                    dist.broadcast(tensor, src=0, group=world_group)
+                yield name, tensor
+
+
+def _local_expert_name(template_name: str, local: int) -> str:
+    """The megatron name of local expert `local` in the same layer and projection as `template_name`."""
+    import re
+
+    name = re.sub(r"local_experts\.\d+\.", f"local_experts.{local}.", template_name)
+    return re.sub(r"(linear_fc[12]\.weight)\d+$", rf"\g<1>{local}", name)
+
+
+def export_hf_weights(
+    chunks,
+    arch: ModelArch,
+    *,
+    groups: Optional[ExportGroups] = None,
+    receivers: str = "rank0",
+    dtype: Optional[torch.dtype] = None,
+) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+    """(HF checkpoint name, full tensor) for the whole model, in `export_order(arch)`; see the module docstring for
+    which ranks receive tensors. `dtype` casts on the leaders before anything moves (e.g. bf16 for a bf16 engine).
+    Every rank must run the iterator to the end."""
+    exporter = _Exporter(chunks, arch, groups or ExportGroups.from_parallel_state(), receivers, dtype)
+    with torch.no_grad():
+        yield from exporter
+
+
+def export_hf_buckets(
+    chunks,
+    arch: ModelArch,
+    *,
+    bucket_bytes: int,
+    groups: Optional[ExportGroups] = None,
+    receivers: str = "rank0",
+    dtype: Optional[torch.dtype] = None,
+) -> Iterator[list[tuple[str, Optional[torch.Tensor]]]]:
+    """`export_hf_weights` grouped into lists of consecutive tensors of at most `bucket_bytes` bytes each (a larger
+    tensor forms a bucket of its own); identical bucket boundaries on every rank."""
+    exporter = _Exporter(chunks, arch, groups or ExportGroups.from_parallel_state(), receivers, dtype)
+    sizes = exporter.nbytes()
+    with torch.no_grad():
+        yield from iter_buckets(exporter, bucket_bytes, sizes.__getitem__)
+
+
+# ================================================================================================ (c) save
+def save_hf_checkpoint(
+    chunks,
+    arch: ModelArch,
+    hf_config,
+    directory: str,
+    *,
+    max_shard_bytes: int = 5 * 1024**3,
+    dtype: Optional[torch.dtype] = None,
+    groups: Optional[ExportGroups] = None,
+) -> Optional[list[str]]:
+    """Write the model as a HF directory (safetensors + config.json) from global rank 0; every rank must call it.
+    Returns the written file names on rank 0, None elsewhere."""
+    from safetensors.torch import save_file
+
+    rank, world = _world()
+    files: list[tuple[str, list[str]]] = []
+    if rank == 0:
+        os.makedirs(directory, exist_ok=True)
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = 0
+
+    def flush():
+        nonlocal shard, shard_bytes
+        if shard:
+            temp = f"model-part-{len(files):05d}.safetensors.tmp"
+            save_file(shard, os.path.join(directory, temp), metadata={"format": "pt"})
+            files.append((temp, list(shard)))
+        shard, shard_bytes = {}, 0
+
+    for bucket in export_hf_buckets(chunks, arch, bucket_bytes=max_shard_bytes, groups=groups, dtype=dtype):
+        if rank != 0:
+            continue
+        for name, tensor in bucket:
+            nbytes = tensor.numel() * tensor.element_size()
+            if shard and shard_bytes + nbytes > max_shard_bytes:
+                flush()
+            shard[name] = tensor.detach().cpu().contiguous()
+            shard_bytes += nbytes
+    written = None
+    if rank == 0:
+        flush()
+        total = len(files)
+        weight_map, written = {}, []
+        total_size = 0
+        for index, (temp, names) in enumerate(files):
+            final = SAFE_SINGLE if total == 1 else f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+            os.replace(os.path.join(directory, temp), os.path.join(directory, final))
+            written.append(final)
+            for name in names:
+                weight_map[name] = final
+        if total > 1:
+            from safetensors import safe_open
+
+            for final in written:
+                with safe_open(os.path.join(directory, final), framework="pt") as handle:
+                    for name in handle.keys():
+                        shape = handle.get_slice(name).get_shape()
+                        numel = 1
+                        for dim in shape:
+                            numel *= dim
+                        total_size += numel * _element_size(handle.get_slice(name).get_dtype())
+            with open(os.path.join(directory, SAFE_INDEX), "w") as handle:
+                json.dump({"metadata": {"total_size": total_size}, "weight_map": weight_map}, handle, indent=2)
+        elif os.path.exists(os.path.join(directory, SAFE_INDEX)):
+            os.remove(os.path.join(directory, SAFE_INDEX))
+        config = hf_config_to_json_dict(hf_config)
+        if dtype is not None:
+            config["dtype"] = str(dtype).replace("torch.", "")
+        with open(os.path.join(directory, "config.json"), "w") as handle:
+            json.dump(config, handle, indent=2, sort_keys=True)
+        written.append("config.json")
+    if world > 1:
+        dist.barrier(group=(groups or ExportGroups.from_parallel_state()).host)
+    return written
+
+
+def _element_size(safetensors_dtype: str) -> int:
+    return {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}.get(
+        safetensors_dtype, 4
+    )
+
+
+# ================================================================================================ dist checkpoints
+def model_sharded_state_dict(chunks) -> dict:
+    """Megatron's sharded state dict of this rank's chunks, under megatron's own keys (`model` for one chunk,
+    `model0`, `model1`, ... with virtual pipeline stages). The tensors are stored under their *global* keys (layer
+    numbers include the PP/VP offset, experts their global id, TP shards their offsets), so a checkpoint saved from
+    one layout loads into any other."""
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def load_model_state_dict(chunks, state_dict: Mapping[str, Any]) -> None:
+    """Put a `dist_checkpointing.load(model_sharded_state_dict(chunks), ...)` result back into the chunks."""
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for key, chunk in zip(keys, chunks):
+        missing, unexpected = chunk.load_state_dict(state_dict[key], strict=False)
+        missing = [name for name in missing if not name.endswith("_extra_state")]
+        if missing or unexpected:
+            raise KeyError(f"checkpoint and model chunk disagree: missing {missing[:8]}, unexpected {unexpected[:8]}")
+
+
+def save_dist_checkpoint(chunks, directory: str, *, hf_config=None) -> None:
+    """`megatron.core.dist_checkpointing.save` of the chunks (every rank calls it); rank 0 also writes the HF config
+    as `hf_config.json` so that the checkpoint alone says which model it holds."""
+    from megatron.core import dist_checkpointing
+
+    rank, _ = _world()
+    if rank == 0:
+        os.makedirs(directory, exist_ok=True)
+        if hf_config is not None:
+            with open(os.path.join(directory, HF_CONFIG_IN_DIST_CHECKPOINT), "w") as handle:
+                json.dump(hf_config_to_json_dict(hf_config), handle, indent=2, sort_keys=True)
+    if dist.is_initialized():
+        dist.barrier()
+    dist_checkpointing.save(model_sharded_state_dict(chunks), directory)
+
+
+def load_dist_checkpoint(chunks, directory: str) -> None:
+    """Load a checkpoint written by `save_dist_checkpoint` (from any layout) into this rank's chunks."""
+    from megatron.core import dist_checkpointing
+
+    loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), directory)
+    load_model_state_dict(chunks, loaded)
+
+
+def hf_config_of_dist_checkpoint(directory: str):
+    """The HF config stored next to a dist checkpoint by `save_dist_checkpoint`."""
+    from transformers import AutoConfig
+
+    with open(os.path.join(directory, HF_CONFIG_IN_DIST_CHECKPOINT)) as handle:
+        data = json.load(handle)
+    model_type = data.pop("model_type")
+    return AutoConfig.for_model(model_type, **data)

@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Convert a HF Qwen3-MoE / Qwen2-MoE directory (safetensors, possibly sharded) to a megatron-core dist checkpoint.
+
+    python -m torch.distributed.run --nproc-per-node 4 tools/convert_hf_to_mcore.py \
+        --hf-dir HF_DIR --out MCORE_DIR --tensor-model-parallel-size 2 --expert-model-parallel-size 2
+
+The layout used for the conversion does not matter for the result: `megatron.core.dist_checkpointing` stores every
+tensor under its global key and offsets, so the checkpoint loads into any TP/PP/VP/EP layout (see
+`tools/convert_mcore_to_hf.py`, and `megatron_r3.model.weights.load_dist_checkpoint` for training). Each rank reads
+only the safetensors tensors of its own shard. The HF config is stored next to the checkpoint as `hf_config.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")))
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def add_layout_args(parser: argparse.ArgumentParser) -> None:
+    """Megatron's own flag names for the parallel layout (shared with convert_mcore_to_hf.py)."""
+    group = parser.add_argument_group("parallel layout (megatron flag names)")
+    group.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    group.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    group.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
+    group.add_argument("--expert-model-parallel-size", type=int, default=1)
+    group.add_argument("--expert-tensor-parallel-size", type=int, default=None)
+    group.add_argument("--sequence-parallel", action="store_true", help="accepted for symmetry; weights are the same")
+    group.add_argument("--make-vocab-size-divisible-by", type=int, default=1,
+                       help="pad the vocabulary to a multiple of this times TP (pad rows are zero)")
+
+
+def parallel_sizes(args):
+    from megatron_r3.platform.distributed import ParallelSizes
+
+    return ParallelSizes(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+    )
+
+
+def build_chunks(hf_config, args):
+    """(arch, chunks) of `hf_config` in the layout given by `args` (parallel state initialised here)."""
+    import torch
+
+    from megatron_r3.model.qwen3_moe import arch_from_hf_config, build_from_hf_config
+    from megatron_r3.platform.distributed import initialize_model_parallel
+
+    sizes = parallel_sizes(args)
+    initialize_model_parallel(sizes)
+    arch = arch_from_hf_config(hf_config)
+    _, chunks = build_from_hf_config(
+        hf_config,
+        parallel=sizes,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        params_dtype=getattr(torch, DTYPES[args.dtype]),
+        sequence_parallel=args.sequence_parallel and args.tensor_model_parallel_size > 1,
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )
+    return arch, chunks
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--hf-dir", required=True, help="HF model directory (config.json + *.safetensors)")
+    parser.add_argument("--out", required=True, help="output directory of the megatron dist checkpoint")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="parameter dtype of the checkpoint")
+    add_layout_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch.distributed as dist
+
+    from megatron_r3.model.qwen3_moe import load_hf_config
+    from megatron_r3.model.weights import SafetensorsSource, load_hf_weights, save_dist_checkpoint
+
+    hf_config = load_hf_config(args.hf_dir)
+    arch, chunks = build_chunks(hf_config, args)
+    source = SafetensorsSource(args.hf_dir)
+    try:
+        load_hf_weights(chunks, source, arch)
+    finally:
+        source.close()
+    save_dist_checkpoint(chunks, args.out, hf_config=hf_config)
+    if dist.get_rank() == 0:
+        print(f"wrote megatron dist checkpoint {args.out} ({arch.model_type}, {arch.num_layers} layers, "
+              f"{arch.num_experts} experts)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
+    from megatron_r3.platform.distributed import destroy
+
+    destroy()
