@@ -30,6 +30,8 @@ PATCHES = (
     "uneven_gather_scatter_for_gloo",
     "cp_rope_slice_on_cpu",
     "cpu_grad_clip",
+    "device_arch_version_on_cpu",
+    "tensor_cuda_is_identity",
 )
 
 
@@ -354,6 +356,30 @@ def cpu_grad_clip() -> None:
 
     clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+
+def device_arch_version_on_cpu() -> None:
+    """Answers `AssertionError: Torch not compiled with CUDA enabled` from
+    `megatron.training.arguments.validate_args` -> `get_device_arch_version()` (tensor or context parallelism > 1).
+
+    validate_args asks for the GPU's compute capability to decide whether CUDA_DEVICE_MAX_CONNECTIONS must be 1.
+    A CPU has no compute capability; it reports 0 (pre-Blackwell rules, the variable is set by pretrain_grpo.py).
+    """
+    from megatron.training import arguments
+    from megatron.training.utils import common_utils
+
+    common_utils.get_device_arch_version = lambda: 0
+    arguments.get_device_arch_version = common_utils.get_device_arch_version
+
+
+def tensor_cuda_is_identity() -> None:
+    """Answers `AssertionError: Torch not compiled with CUDA enabled` from
+    `LanguageModule.setup_embeddings_and_output_layer` (tied embeddings with pipeline parallelism), which calls
+    `weight.data.cuda()` before all-reducing the shared embedding between the first and last stage.
+
+    On the CPU every tensor already lives where the collectives expect it, so `.cuda()` returns the tensor itself.
+    """
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
 
 def apply_cpu_support(force: bool = False) -> bool:

@@ -47,7 +47,13 @@ def main(port: int) -> None:
     dist.init_process_group("gloo")
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.models.common.embeddings.rope_utils import get_pos_emb_on_this_cp_rank
+    from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    from megatron_r3.platform.python_compat import apply_python_compat
+
+    apply_python_compat()
+    from megatron.training.utils.common_utils import get_device_arch_version
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.transformer.moe.moe_utils import maybe_move_tensor_to_cpu
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -80,6 +86,10 @@ def main(port: int) -> None:
         "sequence_parallel_torch_norm": error_of(lambda: WrappedTorchNorm(sp_config, 8)),
         "cp_rope_slice_on_cpu": error_of(lambda: get_pos_emb_on_this_cp_rank(torch.zeros(8, 1, 1, 4), 0, TwoRankGroup())),
         "cpu_grad_clip": error_of(lambda: clip_grad_by_total_norm_fp32([with_grad], 1.0, 10.0)),
+        "device_arch_version_on_cpu": error_of(get_device_arch_version),
+        "tensor_cuda_is_identity": error_of(lambda: torch.ones(1).cuda())
+        if ".cuda()" in inspect.getsource(LanguageModule.setup_embeddings_and_output_layer)
+        else "setup_embeddings_and_output_layer no longer calls .cuda()",
     }
     dist.destroy_process_group()
     queue = mp.get_context("spawn").SimpleQueue()

@@ -1,0 +1,289 @@
+"""`pretrain_grpo.py`'s command line: Megatron's own parser, plus the GRPO / replay flags, plus YAML configs.
+
+Megatron flags keep Megatron's names and meaning (`--tensor-model-parallel-size`, `--recompute-granularity`,
+`--grpo-group-size`, `--grpo-clamp-eps-lower`, ...). The model architecture comes from a Hugging Face Qwen3-MoE
+config (`--hf-checkpoint DIR` or `--hf-config FILE|DIR`) and is written into Megatron's network-size arguments,
+so `validate_args` and `core_transformer_config_from_args` see one consistent model.
+
+Precedence: Megatron/our defaults < `--config FILE.yaml` (keys are the flag names with `_`) < command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+import yaml
+
+from megatron_r3.model.config_checks import REPLAY_MODES, check_replay_config
+from megatron_r3.platform.python_compat import apply_python_compat
+
+# Megatron defaults we change for RL, stated once (all still overridable by YAML / CLI).
+GRPO_DEFAULTS = dict(
+    grpo_clamp_eps_lower=0.2,
+    grpo_clamp_eps_upper=0.28,
+    grpo_kl_beta=0.0,
+    grpo_iterations=1,
+    rl_default_temperature=1.0,
+    rl_default_top_p=1.0,
+    lr=1e-5,
+    min_lr=0.0,
+    lr_decay_style="constant",
+    weight_decay=0.0,
+    clip_grad=1.0,
+    micro_batch_size=1,
+    make_vocab_size_divisible_by=1,
+    log_interval=1,
+    attention_dropout=0.0,
+    hidden_dropout=0.0,
+    moe_token_dispatcher_type="alltoall",
+    calculate_per_token_loss=True,
+    train_iters=10,
+    seed=1234,
+)
+
+
+def add_grpo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`extra_args_provider` for Megatron's parser: the flags megatron does not have."""
+    group = parser.add_argument_group(title="megatron_r3 (GRPO with router replay)")
+    group.add_argument("--config", type=str, default=None, help="YAML file; keys are flag names with '_'.")
+    group.add_argument("--router-replay", choices=REPLAY_MODES, default="off",
+                       help="off: native routing; R2: replay the trainer's old-logprob routes in the updates; "
+                            "R3: replay the rollout engine's routes in the old-logprob pass and the updates.")
+    group.add_argument("--reference-replay", choices=("on", "off"), default="on",
+                       help="Whether the reference-model (KL) pass replays the same routes as the policy.")
+    group.add_argument("--route-fallback", choices=("raise", "native"), default="raise",
+                       help="Bad routes in a sample: raise an error naming it (default), or route those tokens "
+                            "natively and count them in replay/fallback_tokens.")
+    group.add_argument("--collect-routing-agreement", action=argparse.BooleanOptionalAction, default=True,
+                       help="Measure per layer how often native top-k equals the replayed set (old-logprob pass).")
+    group.add_argument("--rollout-engine", choices=("hf", "sglang"), default="hf")
+    group.add_argument("--rollout-dtype", choices=("bf16", "fp32"), default="bf16",
+                       help="dtype of the embedded hf rollout engine (bf16 vs fp32 training reproduces the real "
+                            "train/inference mismatch).")
+    group.add_argument("--sglang-url", nargs="*", default=None, help="SGLang server URL(s).")
+    group.add_argument("--sglang-address-file", type=str, default=None,
+                       help="File with one SGLang URL per line (written by tools/launch_sglang.py).")
+    group.add_argument("--weight-sync", choices=("distributed", "disk"), default="distributed",
+                       help="How SGLang receives new weights.")
+    group.add_argument("--hf-checkpoint", type=str, default=None,
+                       help="Hugging Face Qwen3-MoE checkpoint directory: architecture and initial weights.")
+    group.add_argument("--hf-config", type=str, default=None,
+                       help="Hugging Face config.json (or its directory) for a randomly initialised model.")
+    group.add_argument("--tokenizer-dir", type=str, default=None,
+                       help="Tokenizer directory (default: --hf-checkpoint; the built-in demo tokenizer for --task).")
+    group.add_argument("--task", type=str, default=None,
+                       help="Built-in synthetic verifiable task (e.g. copy_first, add_mod10) instead of --prompt-data.")
+    group.add_argument("--num-prompts", type=int, default=4096, help="Prompts generated for a synthetic --task.")
+    group.add_argument("--prompt-data", type=str, default=None, help="JSONL or parquet file with prompts/answers.")
+    group.add_argument("--prompt-key", type=str, default="prompt")
+    group.add_argument("--answer-key", type=str, default="answer")
+    group.add_argument("--reward-fn", type=str, default="exact_match",
+                       help="Built-in reward name or 'package.module:function'.")
+    group.add_argument("--max-new-tokens", type=int, default=32)
+    group.add_argument("--max-tokens-per-microbatch", type=int, default=None,
+                       help="Pack samples (THD) into microbatches of at most this many tokens instead of "
+                            "--micro-batch-size padded rows (BSHD).")
+    group.add_argument("--check-step0-kl", type=float, default=None,
+                       help="Fail if train/ppo_kl of the first update exceeds this bound.")
+    group.add_argument("--max-rollout-train-logp-abs-diff", type=float, default=None,
+                       help="Fail if r3/rollout_train_logp_abs_diff exceeds this bound at any step.")
+    group.add_argument("--run-dir", type=str, default=None, help="Outputs (metrics.jsonl, TensorBoard, config.yaml, "
+                                                                  "checkpoints); default runs/<time>.")
+    group.add_argument("--no-progress", action="store_true", help="No progress bar during rollout.")
+    group.add_argument("--verbose", action="store_true", help="Keep megatron-core's INFO logging.")
+    parser.set_defaults(**GRPO_DEFAULTS)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    apply_python_compat()
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = argparse.ArgumentParser(description="GRPO with router replay on megatron-core", allow_abbrev=False)
+    add_megatron_arguments(parser)
+    return add_grpo_arguments(parser)
+
+
+def yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    """YAML values keyed by argparse dest; unknown keys are errors (a typo must not be silently ignored)."""
+    with open(path) as handle:
+        values = yaml.safe_load(handle) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: the YAML config must be a mapping of flag names to values")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(key.replace("-", "_") for key in values if key.replace("-", "_") not in known)
+    if unknown:
+        raise ValueError(f"{path}: unknown config keys {unknown} (keys are flag names with '_')")
+    return {key.replace("-", "_"): value for key, value in values.items()}
+
+
+def parse_grpo_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse with precedence defaults < YAML < CLI; architecture from the HF config; Megatron's validation."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    config_path = pre.parse_known_args(argv)[0].config
+    if config_path:
+        parser.set_defaults(**yaml_defaults(parser, config_path))
+    args = parser.parse_args(argv)
+    args.config = config_path
+    finish_args(args, parser)
+    return args
+
+
+def finish_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Model size from the HF config, run directory, then megatron's own `validate_args`."""
+    from megatron.training.arguments import validate_args
+
+    from megatron_r3.platform.cpu_support import apply_cpu_support
+
+    apply_cpu_support()  # validate_args itself queries the GPU
+    # megatron requires it with TP/CP on pre-Blackwell GPUs (ordering of communication kernels); must precede CUDA init
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+    if args.hf_checkpoint is None and args.hf_config is None:
+        raise ValueError("give the model with --hf-checkpoint DIR or --hf-config FILE (a Qwen3-MoE config)")
+    if args.task is None and args.prompt_data is None:
+        raise ValueError("give prompts with --prompt-data FILE (JSONL/parquet) or a built-in --task")
+    if args.rollout_engine == "sglang" and not (args.sglang_url or args.sglang_address_file):
+        raise ValueError("--rollout-engine sglang needs --sglang-url URL [URL ...] or --sglang-address-file FILE")
+    args.rank = int(os.getenv("RANK", "0"))
+    args.world_size = int(os.getenv("WORLD_SIZE", "1"))
+    args.hf_model_config = load_hf_config_arg(args)
+    check_architecture_conflicts(args, parser)
+    if args.run_dir is None:
+        import time
+
+        args.run_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    args.save = args.save or os.path.join(args.run_dir, "checkpoints")
+    if args.save_interval is None:  # megatron requires one with --save; default: a checkpoint at the end only
+        args.save_interval = args.train_iters
+    args.tensorboard_dir = args.tensorboard_dir or os.path.join(args.run_dir, "tensorboard")
+    rollout_samples = args.grpo_prompts_per_step * args.grpo_group_size
+    if args.global_batch_size is None:
+        args.global_batch_size = rollout_samples
+    if rollout_samples % args.global_batch_size:
+        raise ValueError(
+            f"--global-batch-size {args.global_batch_size} must divide the rollout batch of "
+            f"{rollout_samples} samples (--grpo-prompts-per-step x --grpo-group-size)"
+        )
+    args._is_global_batch_size_explicitly_specified = True
+    disable_fusions_without_transformer_engine(args)
+    validate_args(args, {})
+    check_replay_config(args, args.router_replay)
+    return args
+
+
+def disable_fusions_without_transformer_engine(args: argparse.Namespace) -> None:
+    """Megatron turns on kernels that need TransformerEngine/apex by default (RoPE, softmax, SwiGLU fusion,
+    gradient-accumulation fusion); without TE they raise at build time, so they are switched off, as the
+    user would with --no-rope-fusion etc. The numerics are the unfused ones megatron defines."""
+    from megatron_r3.model.specs import transformer_engine_available
+
+    if transformer_engine_available():
+        return
+    for name in ("apply_rope_fusion", "masked_softmax_fusion", "bias_swiglu_fusion", "bias_gelu_fusion",
+                 "bias_dropout_fusion", "gradient_accumulation_fusion", "cross_entropy_loss_fusion",
+                 "moe_permute_fusion", "moe_router_fusion"):
+        if hasattr(args, name):
+            setattr(args, name, False)
+    args.no_persist_layer_norm = True
+    args.transformer_impl = "local"
+
+
+def load_hf_config_arg(args: argparse.Namespace):
+    from transformers import AutoConfig
+
+    source = args.hf_checkpoint or args.hf_config
+    if os.path.isdir(source):
+        return AutoConfig.from_pretrained(source)
+    import json
+
+    with open(source) as handle:
+        values = json.load(handle)
+    model_type = values.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(f"{source}: a Hugging Face config.json needs a model_type")
+    return AutoConfig.for_model(model_type, **values)
+
+
+# Megatron network-size arguments the HF config decides; giving one of them a different value is a conflict.
+_ARCH_ARGS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+    "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "max_position_embeddings", "rotary_base",
+)
+
+
+def check_architecture_conflicts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """A network-size flag set (CLI or YAML) to something other than the HF config's value is an error, not
+    silently overridden."""
+    before = {name: getattr(args, name) for name in _ARCH_ARGS}
+    apply_hf_architecture(args, args.hf_model_config)
+    conflicts = [
+        f"--{name.replace('_', '-')} {before[name]} (the HF config says {getattr(args, name)})"
+        for name in _ARCH_ARGS
+        if before[name] != parser.get_default(name) and before[name] != getattr(args, name)
+    ]
+    if conflicts:
+        raise ValueError("the model architecture comes from the HF config; conflicting flags: " + ", ".join(conflicts))
+
+
+def apply_hf_architecture(args: argparse.Namespace, hf_config) -> None:
+    """Write the HF model's architecture into megatron's arguments (the TransformerConfig then comes from
+    megatron's own `core_transformer_config_from_args`)."""
+    from megatron_r3.model.qwen3_moe import arch_from_hf_config, rope_theta
+
+    arch = arch_from_hf_config(hf_config)
+    args.hf_model_config = hf_config
+    args.num_layers = arch.num_layers
+    args.hidden_size = arch.hidden_size
+    args.ffn_hidden_size = arch.intermediate_size
+    args.num_attention_heads = arch.num_attention_heads
+    args.group_query_attention = arch.num_query_groups != arch.num_attention_heads
+    args.num_query_groups = arch.num_query_groups
+    args.kv_channels = arch.head_dim
+    args.num_experts = arch.num_experts
+    args.moe_router_topk = arch.topk
+    args.moe_ffn_hidden_size = arch.moe_intermediate_size
+    args.moe_layer_freq = arch.moe_layer_freq
+    args.normalization = "RMSNorm"
+    args.layernorm_epsilon = float(hf_config.rms_norm_eps)
+    args.swiglu = True
+    args.add_bias_linear = False
+    args.add_qkv_bias = arch.qkv_bias
+    args.qk_layernorm = arch.qk_norm
+    args.position_embedding_type = "rope"
+    args.rotary_base = rope_theta(hf_config)
+    args.untie_embeddings_and_output_weights = not arch.tie_word_embeddings
+    args.moe_router_pre_softmax = not bool(getattr(hf_config, "norm_topk_prob", False))
+    args.moe_router_score_function = "softmax"
+    args.max_position_embeddings = int(getattr(hf_config, "max_position_embeddings", 4096))
+    args.padded_vocab_size = arch.vocab_size if args.make_vocab_size_divisible_by == 1 else None
+    args.vocab_size = arch.vocab_size
+    if arch.shared_expert_intermediate_size:
+        args.moe_shared_expert_intermediate_size = arch.shared_expert_intermediate_size
+        args.moe_shared_expert_gate = arch.shared_expert_gate
+    if args.seq_length is None:
+        args.seq_length = args.max_position_embeddings
+    args.use_cpu_initialization = True
+
+
+def save_resolved_config(args: argparse.Namespace, path: str) -> None:
+    """The resolved flags as YAML (reusable with --config): every flag's final value."""
+    flags = {action.dest for action in build_parser()._actions} - {"help", "config"}
+    plain = {}
+    for key, value in sorted(vars(args).items()):
+        if key not in flags:
+            continue
+        plain_types = (str, int, float, bool, type(None))  # exact types: enums subclass int but are not plain
+        if type(value) in plain_types or (
+            type(value) in (list, tuple) and all(type(v) in plain_types for v in value)
+        ):
+            plain[key] = list(value) if isinstance(value, tuple) else value
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as handle:
+        yaml.safe_dump(plain, handle, sort_keys=True)

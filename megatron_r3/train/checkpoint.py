@@ -1,0 +1,128 @@
+"""Save and resume a GRPO run: model, optimizer, LR schedule, RNG, data position and step.
+
+Model and optimizer go through megatron-core's dist checkpointing (layout independent: a run may resume on another
+parallel layout). A save is atomic: everything is written into `step_NNNNNNN.tmp/`, renamed to `step_NNNNNNN/` once
+every rank has finished, and only then does the `latest` tracker file (itself replaced atomically) point at it. A
+crash mid-save leaves the previous checkpoint and tracker untouched; a stale `.tmp` is removed by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_r3.model.weights import load_model_state_dict, model_sharded_state_dict
+
+TRACKER = "latest"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{step:07d}")
+
+
+def latest_step(root: Optional[str]) -> Optional[int]:
+    """The step the tracker points at, or None when there is no complete checkpoint."""
+    if not root:
+        return None
+    tracker = os.path.join(root, TRACKER)
+    if not os.path.exists(tracker):
+        return None
+    with open(tracker) as handle:
+        text = handle.read().strip()
+    if not text.isdigit():
+        raise ValueError(f"{tracker} should hold a step number, found {text!r}")
+    step = int(text)
+    if not os.path.isdir(step_dir(root, step)):
+        raise FileNotFoundError(f"{tracker} points at step {step}, but {step_dir(root, step)} is missing")
+    return step
+
+
+def rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state(chunks, optimizer, is_loading: bool) -> dict:
+    sharded = model_sharded_state_dict(chunks)
+    sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=is_loading)
+    return sharded
+
+
+def save_checkpoint(root: str, step: int, chunks, optimizer, trainer_state: dict) -> str:
+    """Write checkpoint `step` (every rank calls this). `chunks` are the unwrapped model chunks."""
+    from megatron.core import dist_checkpointing
+
+    final, tmp = step_dir(root, step), step_dir(root, step) + ".tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    dist_checkpointing.save(_sharded_state(chunks, optimizer, is_loading=False), tmp)
+    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+    torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
+    if _rank() == 0:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as handle:
+            json.dump(trainer_state, handle, indent=1, sort_keys=True)
+    _barrier()
+    if _rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as handle:
+            handle.write(str(step))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    _barrier()
+    return final
+
+
+def load_checkpoint(root: str, step: int, chunks, optimizer) -> dict:
+    """Load checkpoint `step` into the chunks and optimizer, restore this rank's RNG; returns the trainer state."""
+    from megatron.core import dist_checkpointing
+
+    directory = step_dir(root, step)
+    loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, is_loading=True), directory)
+    load_model_state_dict(chunks, loaded)
+    optimizer.load_state_dict(loaded["optimizer"])
+    rng_file = os.path.join(directory, "rng", f"rank_{_rank():05d}.pt")
+    if os.path.exists(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    with open(os.path.join(directory, "trainer_state.json")) as handle:
+        return json.load(handle)

@@ -1,0 +1,235 @@
+"""Everything a GRPO run is built from: parallel state, policy (DDP + optimizer + LR schedule), reference model,
+rollout engine, tokenizer, prompts and reward. Built once by `build_training_setup(args)`.
+
+The policy is megatron-core's `GPTModel` with the replay layer spec, wrapped in megatron's
+`DistributedDataParallel`; gradients are finalised by megatron's `finalize_model_grads` (per-token loss mode:
+divided by the mini-batch's global token count) and stepped by megatron's optimizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_r3.model.gpt import build_gpt_chunks
+from megatron_r3.model.qwen3_moe import ModelArch, arch_from_hf_config, padded_vocab_size
+from megatron_r3.model.weights import export_hf_weights, load_hf_weights
+from megatron_r3.platform.distributed import ParallelSizes, initialize_model_parallel
+from megatron_r3.replay.schedule import ReplayRouters
+from megatron_r3.rollout.base import SamplingParams
+from megatron_r3.train.rollout_phase import RolloutSettings
+
+
+@dataclass
+class TrainingSetup:
+    args: object
+    config: object
+    arch: ModelArch
+    chunks: list  # unwrapped GPTModel chunks (checkpoints, weight export)
+    model: list  # DDP-wrapped chunks (schedules)
+    optimizer: object
+    scheduler: object
+    routers: ReplayRouters
+    vocab_size: int
+    tokenizer: object
+    sampler: object
+    reward_fn: object
+    engine: Optional[object] = None  # rank 0 only
+    reference: Optional[list] = None
+    reference_routers: Optional[ReplayRouters] = None
+    eos_token_id: Optional[int] = None
+    moe_layers: tuple = field(default_factory=tuple)
+
+    def zero_grad(self) -> None:
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def tokenize(self, records) -> list[list[int]]:
+        from megatron_r3.train.data import tokenize_prompts
+
+        return tokenize_prompts(self.tokenizer, records, max_length=self.args.seq_length - self.args.max_new_tokens)
+
+    def rollout_settings(self, step: int) -> RolloutSettings:
+        args = self.args
+        sampling = SamplingParams(
+            temperature=args.rl_default_temperature,
+            top_p=args.rl_default_top_p if args.rl_default_top_p > 0 else 1.0,
+            top_k=args.rl_default_top_k,
+            max_new_tokens=args.max_new_tokens,
+            stop_token_ids=(self.eos_token_id,) if self.eos_token_id is not None else (),
+            seed=args.seed * 1_000_003 + step,  # a pure function of the step: resuming reproduces the rollout
+        )
+        return RolloutSettings(
+            sampling=sampling,
+            group_size=args.grpo_group_size,
+            return_routes=args.router_replay == "R3" or args.collect_routing_agreement,
+            moe_layers=self.moe_layers,
+            topk=self.arch.topk,
+            route_fallback=args.route_fallback,
+        )
+
+    def sync_weights_to_engine(self) -> None:
+        """Full HF-named weights from the sharded policy to the rollout engine on rank 0 (every rank walks the
+        export: it drives the gathers)."""
+        exported = export_hf_weights(self.chunks, self.arch)
+        if self.engine is not None:
+            self.engine.update_weights((name, tensor) for name, tensor in exported if tensor is not None)
+        for _ in exported:  # ranks without an engine (and any leftovers) walk the names to the end
+            pass
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+
+def parallel_sizes(args) -> ParallelSizes:
+    return ParallelSizes(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+    )
+
+
+def initial_hf_weights(args, hf_config):
+    """The run's starting weights as a HF checkpoint source: the checkpoint directory, or a randomly initialised
+    Qwen3-MoE built identically on every rank from --seed (a tiny model for the demo and tests)."""
+    if args.hf_checkpoint:
+        return args.hf_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from megatron_r3.model.hf_mapping import hf_state_dict_to_checkpoint_names
+
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    return dict(hf_state_dict_to_checkpoint_names(model))
+
+
+def build_policy(args, config, arch, vocab_size, weights):
+    chunks = build_gpt_chunks(
+        config,
+        vocab_size=vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        rotary_base=args.rotary_base,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+    )
+    load_hf_weights(chunks, weights, arch)
+    return chunks
+
+
+def build_training_setup(args) -> TrainingSetup:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    initialize_model_parallel(parallel_sizes(args), seed=args.seed)
+    hf_config = args.hf_model_config
+    arch = arch_from_hf_config(hf_config)
+    config = core_transformer_config_from_args(args)
+    vocab_size = padded_vocab_size(arch.vocab_size, args.tensor_model_parallel_size, args.make_vocab_size_divisible_by)
+    weights = initial_hf_weights(args, hf_config)
+    chunks = build_policy(args, config, arch, vocab_size, weights)
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        check_for_nan_in_grad=False,  # a non-finite step is skipped (identically on every rank), not raised
+    )
+    model = [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk) for chunk in chunks
+    ]
+    config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+            clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, params_dtype=args.params_dtype,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+        ),
+        model,
+    )
+    samples_per_step = args.grpo_prompts_per_step * args.grpo_group_size
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=args.lr_warmup_init,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=(args.lr_warmup_iters or 0) * samples_per_step,
+        lr_decay_steps=max(1, args.train_iters * samples_per_step * args.grpo_iterations),
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=max(1, args.train_iters * samples_per_step),
+        wd_incr_style="constant",
+    )
+
+    reference = reference_routers = None
+    if args.grpo_kl_beta > 0:
+        reference = build_policy(args, config, arch, vocab_size, weights)
+        for chunk in reference:
+            chunk.eval()
+            chunk.requires_grad_(False)
+        reference_routers = ReplayRouters(reference)
+
+    tokenizer, records = build_data(args)
+    from megatron_r3.train.data import PromptSampler
+    from megatron_r3.train.rewards import get_reward_fn
+
+    sampler = PromptSampler(records, args.grpo_prompts_per_step, args.seed)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    setup = TrainingSetup(
+        args=args, config=config, arch=arch, chunks=chunks, model=model, optimizer=optimizer, scheduler=scheduler,
+        routers=ReplayRouters(model), vocab_size=arch.vocab_size, tokenizer=tokenizer, sampler=sampler,
+        reward_fn=get_reward_fn(args.reward_fn), reference=reference, reference_routers=reference_routers,
+        eos_token_id=tokenizer.eos_token_id, moe_layers=arch.moe_layers,
+    )
+    if rank == 0:
+        setup.engine = build_engine(args, hf_config)
+    setup.sync_weights_to_engine()
+    return setup
+
+
+def build_data(args):
+    """(tokenizer, prompt records) from --task (synthetic, demo tokenizer) or --prompt-data."""
+    from transformers import AutoTokenizer
+
+    from megatron_r3.train.data import load_prompts
+    from megatron_r3.train.tasks import build_demo_tokenizer, make_synthetic_dataset
+
+    if args.tokenizer_dir:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_dir)
+    elif args.task:
+        tokenizer = build_demo_tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(args.hf_checkpoint)
+    if args.task:
+        records = make_synthetic_dataset(args.task, args.num_prompts, args.seed)
+    else:
+        records = load_prompts(args.prompt_data, prompt_key=args.prompt_key, answer_key=args.answer_key)
+    return tokenizer, records
+
+
+def build_engine(args, hf_config):
+    if args.rollout_engine == "hf":
+        from transformers import AutoModelForCausalLM
+
+        from megatron_r3.rollout.hf_engine import HFRolloutEngine
+
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        return HFRolloutEngine(
+            model, dtype=args.rollout_dtype, device="cuda" if torch.cuda.is_available() else "cpu",
+            max_batch_size=max(1, args.grpo_prompts_per_step * args.grpo_group_size), progress=not args.no_progress,
+            seed=args.seed,
+        )
+    from megatron_r3.rollout.sglang_engine import build_sglang_engine
+
+    return build_sglang_engine(args, hf_config)

@@ -1,0 +1,280 @@
+"""Rollout samples -> this rank's mini-batches of microbatches, with tokens, per-token targets and routes aligned.
+
+Sharding is per mini-batch: global mini-batch m is samples `[m*G, (m+1)*G)` of the step (G = --global-batch-size)
+and data-parallel rank r takes the r-th of `dp` equal slices of it. So every layout optimises the same global
+mini-batches, which is what makes step metrics comparable across layouts.
+
+Within a rank, samples are packed into microbatches either as padded rows (BSHD, `--micro-batch-size` samples) or
+by a token budget (THD, `--max-tokens-per-microbatch`). Every per-token quantity (inputs, labels, loss mask,
+advantages, rollout logprobs) and the routes go through the same `PackedLayout` and the same CP slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from megatron_r3.replay.layout import (
+    PackedLayout,
+    cp_local_slots,
+    pack_bshd,
+    pack_per_slot,
+    pack_thd,
+    router_token_slots,
+)
+from megatron_r3.replay.microbatch import MicrobatchRoutes, localize_routes
+from megatron_r3.replay.routes import Routes
+from megatron_r3.train.batch import MicrobatchInputs, microbatch_inputs
+
+
+@dataclass
+class TrainSample:
+    """One rollout sample as the trainer sees it (identical on every rank)."""
+
+    index: int  # position in the step's rollout batch
+    tokens: torch.Tensor  # [T] prompt + response
+    prompt_length: int
+    rollout_logprobs: torch.Tensor  # [T - prompt_length]
+    reward: float
+    advantage: float
+    routes: Optional[Routes] = None  # rows 0..T-2 (validated)
+    free_rows: Optional[torch.Tensor] = None  # bool [T-1]: rows routed natively (counted fallback)
+
+    @property
+    def num_slots(self) -> int:
+        """Positions fed to the model (all but the last token), i.e. route rows."""
+        return self.tokens.shape[0] - 1
+
+    def loss_mask(self) -> torch.Tensor:
+        """Over predicted positions 0..T-2: 1 where the *target* is a response token."""
+        mask = torch.zeros(self.num_slots)
+        mask[self.prompt_length - 1 :] = 1.0
+        return mask
+
+    def per_slot_rollout_logprobs(self) -> torch.Tensor:
+        out = torch.zeros(self.num_slots)
+        out[self.prompt_length - 1 :] = self.rollout_logprobs.float()
+        return out
+
+
+@dataclass
+class RankLayout:
+    """This rank's coordinates in the layout, as the layout functions need them."""
+
+    tensor_model_parallel_size: int = 1
+    tp_rank: int = 0
+    context_parallel_size: int = 1
+    cp_rank: int = 0
+    sequence_parallel: bool = False
+    data_parallel_size: int = 1
+    dp_rank: int = 0
+
+
+@dataclass
+class TrainMicrobatch:
+    """One microbatch on this rank: model inputs and per-token tensors in model order `[b, s_local]`."""
+
+    samples: list[TrainSample]
+    layout: PackedLayout
+    inputs: MicrobatchInputs
+    advantages: torch.Tensor
+    rollout_logp: torch.Tensor
+    token_slots: torch.Tensor
+    routes: Optional[MicrobatchRoutes] = None
+    # filled by the passes (on device, last pipeline stage only)
+    old_logp: Optional[torch.Tensor] = None
+    ref_logp: Optional[torch.Tensor] = None
+    recorded: Optional[dict] = None
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.inputs.loss_mask.sum())
+
+
+@dataclass
+class StepPlan:
+    """All microbatches of one step on this rank, grouped by mini-batch (optimizer step)."""
+
+    minibatches: list[list[TrainMicrobatch]]
+    seq_length: int  # the length handed to megatron's schedule (PP needs one shape for all microbatches)
+    pad_multiple: int
+
+    @property
+    def microbatches(self) -> list[TrainMicrobatch]:
+        return [mb for minibatch in self.minibatches for mb in minibatch]
+
+
+def shard_minibatches(
+    samples: Sequence[TrainSample], global_batch_size: int, rank: RankLayout
+) -> list[list[TrainSample]]:
+    """Global mini-batches of `global_batch_size` samples, each split in `dp` equal contiguous slices."""
+    dp = rank.data_parallel_size
+    if len(samples) % global_batch_size:
+        raise ValueError(f"{len(samples)} samples do not split into mini-batches of {global_batch_size}")
+    if global_batch_size % dp:
+        raise ValueError(f"--global-batch-size {global_batch_size} is not divisible by data-parallel size {dp}")
+    per_rank = global_batch_size // dp
+    out = []
+    for start in range(0, len(samples), global_batch_size):
+        own = start + rank.dp_rank * per_rank
+        out.append(list(samples[own : own + per_rank]))
+    return out
+
+
+def group_by_size(samples: Sequence[TrainSample], micro_batch_size: int) -> list[list[TrainSample]]:
+    return [list(samples[i : i + micro_batch_size]) for i in range(0, len(samples), micro_batch_size)]
+
+
+def group_by_tokens(
+    samples: Sequence[TrainSample], max_tokens: int, pad_multiple: int, min_groups: int = 1
+) -> list[list[TrainSample]]:
+    """Greedy in-order packing by padded token count; then the largest groups are split until there are at
+    least `min_groups` (ranks that must run the same number of microbatches, e.g. an expert-parallel group)."""
+    groups: list[list[TrainSample]] = []
+    used = 0
+    for sample in samples:
+        size = -(-sample.num_slots // pad_multiple) * pad_multiple
+        if size > max_tokens:
+            raise ValueError(
+                f"sample {sample.index} needs {size} tokens, more than --max-tokens-per-microbatch {max_tokens}"
+            )
+        if groups and used + size <= max_tokens:
+            groups[-1].append(sample)
+            used += size
+        else:
+            groups.append([sample])
+            used = size
+    while len(groups) < min_groups:
+        largest = max(range(len(groups)), key=lambda i: len(groups[i]))
+        if len(groups[largest]) < 2:
+            raise ValueError(f"cannot split {len(samples)} samples into {min_groups} microbatches")
+        group = groups.pop(largest)
+        half = len(group) // 2
+        groups[largest:largest] = [group[:half], group[half:]]
+    return groups
+
+
+def build_microbatch(
+    samples: Sequence[TrainSample],
+    layout: PackedLayout,
+    rank: RankLayout,
+    *,
+    moe_layer_numbers: Sequence[int],
+    num_experts: int,
+    with_routes: bool,
+) -> TrainMicrobatch:
+    """Model inputs, per-token targets and (optionally) this rank's routes for one microbatch."""
+    cp, cp_rank = rank.context_parallel_size, rank.cp_rank
+    inputs = microbatch_inputs(
+        [s.tokens for s in samples], layout, loss_masks=[s.loss_mask() for s in samples],
+        context_parallel_size=cp, cp_rank=cp_rank,
+    )
+    local = cp_local_slots(layout, cp, cp_rank)
+    advantages = pack_per_slot([torch.full((s.num_slots,), float(s.advantage)) for s in samples], layout, 0.0)[local]
+    rollout_logp = pack_per_slot([s.per_slot_rollout_logprobs() for s in samples], layout, 0.0)[local]
+    token_slots = router_token_slots(
+        layout, context_parallel_size=cp, cp_rank=cp_rank,
+        tensor_model_parallel_size=rank.tensor_model_parallel_size, tp_rank=rank.tp_rank,
+        sequence_parallel=rank.sequence_parallel,
+    )
+    routes = None
+    if with_routes:
+        missing = [s.index for s in samples if s.routes is None]
+        if missing:
+            raise ValueError(f"samples {missing} carry no routes; the rollout engine must return routed experts")
+        routes = localize_routes(
+            [s.routes.expert_ids for s in samples], layout, token_slots, moe_layer_numbers, num_experts,
+            free_rows=[s.free_rows for s in samples],
+        )
+    return TrainMicrobatch(
+        samples=list(samples), layout=layout, inputs=inputs, advantages=advantages, rollout_logp=rollout_logp,
+        token_slots=token_slots, routes=routes,
+    )
+
+
+def plan_step(
+    samples: Sequence[TrainSample],
+    rank: RankLayout,
+    *,
+    global_batch_size: int,
+    micro_batch_size: int,
+    max_tokens_per_microbatch: Optional[int],
+    pad_multiple: int,
+    equal_seq_length: bool,
+    moe_layer_numbers: Sequence[int],
+    num_experts: int,
+    with_routes: bool,
+    min_microbatches: Optional[Sequence[int]] = None,
+) -> StepPlan:
+    """Split the step's samples into this rank's mini-batches and microbatches.
+
+    equal_seq_length: one sequence length for every microbatch (pipeline parallelism sends fixed shapes).
+    min_microbatches: per mini-batch, the microbatch count every rank of the data-parallel group must reach
+        (token-budget packing can give ranks different counts; the trainer agrees on the max first).
+    """
+    groups_per_minibatch = []
+    for m, minibatch in enumerate(shard_minibatches(samples, global_batch_size, rank)):
+        target = 1 if min_microbatches is None else min_microbatches[m]
+        if max_tokens_per_microbatch:
+            groups = group_by_tokens(minibatch, max_tokens_per_microbatch, pad_multiple, min_groups=target)
+        else:
+            groups = group_by_size(minibatch, micro_batch_size)
+        groups_per_minibatch.append(groups)
+    thd = bool(max_tokens_per_microbatch)
+    if thd:
+        lengths = [sum(-(-s.num_slots // pad_multiple) * pad_multiple for s in g) for gs in groups_per_minibatch for g in gs]
+    else:
+        lengths = [max(s.num_slots for s in g) for gs in groups_per_minibatch for g in gs]
+    seq_length = -(-max(lengths) // pad_multiple) * pad_multiple
+    if thd and equal_seq_length:
+        seq_length = max(seq_length, -(-max_tokens_per_microbatch // pad_multiple) * pad_multiple)
+    minibatches = []
+    for groups in groups_per_minibatch:
+        built = []
+        for group in groups:
+            n = [s.num_slots for s in group]
+            if thd:
+                layout = pack_thd(n, pad_multiple=pad_multiple)
+                if equal_seq_length and layout.seq_length < seq_length:
+                    layout = _pad_thd(layout, seq_length, pad_multiple)
+            else:
+                layout = pack_bshd(n, seq_length=seq_length if equal_seq_length else None, pad_multiple=pad_multiple)
+            built.append(
+                build_microbatch(group, layout, rank, moe_layer_numbers=moe_layer_numbers, num_experts=num_experts,
+                                 with_routes=with_routes)
+            )
+        minibatches.append(built)
+    return StepPlan(minibatches=minibatches, seq_length=seq_length, pad_multiple=pad_multiple)
+
+
+def microbatch_counts(samples, rank: RankLayout, *, global_batch_size, micro_batch_size, max_tokens_per_microbatch,
+                      pad_multiple) -> list[int]:
+    """This rank's natural microbatch count per mini-batch (before agreeing on the max across ranks)."""
+    counts = []
+    for minibatch in shard_minibatches(samples, global_batch_size, rank):
+        if max_tokens_per_microbatch:
+            counts.append(len(group_by_tokens(minibatch, max_tokens_per_microbatch, pad_multiple)))
+        else:
+            counts.append(len(group_by_size(minibatch, micro_batch_size)))
+    return counts
+
+
+def _pad_thd(layout: PackedLayout, seq_length: int, pad_multiple: int) -> PackedLayout:
+    """Extend a packed layout to `seq_length` by growing the last sample's padding (fixed shapes for PP)."""
+    padded = list(layout.padded_lengths)
+    padded[-1] += seq_length - layout.seq_length
+    out = pack_thd(layout.lengths, pad_multiple=pad_multiple)
+    return _with_padded_lengths(out, tuple(padded))
+
+
+def _with_padded_lengths(layout: PackedLayout, padded: tuple[int, ...]) -> PackedLayout:
+    starts = torch.tensor([0, *padded[:-1]]).cumsum(0)
+    slot_sample = torch.repeat_interleave(torch.arange(len(padded)), torch.tensor(padded))
+    slot_position = torch.arange(sum(padded)) - torch.repeat_interleave(starts, torch.tensor(padded))
+    real = slot_position < torch.repeat_interleave(torch.tensor(layout.lengths), torch.tensor(padded))
+    return PackedLayout(
+        qkv_format="thd", lengths=layout.lengths, batch_size=1, seq_length=sum(padded), padded_lengths=padded,
+        slot_sample=torch.where(real, slot_sample, -1), slot_position=torch.where(real, slot_position, -1),
+    )

@@ -1,0 +1,214 @@
+"""Built-in synthetic verifiable tasks and the small demo tokenizer.
+
+The tokenizer is character level (a `tokenizers` WordLevel model over a fixed 64-entry vocabulary, every character
+its own token), so prompts like ``cp:4821=`` are 8 tokens and every answer digit is one token.
+
+Tasks (prompt -> answer; every prompt is at most 10 tokens with BOS; answers are 1 or 3 digits, then `<eos>`):
+
+=============  ===============  ======  =========================================================================
+name           prompt           answer  what the model must learn
+=============  ===============  ======  =========================================================================
+copy_last      ``cl:4821``      ``1``   repeat the last prompt token (no attention needed; the easiest)
+copy_first     ``cp:4821=``     ``4``   copy the first digit (attend to a fixed offset, -5, under RoPE)
+max_digit      ``max:4821=``    ``8``   the largest of four digits (skewed: "always 9" already earns 34%)
+add_mod10      ``add:3+4=``     ``7``   (a + b) mod 10, a 10x10 table
+reverse        ``rev:482=``     ``284`` the three digits reversed (a longer response)
+=============  ===============  ======  =========================================================================
+
+Scoring (`Task.score`, used by the `synthetic` reward) gives partial credit so that a randomly initialised model
+earns some reward by chance and the reward rises in stages: 1.0 for exactly the answer; otherwise
+``0.1 * (leading answer-length characters that are digits) / len(answer) + 0.5 * (common prefix with the answer) /
+len(answer)``. So the right digit followed by junk (no `<eos>` in time) earns 0.6, a wrong digit 0.1, a non-digit 0.
+
+Demo: ``DEMO_TASK = "copy_last"`` with ``DEMO_MAX_NEW_TOKENS = 1`` and the ``synthetic`` reward. By chance (uniform
+tokens) a response earns some reward 15.6% of the time (any digit), the full answer 1.6%. In a reference loop (HF
+Qwen3-MoE, hidden 64, 4 layers, 8 experts top-2, random init; 16 prompts x 8 samples per step, one on-policy
+AdamW step at lr 3e-3, group-normalised advantages; 3 seeds) the mean reward went 0.03 (step 0) -> 0.62-0.70
+(steps 50-99) -> 0.81-0.91 (steps 100-149); ``copy_first`` (2 seeds) went 0.03 -> 0.49-0.50 (steps 100-149) ->
+0.57-0.75 (steps 250-299): a good harder alternative that needs attention. With 2-3 new tokens
+the model learns the digit (reward ~0.45-0.55 = right digit + junk by step 150 on copy_last) but not to stop: the
+`<eos>` probability collapses before it is discovered, and the junk tokens dilute the gradient (copy_first then
+reaches only ~0.2 in 300 steps). ``max_digit`` sticks at "always 9"; ``add_mod10`` barely moves in 400 steps.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from typing import Optional, Union
+
+from megatron_r3.train.data import PromptRecord, load_prompts
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
+DIGITS = string.digits
+PUNCTUATION = "+-*/=<>()[],.:;?!_#%&|^"
+
+# Fixed order: ids never change, so checkpoints and tests can rely on them (pad 0, bos 1, eos 2, unk 3, "0" = 4 ...).
+DEMO_VOCAB: tuple[str, ...] = (
+    SPECIAL_TOKENS + tuple(DIGITS) + tuple(string.ascii_lowercase) + (" ",) + tuple(PUNCTUATION)
+)
+DEMO_VOCAB_SIZE = 64  # the model's vocab size for the demo: exactly the tokenizer's size, no padding ids
+assert len(DEMO_VOCAB) == DEMO_VOCAB_SIZE and len(set(DEMO_VOCAB)) == DEMO_VOCAB_SIZE
+
+DEMO_TASK = "copy_last"
+DEMO_MAX_NEW_TOKENS = 1  # see the module docstring: longer responses learn the digit but not to stop
+
+
+def build_demo_tokenizer(save_dir=None):
+    """The demo's character-level tokenizer as a `transformers.PreTrainedTokenizerFast` (pad/bos/eos/unk set).
+
+    Save with ``save_pretrained(dir)``, load with ``AutoTokenizer.from_pretrained(dir)`` (offline). Decoding joins
+    tokens without separators, so ``decode(encode(text)) == text`` for text over the vocabulary. No BOS/EOS is added
+    by the tokenizer itself: `tokenize_prompts` adds BOS, the rollout stops at EOS. Padding side is left (generation).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(vocab={tok: i for i, tok in enumerate(DEMO_VOCAB)}, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        padding_side="left",
+        model_max_length=1024,
+    )
+    if save_dir is not None:
+        tokenizer.save_pretrained(str(save_dir))
+    return tokenizer
+
+
+# ------------------------------------------------------------------------------------------------------------- tasks
+class Task:
+    """A synthetic verifiable task: `make_prompt(rng)` draws a (prompt, answer) pair, `score` checks a response."""
+
+    name: str = ""
+    description: str = ""
+    answer_alphabet: str = DIGITS
+
+    def make_prompt(self, rng: random.Random) -> tuple[str, str]:
+        raise NotImplementedError
+
+    def score(self, response: str, answer: str) -> float:
+        """Partial credit for a cleaned response (EOS cut, pads and surrounding whitespace removed; see
+        `rewards.clean_response`): 1.0 exact; else 0.1 * format + 0.5 * prefix (module docstring)."""
+        if response == answer:
+            return 1.0
+        n = len(answer)
+        if n == 0:
+            return 0.0
+        fmt = 0
+        for ch in response[:n]:
+            if ch not in self.answer_alphabet:
+                break
+            fmt += 1
+        prefix = 0
+        for a, b in zip(response, answer):
+            if a != b:
+                break
+            prefix += 1
+        return 0.1 * fmt / n + 0.5 * prefix / n
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"
+
+
+def _digits(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice(DIGITS) for _ in range(n))
+
+
+class CopyFirst(Task):
+    name = "copy_first"
+    description = "copy the first of four digits: cp:4821= -> 4"
+
+    def make_prompt(self, rng):
+        d = _digits(rng, 4)
+        return f"cp:{d}=", d[0]
+
+
+class CopyLast(Task):
+    name = "copy_last"
+    description = "repeat the last prompt token, a digit: cl:4821 -> 1"
+
+    def make_prompt(self, rng):
+        d = _digits(rng, 4)
+        return f"cl:{d}", d[-1]  # no "=": the answer is the last prompt token itself
+
+
+class MaxDigit(Task):
+    name = "max_digit"
+    description = "the largest of four digits: max:4821= -> 8"
+
+    def make_prompt(self, rng):
+        d = _digits(rng, 4)
+        return f"max:{d}=", max(d)
+
+
+class AddMod10(Task):
+    name = "add_mod10"
+    description = "sum of two digits mod 10: add:3+9= -> 2"
+
+    def make_prompt(self, rng):
+        a, b = rng.randrange(10), rng.randrange(10)
+        return f"add:{a}+{b}=", str((a + b) % 10)
+
+
+class Reverse(Task):
+    name = "reverse"
+    description = "three digits reversed: rev:482= -> 284"
+
+    def make_prompt(self, rng):
+        d = _digits(rng, 3)
+        return f"rev:{d}=", d[::-1]
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (CopyFirst(), CopyLast(), MaxDigit(), AddMod10(), Reverse())}
+
+
+def get_task(task: Union[str, Task]) -> Task:
+    if isinstance(task, Task):
+        return task
+    if task not in TASKS:
+        raise ValueError(f"unknown synthetic task '{task}'; choose one of {sorted(TASKS)}")
+    return TASKS[task]
+
+
+def make_synthetic_dataset(task: Union[str, Task], num_prompts: int, seed: int) -> list[PromptRecord]:
+    """`num_prompts` records drawn from `random.Random(seed)`; `metadata["task"]` names the task (the `synthetic`
+    reward reads it). The same (task, num_prompts, seed) always gives the same records."""
+    task = get_task(task)
+    if int(num_prompts) != num_prompts or num_prompts < 1:
+        raise ValueError(f"num_prompts must be a positive integer, got {num_prompts}")
+    rng = random.Random(seed)
+    records = []
+    for i in range(int(num_prompts)):
+        prompt, answer = task.make_prompt(rng)
+        records.append(PromptRecord(prompt=prompt, answer=answer, index=i, metadata={"task": task.name}))
+    return records
+
+
+SYNTHETIC_PREFIX = "synthetic:"
+DEFAULT_SYNTHETIC_PROMPTS = 4096
+
+
+def prompts_from_spec(
+    spec: str, seed: int = 0, prompt_key: str = "prompt", answer_key: Optional[str] = "answer"
+) -> list[PromptRecord]:
+    """Prompt records from a CLI-style spec: ``synthetic:TASK`` or ``synthetic:TASK:NUM_PROMPTS`` (default 4096,
+    drawn with `seed`), or a path to a .jsonl / .json / .parquet file (`load_prompts`)."""
+    if spec.startswith(SYNTHETIC_PREFIX):
+        parts = spec[len(SYNTHETIC_PREFIX) :].split(":")
+        if len(parts) > 2 or not parts[0]:
+            raise ValueError(f"bad synthetic prompt spec '{spec}': use synthetic:TASK or synthetic:TASK:NUM_PROMPTS")
+        num = DEFAULT_SYNTHETIC_PROMPTS
+        if len(parts) == 2:
+            try:
+                num = int(parts[1])
+            except ValueError:
+                raise ValueError(f"bad synthetic prompt spec '{spec}': NUM_PROMPTS must be an integer") from None
+        return make_synthetic_dataset(parts[0], num, seed)
+    return load_prompts(spec, prompt_key=prompt_key, answer_key=answer_key)

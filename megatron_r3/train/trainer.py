@@ -1,0 +1,348 @@
+"""The GRPO engine: rollout -> old logprobs -> (reference logprobs) -> mini-batch updates -> weight sync, per step.
+
+Which routes each pass uses (`--router-replay`):
+
+| pass          | off                          | R2                                   | R3                        |
+|---------------|------------------------------|--------------------------------------|---------------------------|
+| old logprobs  | native (rollout routes observed) | native, recorded (rollout routes observed) | replay rollout routes |
+| reference     | native                       | replay recorded (--reference-replay) | replay rollout routes (--reference-replay) |
+| updates       | native                       | replay recorded                      | replay rollout routes     |
+
+"Observed" routes are compared with the trainer's native top-k without being used, so `replay/routing_agreement`
+measures the engines' disagreement in every mode, and `replay/used_route_match` shows what replay changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+from megatron_r3.grpo.losses import PolicyLossConfig
+from megatron_r3.grpo.mismatch import MetricAccumulator
+from megatron_r3.model.config_checks import check_replay_config
+from megatron_r3.platform.distributed import device, host_group
+from megatron_r3.replay.layout import sequence_pad_multiple
+from megatron_r3.replay.microbatch import routes_from_recorded
+from megatron_r3.train import checkpoint as ckpt
+from megatron_r3.train.metrics_log import MetricsLogger, format_iteration_line
+from megatron_r3.train.microbatching import RankLayout, StepPlan, microbatch_counts, plan_step
+from megatron_r3.train.passes import PassContext, declare_metrics, logprob_pass, step_metric_names, update_pass
+from megatron_r3.train.rollout_phase import RolloutPayload, generate_batch, share_from_rank0
+from megatron_r3.train.components import TrainingSetup, build_training_setup
+
+REPLAY = RouterReplayAction.REPLAY_FORWARD
+RECORD = RouterReplayAction.RECORD
+
+
+class GateError(RuntimeError):
+    """A run tripped one of its in-training gates (--check-step0-kl, --max-rollout-train-logp-abs-diff)."""
+
+
+class GRPOTrainer:
+    def __init__(self, args):
+        self.args = args
+        if not getattr(args, "verbose", False):  # megatron logs every parameter at INFO while building DDP
+            logging.getLogger("megatron").setLevel(logging.WARNING)
+        self.setup: TrainingSetup = build_training_setup(args)
+        check_replay_config(self.setup.config, args.router_replay)
+        self.rank = RankLayout(
+            tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+            context_parallel_size=parallel_state.get_context_parallel_world_size(),
+            cp_rank=parallel_state.get_context_parallel_rank(),
+            sequence_parallel=bool(self.setup.config.sequence_parallel),
+            data_parallel_size=parallel_state.get_data_parallel_world_size(),
+            dp_rank=parallel_state.get_data_parallel_rank(),
+        )
+        self.pad_multiple = sequence_pad_multiple(
+            self.rank.tensor_model_parallel_size, self.rank.context_parallel_size, self.rank.sequence_parallel
+        )
+        self.loss_config = PolicyLossConfig(
+            clip_ratio_low=args.grpo_clamp_eps_lower,
+            clip_ratio_high=args.grpo_clamp_eps_upper,
+            tis_cap=args.rl_importance_sampling_truncation_coef if args.rl_inference_logprobs_is_correction else None,
+            kl_coef=args.grpo_kl_beta,
+        )
+        self.is_logger = dist.get_rank() == 0 if dist.is_initialized() else True
+        self.step = 0
+        self.skipped_steps = 0
+        if args.load or ckpt.latest_step(args.save) is not None:
+            self._resume()
+        self.logger = MetricsLogger(args.run_dir, enabled=self.is_logger, resume_step=self.step)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _resume(self) -> None:
+        root = self.args.load or self.args.save
+        step = ckpt.latest_step(root)
+        if step is None:
+            raise FileNotFoundError(f"--load {root}: no checkpoint (no '{ckpt.TRACKER}' tracker file)")
+        state = ckpt.load_checkpoint(root, step, self.setup.chunks, self.setup.optimizer)
+        self.setup.scheduler.load_state_dict(state["scheduler"])
+        self.setup.sampler.load_state_dict(state["sampler"])
+        self.step = state["step"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.setup.sync_weights_to_engine()  # the engine must sample from the restored policy
+
+    def save(self) -> None:
+        state = {
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "scheduler": self.setup.scheduler.state_dict(),
+            "sampler": self.setup.sampler.state_dict(),
+            "router_replay": self.args.router_replay,
+        }
+        ckpt.save_checkpoint(self.args.save, self.step, self.setup.chunks, self.setup.optimizer, state)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> list[dict]:
+        history = []
+        try:
+            while self.step < self.args.train_iters:
+                metrics = self.train_step()
+                history.append(metrics)
+                self.step += 1
+                if self.args.save_interval and self.step % self.args.save_interval == 0:
+                    self.save()
+        finally:
+            self.logger.close()
+            self.setup.close()
+        return history
+
+    def train_step(self) -> dict:
+        args, setup = self.args, self.setup
+        step_start = time.perf_counter()
+        payload = self._rollout()
+        samples = payload.samples
+        timings = {"timing/rollout_s": payload.metrics.get("timing/rollout_s", 0.0)}
+
+        plan = self._plan(samples)
+        metrics = MetricAccumulator()
+        declare_metrics(metrics, step_metric_names(tis=self.loss_config.tis_cap is not None,
+                                                   reference=self.loss_config.kl_coef > 0), mismatch=True)
+        setup.routers.statistics(reset=True)
+        mode = args.router_replay
+        microbatches = plan.microbatches
+        rollout_routes = [mb.routes for mb in microbatches] if microbatches[0].routes is not None else None
+
+        # old logprobs (and the mismatch metrics)
+        start = time.perf_counter()
+        ctx = self._context(setup.model, setup.routers, plan)
+        if mode == "R3":
+            old = logprob_pass(ctx, microbatches, target="old", action=REPLAY, routes=rollout_routes, metrics=metrics,
+                               collect_agreement=args.collect_routing_agreement)
+        elif mode == "R2":
+            old = logprob_pass(ctx, microbatches, target="old", action=RECORD, routes=_observed(rollout_routes),
+                               metrics=metrics, collect_agreement=args.collect_routing_agreement)
+            for mb, recorded in zip(microbatches, old.recorded):
+                mb.recorded = routes_from_recorded(
+                    recorded, mb.layout.valid[mb.token_slots], int(mb.layout.valid[mb.token_slots].sum())
+                )
+        else:
+            observed = _observed(rollout_routes)
+            old = logprob_pass(ctx, microbatches, target="old", action=REPLAY if observed else None, routes=observed,
+                               metrics=metrics, collect_agreement=args.collect_routing_agreement)
+        replay_stats = setup.routers.statistics(reset=True)
+        timings["timing/old_logprob_s"] = time.perf_counter() - start
+
+        # reference logprobs for the KL term
+        if self.loss_config.kl_coef > 0:
+            start = time.perf_counter()
+            ref_ctx = self._context(setup.reference, setup.reference_routers, plan)
+            action, routes = self._update_routes(microbatches, rollout_routes, reference=True)
+            logprob_pass(ref_ctx, microbatches, target="ref", action=action, routes=routes, metrics=metrics)
+            setup.reference_routers.statistics(reset=True)
+            timings["timing/reference_s"] = time.perf_counter() - start
+
+        # mini-batch updates; the first one sees the weights the old logprobs were computed with, so its ppo_kl is
+        # ~0 unless the two passes route (or compute) differently: that is what --check-step0-kl guards
+        start = time.perf_counter()
+        grad_norms = []
+        replayed_tokens = 0  # tokens whose routes the updates replayed (each microbatch once)
+        first = MetricAccumulator()
+        declare_metrics(first, step_metric_names(tis=self.loss_config.tis_cap is not None,
+                                                 reference=self.loss_config.kl_coef > 0), mismatch=False)
+        for iteration in range(args.grpo_iterations):
+            for index, minibatch in enumerate(plan.minibatches):
+                action, routes = self._update_routes(minibatch, [mb.routes for mb in minibatch]
+                                                     if rollout_routes else None)
+                setup.zero_grad()
+                result = update_pass(
+                    ctx, minibatch, loss_config=self.loss_config, action=action, routes=routes,
+                    metrics=(metrics, first) if iteration == index == 0 else (metrics,),
+                    entropy_weight=args.grpo_entropy_term_weight,
+                    use_rollout_logprobs=self.loss_config.tis_cap is not None,
+                    use_reference=self.loss_config.kl_coef > 0,
+                )
+                if iteration == 0:
+                    replayed_tokens += result.replayed_tokens
+                grad_norms.append(self._optimizer_step())
+        setup.routers.statistics(reset=True)
+        timings["timing/update_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        setup.sync_weights_to_engine()
+        timings["timing/weight_sync_s"] = time.perf_counter() - start
+
+        step_metrics = self._reduce_metrics(metrics, first, replay_stats, payload, grad_norms, replayed_tokens)
+        step_metrics.update(timings)
+        step_metrics["timing/step_s"] = time.perf_counter() - step_start
+        tokens = sum(int(s.tokens.shape[0]) for s in samples)
+        step_metrics["throughput/tokens_per_s"] = tokens / step_metrics["timing/step_s"]
+        self._check_gates(step_metrics)
+        self.logger.log(self.step, step_metrics)
+        if self.is_logger and self.step % max(1, args.log_interval) == 0:
+            print(format_iteration_line(self.step, args.train_iters, step_metrics, step_metrics["timing/step_s"]),
+                  flush=True)
+        return step_metrics
+
+    # ------------------------------------------------------------------ pieces
+    def _rollout(self) -> RolloutPayload:
+        setup = self.setup
+        payload = None
+        if setup.engine is not None:
+            records = setup.sampler.batch(self.step)
+            prompt_ids = setup.tokenize(records)
+            payload = generate_batch(setup.engine, prompt_ids, records, setup.tokenizer, setup.reward_fn,
+                                     setup.rollout_settings(self.step))
+        return share_from_rank0(payload)
+
+    def _plan(self, samples) -> StepPlan:
+        args, setup = self.args, self.setup
+        equal = parallel_state.get_pipeline_model_parallel_world_size() > 1
+        common = dict(global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
+                      max_tokens_per_microbatch=args.max_tokens_per_microbatch, pad_multiple=self.pad_multiple)
+        targets = None
+        if args.max_tokens_per_microbatch:
+            counts = torch.tensor(microbatch_counts(samples, self.rank, **common), dtype=torch.int64)
+            if dist.is_initialized():  # every rank of an expert-parallel (data-parallel) group runs as many
+                dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=host_group())
+            targets = counts.tolist()
+        with_routes = samples[0].routes is not None
+        return plan_step(samples, self.rank, equal_seq_length=equal, moe_layer_numbers=setup.routers.layer_numbers,
+                         num_experts=setup.config.num_moe_experts, with_routes=with_routes,
+                         min_microbatches=targets, **common)
+
+    def _context(self, chunks, routers, plan: StepPlan) -> PassContext:
+        return PassContext(
+            chunks=chunks, routers=routers, temperature=self._temperature(), vocab_size=self.setup.vocab_size,
+            seq_length=plan.seq_length, micro_batch_size=self.args.micro_batch_size, device=device(),
+        )
+
+    def _temperature(self) -> float:
+        return self.args.rl_default_temperature if self.args.rl_default_temperature > 0 else 1.0
+
+    def _update_routes(self, microbatches, rollout_routes, reference: bool = False):
+        """(action, routes) for an update (or reference) pass under --router-replay."""
+        mode = self.args.router_replay
+        if reference and self.args.reference_replay == "off":
+            return None, None
+        if mode == "R3":
+            return REPLAY, [r.to(device()) for r in rollout_routes]
+        if mode == "R2":
+            return REPLAY, [mb.recorded for mb in microbatches]
+        return None, None
+
+    def _optimizer_step(self) -> float:
+        """Finalised grads -> global grad norm -> step; a non-finite norm skips the step on every rank alike (the
+        norm is reduced over the model-parallel groups of already data-parallel-reduced grads, so all ranks see the
+        same value and take the same branch)."""
+        optimizer = self.setup.optimizer
+        if optimizer.prepare_grads():  # megatron found inf/nan while preparing (mixed precision)
+            self.skipped_steps += 1
+            self.setup.zero_grad()
+            return float("nan")
+        grad_norm = float(optimizer.get_grad_norm())
+        if not math.isfinite(grad_norm):
+            self.skipped_steps += 1
+            self.setup.zero_grad()
+            return float("nan")
+        success, _, _ = optimizer.step()
+        if not success:
+            self.skipped_steps += 1
+            return float("nan")
+        self.setup.scheduler.step(increment=self.args.global_batch_size)
+        return grad_norm
+
+    def _reduce_metrics(self, metrics: MetricAccumulator, first: MetricAccumulator, replay_stats, payload,
+                        grad_norms, replayed_tokens) -> dict:
+        group = host_group() if _host_reduce() else None
+        metrics.all_reduce(group)
+        first.all_reduce(group)
+        first_means = first.means()
+        out = {key if "/" in key else f"r3/{key}": value for key, value in metrics.means().items()}
+        out["train/ppo_kl_first_minibatch"] = first_means.get("train/ppo_kl", float("nan"))
+        out.update(payload.metrics)
+        out.update(self._replay_metrics(replay_stats, replayed_tokens))
+        finite = [g for g in grad_norms if math.isfinite(g)]
+        out["train/grad_norm"] = sum(finite) / len(finite) if finite else float("nan")
+        out["train/skipped_steps"] = float(self.skipped_steps)
+        out["train/lr"] = float(self.setup.optimizer.param_groups[0]["lr"])
+        return out
+
+    def _replay_metrics(self, stats, replayed_tokens: int) -> dict:
+        """Per-layer and overall agreement from the old-logprob pass, summed over ranks that see distinct tokens."""
+        layers = self.setup.config.num_layers
+        counters = torch.zeros(layers, 4, dtype=torch.float64)
+        # ranks that see distinct tokens: SP splits them over TP, CP and DP always do; PP stages share them
+        counts_tokens = self.rank.sequence_parallel or self.rank.tp_rank == 0
+        if counts_tokens:
+            for number, per_layer in stats.layer_counters.items():
+                counters[number - 1] = torch.stack(
+                    [per_layer[name].double().cpu() for name in ("valid", "compared", "agree", "match")]
+                )
+        first_stage = parallel_state.get_pipeline_model_parallel_rank() == 0
+        tokens = torch.tensor([float(replayed_tokens if counts_tokens and first_stage else 0)], dtype=torch.float64)
+        flat = torch.cat([counters.reshape(-1), tokens])
+        if dist.is_initialized():
+            dist.all_reduce(flat, group=host_group())
+        counters, tokens = flat[:-1].view(layers, 4), float(flat[-1])
+        out = {"replay/replayed_tokens": tokens}
+        moe = counters[:, 0] > 0
+        if moe.any():
+            valid, compared, agree, match = counters[moe].sum(dim=0).tolist()
+            out["replay/routing_agreement"] = agree / compared if compared else float("nan")
+            out["replay/used_route_match"] = match / valid if valid else float("nan")
+            for index in torch.nonzero(moe).flatten().tolist():
+                _, c, a, _ = counters[index].tolist()
+                out[f"replay/routing_agreement/layer_{index + 1}"] = a / c if c else float("nan")
+        return out
+
+    def _check_gates(self, metrics: dict) -> None:
+        args = self.args
+        if self.step == 0 and args.check_step0_kl is not None:
+            kl = metrics.get("train/ppo_kl_first_minibatch", float("nan"))
+            if not (abs(kl) <= args.check_step0_kl):
+                raise GateError(
+                    f"--check-step0-kl: train/ppo_kl of the first update at step 0 is {kl:.3e}, above the bound "
+                    f"{args.check_step0_kl:.3e}: the old-logprob and update passes disagree on the same weights "
+                    f"(--router-replay {args.router_replay})"
+                )
+        bound = args.max_rollout_train_logp_abs_diff
+        if bound is not None:
+            diff = metrics.get("r3/rollout_train_logp_abs_diff", float("nan"))
+            if not (diff <= bound):
+                raise GateError(
+                    f"--max-rollout-train-logp-abs-diff: r3/rollout_train_logp_abs_diff is {diff:.3e} at step "
+                    f"{self.step}, above the bound {bound:.3e}"
+                )
+
+
+def _observed(routes):
+    return None if routes is None else [r.observed() for r in routes]
+
+
+def _host_reduce() -> bool:
+    """Metric sums live on the CPU here, so they are reduced over the gloo host group; on GPU over the default."""
+    return not torch.cuda.is_available()
+
+
+def main(args) -> list[dict]:
+    trainer = GRPOTrainer(args)
+    return trainer.train()
