@@ -25,6 +25,9 @@ setup(
         "matplotlib",
         "requests",
         "pybase64",  # SGLang route payloads: ~4x faster base64 than the standard library
+        "psutil",  # megatron.core.dist_checkpointing.save needs it
+        "pyarrow",  # parquet prompt files
+        "typing_extensions",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout"],
