@@ -18,7 +18,11 @@ from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_para
 
 
 def _scaled(logits: torch.Tensor, temperature: float, vocab_size: Optional[int], tp_rank: int) -> torch.Tensor:
-    scaled = logits.float() / temperature if temperature != 1.0 else logits.float()
+    """A fresh fp32 copy: megatron's vocab_parallel_cross_entropy exponentiates its input *in place*, so handing it
+    the model's logits (already fp32, temperature 1) would corrupt them for anything computed afterwards."""
+    scaled = logits.to(torch.float32, copy=True)
+    if temperature != 1.0:
+        scaled /= temperature
     local = scaled.shape[-1]
     if vocab_size is not None and (tp_rank + 1) * local > vocab_size:
         column = torch.arange(tp_rank * local, (tp_rank + 1) * local, device=scaled.device)

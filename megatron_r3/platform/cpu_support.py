@@ -393,6 +393,9 @@ def apply_cpu_support(force: bool = False) -> bool:
     if not (force or cpu_support_needed()):
         return False
     check_megatron_importable()
+    from megatron_r3.platform.python_compat import apply_python_compat
+
+    apply_python_compat()  # device_arch_version_on_cpu imports megatron.training
     for name in PATCHES:
         globals()[name]()
     _APPLIED = True

@@ -40,7 +40,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank  # noqa: E402
 
 from megatron_r3.model.gpt import build_gpt_chunks  # noqa: E402
 from megatron_r3.model.replay_router import InstalledRoutes, ReplayTopKRouter  # noqa: E402
-from megatron_r3.platform.distributed import device  # noqa: E402
+from megatron_r3.platform.distributed import device, host_group  # noqa: E402
 from megatron_r3.replay.layout import (  # noqa: E402
     moe_layer_pattern,
     pack_bshd,
@@ -56,13 +56,13 @@ from tests.distributed.layouts import LAYOUTS, RECOMPUTE  # noqa: E402
 VOCAB, NUM_LAYERS, EXPERTS, TOPK = 128, 4, 8, 2
 MOE_LAYER_FREQ = [0, 1, 1, 1]
 NUM_MICROBATCHES, SAMPLES_PER_MICROBATCH, SEQ_LENGTH = 2, 2, 20
-def make_config(sizes: ParallelSizes, overrides: dict, recompute: dict) -> TransformerConfig:
+def make_config(sizes: ParallelSizes, overrides: dict, recompute: dict, dtype=torch.float32) -> TransformerConfig:
     return TransformerConfig(
         num_layers=NUM_LAYERS, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
         num_moe_experts=EXPERTS, moe_router_topk=TOPK, moe_ffn_hidden_size=64, moe_layer_freq=MOE_LAYER_FREQ,
         moe_token_dispatcher_type=overrides.get("moe_token_dispatcher_type", "alltoall"), moe_grouped_gemm=False,
         moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2, use_cpu_initialization=True,
-        params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=False,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=False,
         normalization="RMSNorm", gated_linear_unit=True, qk_layernorm=True,
         tensor_model_parallel_size=sizes.tensor_model_parallel_size,
         pipeline_model_parallel_size=sizes.pipeline_model_parallel_size,
@@ -75,9 +75,11 @@ def make_config(sizes: ParallelSizes, overrides: dict, recompute: dict) -> Trans
 class Harness:
     """Model chunks, this rank's microbatches and a router-call log for one layout."""
 
-    def __init__(self, sizes: ParallelSizes, overrides: dict, recompute: dict):
+    def __init__(self, sizes: ParallelSizes, overrides: dict, recompute: dict, dtype=torch.float32):
         self.sizes = sizes
-        self.config = make_config(sizes, overrides, recompute)
+        if "pipeline_dtype" in overrides:
+            overrides = dict(overrides, pipeline_dtype=dtype)
+        self.config = make_config(sizes, overrides, recompute, dtype)
         self.sp = bool(self.config.sequence_parallel)
         torch.manual_seed(1234)
         self.chunks = build_gpt_chunks(self.config, vocab_size=VOCAB, max_sequence_length=64)
@@ -204,10 +206,10 @@ class Harness:
         return out
 
 
-def check_layout(name: str, recompute_name: str, with_errors: bool) -> dict:
+def check_layout(name: str, recompute_name: str, with_errors: bool, dtype=torch.float32) -> dict:
     sizes, overrides = LAYOUTS[name]
     initialize_model_parallel(sizes)
-    h = Harness(sizes, overrides, RECOMPUTE[recompute_name])
+    h = Harness(sizes, overrides, RECOMPUTE[recompute_name], dtype)
     recompute = recompute_name != "none"
     results = {}
 
@@ -241,7 +243,7 @@ def check_layout(name: str, recompute_name: str, with_errors: bool) -> dict:
         for mb in range(NUM_MICROBATCHES) for n in h.routers.layer_numbers
     )
     changed_t = torch.tensor([changed])
-    dist.all_reduce(changed_t)
+    dist.all_reduce(changed_t, group=host_group())
     results["r2_sensitive"] = int(changed_t) > 0
 
     # r3_exact: external routes; the expected ids are looked up at token slots from megatron's own functions
@@ -266,7 +268,7 @@ def check_layout(name: str, recompute_name: str, with_errors: bool) -> dict:
     if with_errors:
         results.update(check_errors(h))
     flags = torch.tensor([int(bool(v)) for v in results.values()])
-    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=host_group())
     return {key: bool(flag) for key, flag in zip(results, flags.tolist())}
 
 
