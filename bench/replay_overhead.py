@@ -1,0 +1,157 @@
+"""Training-step time with R3 router replay / without, measured side by side in one process.
+
+    python bench/replay_overhead.py --preset cpu-tiny            # laptop CPU, seconds
+    python bench/replay_overhead.py --preset qwen3-30b-a3b-4l    # lent H100: hidden 2048, 128 experts, top-8
+    python bench/replay_overhead.py --preset qwen3-30b-a3b-4l --recompute full
+
+Each "off" step is a forward+backward of megatron's GPTModel through megatron's schedule with native routing; each
+"R3" step is the same plus everything replay adds on the training path: laying out the microbatch's routes for
+this rank (`localize_routes`, CPU), the asynchronous copy to the device, installing them through `run_schedule`,
+and the routers' gather. Steps alternate off / R3 (interleaved, so drift hits both alike); the table reports the
+median of --steps steps each, after --warmup. Single rank (no model parallelism); the layout, not the parallelism,
+is what replay touches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+PRESETS = {
+    # name: (num_layers, hidden, heads, query groups, head_dim, experts, topk, expert ffn, dense ffn, seq, micro batch)
+    "cpu-tiny": dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+                     num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=64, ffn_hidden_size=128,
+                     seq_length=256, micro_batch_size=2, vocab_size=128),
+    "cpu-30b-shape": dict(num_layers=2, hidden_size=2048, num_attention_heads=32, num_query_groups=4, kv_channels=128,
+                          num_moe_experts=128, moe_router_topk=8, moe_ffn_hidden_size=768, ffn_hidden_size=6144,
+                          seq_length=512, micro_batch_size=1, vocab_size=4096),
+    "qwen3-30b-a3b-4l": dict(num_layers=4, hidden_size=2048, num_attention_heads=32, num_query_groups=4,
+                             kv_channels=128, num_moe_experts=128, moe_router_topk=8, moe_ffn_hidden_size=768,
+                             ffn_hidden_size=6144, seq_length=4096, micro_batch_size=1, vocab_size=151936),
+}
+
+
+def build(preset: dict, recompute: str, dtype: torch.dtype, grouped_gemm: bool):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_r3.model.gpt import build_gpt_chunks
+
+    extra = {}
+    if recompute == "full":
+        extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute == "moe":
+        extra = dict(recompute_granularity="selective", recompute_modules=["moe"])
+    config = TransformerConfig(
+        num_layers=preset["num_layers"], hidden_size=preset["hidden_size"],
+        num_attention_heads=preset["num_attention_heads"], num_query_groups=preset["num_query_groups"],
+        kv_channels=preset["kv_channels"], ffn_hidden_size=preset["ffn_hidden_size"],
+        num_moe_experts=preset["num_moe_experts"], moe_router_topk=preset["moe_router_topk"],
+        moe_ffn_hidden_size=preset["moe_ffn_hidden_size"], moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=grouped_gemm, moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+        normalization="RMSNorm", gated_linear_unit=True, add_bias_linear=False, qk_layernorm=True,
+        hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype, use_cpu_initialization=not torch.cuda.is_available(),
+        apply_rope_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False, **extra,
+    )
+    chunks = build_gpt_chunks(config, vocab_size=preset["vocab_size"], max_sequence_length=preset["seq_length"])
+    return config, chunks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-tiny")
+    parser.add_argument("--recompute", choices=("none", "full", "moe"), default="none")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None)
+    parser.add_argument("--grouped-gemm", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+    from megatron_r3.platform.distributed import ParallelSizes, device, initialize_model_parallel
+    from megatron_r3.replay.layout import pack_bshd, router_token_slots
+    from megatron_r3.replay.microbatch import localize_routes
+    from megatron_r3.replay.schedule import ReplayRouters, run_schedule
+
+    initialize_model_parallel(ParallelSizes())
+    preset = PRESETS[args.preset]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")]
+    config, chunks = build(preset, args.recompute, dtype, args.grouped_gemm)
+    model = chunks[0]
+    routers = ReplayRouters(chunks)
+    dev = device()
+    b, s, experts, topk = preset["micro_batch_size"], preset["seq_length"], preset["num_moe_experts"], preset["moe_router_topk"]
+    layers = preset["num_layers"]
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, preset["vocab_size"], (b, s), generator=gen)
+    positions = torch.arange(s).expand(b, s)
+    layout = pack_bshd([s] * b)
+    slots = router_token_slots(layout)
+    # rollout-style routes: one [T-1, L_all, K] uint8 array per sample, distinct ids per row
+    sample_routes = [
+        torch.argsort(torch.rand(s, layers, experts, generator=gen), dim=-1)[..., :topk].to(torch.uint8)
+        for _ in range(b)
+    ]
+    if torch.cuda.is_available():
+        sample_routes = [r.pin_memory() for r in sample_routes]
+    tokens, positions = tokens.to(dev), positions.to(dev)
+
+    def forward_step(data_iterator, model):
+        output = model(tokens, positions, None, labels=tokens)
+        return output, lambda out: (out.float().mean(), {"loss": out.detach().float().mean()})
+
+    def step(replay: bool) -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        routes = None
+        if replay:
+            local = localize_routes(sample_routes, layout, slots, routers.layer_numbers, experts)
+            routes = [local.pin_memory().to(dev)]
+        run_schedule(
+            get_forward_backward_func(), routers,
+            action=RouterReplayAction.REPLAY_FORWARD if replay else None, routes=routes,
+            forward_step_func=forward_step, data_iterator=iter([None]), model=model, num_microbatches=1,
+            forward_only=False, seq_length=s, micro_batch_size=b,
+        )
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    times = {False: [], True: []}
+    for i in range(args.warmup + args.steps):
+        for replay in (False, True):
+            seconds = step(replay)
+            if i >= args.warmup:
+                times[replay].append(seconds)
+            model.zero_grad(set_to_none=True)
+    off, r3 = statistics.median(times[False]), statistics.median(times[True])
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    rows = [
+        ("device", card), ("preset", args.preset), ("recompute", args.recompute), ("dtype", str(dtype)),
+        ("tokens/step", b * s), ("steps (median of)", args.steps),
+        ("off  step ms", f"{off * 1e3:.2f}"), ("R3   step ms", f"{r3 * 1e3:.2f}"), ("R3 / off", f"{r3 / off:.4f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("| " + "metric".ljust(width) + " | value |\n|" + "-" * (width + 2) + "|-------|")
+    for key, value in rows:
+        print(f"| {key.ljust(width)} | {value} |")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as handle:
+            json.dump({k: v for k, v in rows} | {"off_ms": times[False], "r3_ms": times[True]}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
