@@ -7,7 +7,8 @@
 Each "off" step is a forward+backward of megatron's GPTModel through megatron's schedule with native routing; each
 "R3" step is the same plus everything replay adds on the training path: laying out the microbatch's routes for
 this rank (`localize_routes`, CPU), the asynchronous copy to the device, installing them through `run_schedule`,
-and the routers' gather. Steps alternate off / R3 (interleaved, so drift hits both alike); the table reports the
+and the routers' gather. The replayed routes are the model's own (recorded once and gathered back to per-sample
+arrays), so both arms send the same tokens to the same experts. Steps alternate off / R3 (interleaved, so drift hits both alike); the table reports the
 median of --steps steps each, after --warmup. Single rank (no model parallelism); the layout, not the parallelism,
 is what replay touches.
 """
@@ -92,23 +93,31 @@ def main() -> None:
     dev = device()
     b, s, experts, topk = preset["micro_batch_size"], preset["seq_length"], preset["num_moe_experts"], preset["moe_router_topk"]
     layers = preset["num_layers"]
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, preset["vocab_size"], (b, s), generator=gen)
+    tokens = torch.randint(0, preset["vocab_size"], (b, s), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(s).expand(b, s)
     layout = pack_bshd([s] * b)
     slots = router_token_slots(layout)
-    # rollout-style routes: one [T-1, L_all, K] uint8 array per sample, distinct ids per row
-    sample_routes = [
-        torch.argsort(torch.rand(s, layers, experts, generator=gen), dim=-1)[..., :topk].to(torch.uint8)
-        for _ in range(b)
-    ]
-    if torch.cuda.is_available():
-        sample_routes = [r.pin_memory() for r in sample_routes]
     tokens, positions = tokens.to(dev), positions.to(dev)
 
     def forward_step(data_iterator, model):
         output = model(tokens, positions, None, labels=tokens)
         return output, lambda out: (out.float().mean(), {"loss": out.detach().float().mean()})
+
+    # Rollout-style routes that are the model's own: recorded once, gathered back to per-sample [T, L_all, K]
+    # uint8 arrays (the format engines send), so both arms route every token to the same experts and only the
+    # replay machinery differs (random routes would change the experts' load, not measure replay).
+    from megatron_r3.replay.r2 import gather_recorded_routes
+
+    with torch.no_grad():
+        recorded = run_schedule(
+            get_forward_backward_func(), routers, action=RouterReplayAction.RECORD, forward_step_func=forward_step,
+            data_iterator=iter([None]), model=model, num_microbatches=1, forward_only=True, seq_length=s,
+            micro_batch_size=b,
+        ).recorded
+    sample_routes = gather_recorded_routes(recorded, [layout], [slots], num_layers=layers, topk=topk,
+                                           dtype=torch.uint8)[0]
+    if torch.cuda.is_available():
+        sample_routes = [r.pin_memory() for r in sample_routes]
 
     def step(replay: bool) -> float:
         if torch.cuda.is_available():

@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--train-iters", type=int, default=100)
     parser.add_argument("--nproc", type=int, default=1, help="ranks per run (gloo on CPU)")
-    parser.add_argument("--last-n", type=int, default=20, help="steps averaged in the table")
+    parser.add_argument("--last-n", type=int, default=50, help="steps summarised in the table")
     args, extra = parser.parse_known_args()
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -69,7 +69,7 @@ def main() -> None:
     runs = [os.path.join(out, mode) for mode in ("off", "R3")]
     png = os.path.join(out, "demo.png")
     plot_runs(runs, png, keys=KEYS)
-    table = summary_table(runs, KEYS, last_n=args.last_n)
+    table = summary_table(runs, KEYS, last_n=args.last_n, with_median=True)
     header = (
         f"megatron_r3 demo, {time.strftime('%Y-%m-%d')}: tiny Qwen3-MoE (4 layers, 8 experts top-2), task "
         f"copy_last, {args.train_iters} GRPO steps per run, bf16 hf rollout engine vs fp32 trainer, "

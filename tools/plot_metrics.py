@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -178,25 +179,30 @@ def _fmt(v) -> str:
     return f"{v:.3e}"
 
 
-def summary_table(run_dirs, keys=DEFAULT_KEYS, last_n: int = 10) -> str:
+def summary_table(run_dirs, keys=DEFAULT_KEYS, last_n: int = 10, with_median: bool = False) -> str:
     """Markdown table, a row per metric: per run, the value at its first logged step and the mean over its last
-    `last_n` logged steps that have the metric ("—" where the run lacks it)."""
+    `last_n` logged steps that have the metric ("—" where the run lacks it); `with_median` adds the median over the
+    same steps (per-step mismatch metrics are spiky: a few steps dominate the mean)."""
     runs = load_runs(run_dirs)
     labels = run_labels(run_dirs)
     keys = [_parse_key(k)[0] for k in keys]
     header = ["metric"]
     for label in labels:
         header += [f"{label} first", f"{label} last-{last_n} mean"]
+        if with_median:
+            header.append(f"{label} last-{last_n} median")
     rows = [header, ["---"] * len(header)]
     for key in keys:
         row = [f"`{key}`"]
         for records in runs:
             _, values = _series(records, key)
             if not values:
-                row += [_fmt(None), _fmt(None)]
+                row += [_fmt(None)] * (3 if with_median else 2)
                 continue
             tail = values[-last_n:]
             row += [_fmt(values[0]), _fmt(math.fsum(tail) / len(tail))]
+            if with_median:
+                row.append(_fmt(statistics.median(tail)))
         rows.append(row)
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 

@@ -129,6 +129,9 @@ class GRPOTrainer:
         setup.routers.statistics(reset=True)
         mode = args.router_replay
         microbatches = plan.microbatches
+        for mb in microbatches:  # one asynchronous copy per microbatch, reused by every pass of the step
+            if mb.routes is not None:
+                mb.routes = mb.routes.pin_memory().to(device(), non_blocking=True)
         rollout_routes = [mb.routes for mb in microbatches] if microbatches[0].routes is not None else None
 
         # old logprobs (and the mismatch metrics)
@@ -141,9 +144,8 @@ class GRPOTrainer:
             old = logprob_pass(ctx, microbatches, target="old", action=RECORD, routes=_observed(rollout_routes),
                                metrics=metrics, collect_agreement=args.collect_routing_agreement)
             for mb, recorded in zip(microbatches, old.recorded):
-                mb.recorded = routes_from_recorded(
-                    recorded, mb.layout.valid[mb.token_slots], int(mb.layout.valid[mb.token_slots].sum())
-                )
+                valid = mb.layout.valid[mb.token_slots]
+                mb.recorded = routes_from_recorded(recorded, valid.to(device()), int(valid.sum()))
         else:
             observed = _observed(rollout_routes)
             old = logprob_pass(ctx, microbatches, target="old", action=REPLAY if observed else None, routes=observed,
@@ -244,7 +246,7 @@ class GRPOTrainer:
         if reference and self.args.reference_replay == "off":
             return None, None
         if mode == "R3":
-            return REPLAY, [r.to(device()) for r in rollout_routes]
+            return REPLAY, rollout_routes
         if mode == "R2":
             return REPLAY, [mb.recorded for mb in microbatches]
         return None, None

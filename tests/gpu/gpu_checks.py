@@ -255,8 +255,11 @@ def layout_cost() -> dict:
 
 
 def run_subprocess(cmd: list[str], timeout: int) -> tuple[int, str]:
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1"))
+    # a fresh world of one: drop the rendezvous variables this process set for its own process group
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     return proc.returncode, (proc.stdout + proc.stderr)
 
 
