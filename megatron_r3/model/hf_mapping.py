@@ -3,9 +3,8 @@
 
 HF names are the on-disk checkpoint names (`save_pretrained` output, hub checkpoints, SGLang `load_weights`), with
 one tensor per expert. transformers 5 keeps experts fused *in memory* (`mlp.experts.gate_up_proj` [E, 2I, H] =
-[gate; up] per expert, `mlp.experts.down_proj` [E, H, I]) and converts on load/save; the helpers at the end of this
-file do the same conversion for a live HF module (`hf_state_dict_to_checkpoint_names`,
-`load_checkpoint_tensors_into_hf_module`).
+[gate; up] per expert, `mlp.experts.down_proj` [E, H, I]) and converts on load/save; `megatron_r3.model.hf_module`
+does the same conversion for a live HF module.
 
 Mapping table (`{i}` = global 0-based layer = megatron `layer_number - 1`; `{j}` = the layer's index inside its
 model chunk; `{l}` = local expert index; `{e}` = global expert id = ep_rank * num_local_experts + l):
@@ -378,125 +377,6 @@ def from_megatron_shards(
             raise MappingError(f"{mapping.megatron_name} -> {name!r}: shape {tuple(tensor.shape)}, expected {expected}")
         result[name] = tensor.contiguous()
     return result
-
-
-# ------------------------------------------------------------------------------------------------ live HF modules
-_FUSED_EXPERTS_RE = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<which>gate_up_proj|down_proj)$")
-_EXPERT_CKPT_RE = re.compile(
-    r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<which>gate_proj|up_proj|down_proj)\.weight$"
-)
-
-
-def hf_state_dict_to_checkpoint_names(model_or_state_dict, *, tie_word_embeddings: Optional[bool] = None):
-    """Yield (checkpoint name, tensor) from a live HF model (or its state dict): fused expert tensors are split into
-    per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight` views (no copies), exactly the names `save_pretrained`
-    writes; `lm_head.weight` is skipped for tied embeddings, as `save_pretrained` does."""
-    if isinstance(model_or_state_dict, torch.nn.Module):
-        state = model_or_state_dict.state_dict()
-        if tie_word_embeddings is None:
-            config = getattr(model_or_state_dict, "config", None)
-            tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-    else:
-        state = model_or_state_dict
-    for name, tensor in state.items():
-        if tie_word_embeddings and name == "lm_head.weight":
-            continue
-        fused = _FUSED_EXPERTS_RE.match(name)
-        if fused and tensor.dim() == 3:
-            prefix = fused["prefix"]
-            if fused["which"] == "gate_up_proj":
-                half = tensor.shape[1] // 2
-                for e in range(tensor.shape[0]):
-                    yield f"{prefix}.{e}.gate_proj.weight", tensor[e, :half]
-                    yield f"{prefix}.{e}.up_proj.weight", tensor[e, half:]
-            else:
-                for e in range(tensor.shape[0]):
-                    yield f"{prefix}.{e}.down_proj.weight", tensor[e]
-            continue
-        yield name, tensor
-
-
-def hf_module_targets(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Name -> tensor of a live HF model's parameters and buffers (tied duplicates included). Fused experts must be
-    in transformers' default layout (`gate_up_proj` [E, 2I, H] = [gate; up], `down_proj` [E, H, I])."""
-    for name, module in model.named_modules():
-        if hasattr(module, "gate_up_proj") and (
-            getattr(module, "is_transposed", False) or not getattr(module, "is_concatenated", True)
-        ):
-            raise NotImplementedError(
-                f"{name}: fused expert weights stored transposed or interleaved; only the concatenated [E, 2I, H] "
-                "layout is mapped"
-            )
-    targets = dict(model.named_parameters(remove_duplicate=False))
-    targets.update(dict(model.named_buffers()))
-    return targets
-
-
-def hf_module_target(model: torch.nn.Module, name: str, targets: Optional[dict] = None) -> torch.Tensor:
-    """The tensor (a parameter or a slice of a fused expert parameter) of a live HF model that checkpoint tensor
-    `name` is loaded into. `targets`: `hf_module_targets(model)`, when looking up many names."""
-    targets = hf_module_targets(model) if targets is None else targets
-    if name in targets:
-        return targets[name]
-    expert = _EXPERT_CKPT_RE.match(name)
-    if expert:
-        prefix, e, which = expert["prefix"], int(expert["e"]), expert["which"]
-        if which == "down_proj" and f"{prefix}.down_proj" in targets:
-            return targets[f"{prefix}.down_proj"][e]
-        fused = targets.get(f"{prefix}.gate_up_proj")
-        if fused is not None:
-            half = fused.shape[1] // 2
-            return fused[e, :half] if which == "gate_proj" else fused[e, half:]
-    raise MappingError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
-
-
-@torch.no_grad()
-def load_checkpoint_tensors_into_hf_module(
-    model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]
-) -> list[str]:
-    """Copy checkpoint-named tensors into a live HF model in place (any subset, in any order: e.g. one bucket of a
-    weight sync). Per-expert tensors go into their slice of the fused expert parameters when the model keeps them
-    fused (transformers 5), or into the per-expert parameters otherwise. With tied embeddings, loading
-    `model.embed_tokens.weight` also updates `lm_head.weight` (the same tensor). Returns the names loaded."""
-    loaded, targets = [], hf_module_targets(model)
-    for name, tensor in named_tensors:
-        target = hf_module_target(model, name, targets)
-        if tuple(target.shape) != tuple(tensor.shape):
-            raise MappingError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
-                               f"{tuple(target.shape)}")
-        target.copy_(tensor.to(device=target.device, dtype=target.dtype))
-        loaded.append(name)
-    return loaded
-
-
-def checkpoint_names_to_hf_module_state(
-    named_tensors: Iterable[tuple[str, torch.Tensor]], model: torch.nn.Module
-) -> dict[str, torch.Tensor]:
-    """A full state dict for `model.load_state_dict` (fused expert tensors stacked) from checkpoint-named tensors;
-    every expert of every fused parameter must be present."""
-    hf_module_targets(model)  # layout check
-    state = {name: tensor for name, tensor in model.state_dict().items()}
-    fused_parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-    for name, tensor in named_tensors:
-        expert = _EXPERT_CKPT_RE.match(name)
-        if name in state:
-            state[name] = tensor
-        elif expert and (f"{expert['prefix']}.gate_up_proj" in state or f"{expert['prefix']}.down_proj" in state):
-            fused_parts.setdefault(expert["prefix"], {}).setdefault(int(expert["e"]), {})[expert["which"]] = tensor
-        else:
-            raise MappingError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
-    for prefix, experts in fused_parts.items():
-        count = state[f"{prefix}.gate_up_proj"].shape[0]
-        if sorted(experts) != list(range(count)) or any(len(parts) != 3 for parts in experts.values()):
-            raise MappingError(f"{prefix}: need gate/up/down of all {count} experts to build the fused tensors")
-        state[f"{prefix}.gate_up_proj"] = torch.stack(
-            [torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]], dim=0) for e in range(count)]
-        )
-        state[f"{prefix}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in range(count)])
-    config = getattr(model, "config", None)
-    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    return state
 
 
 def iter_buckets(

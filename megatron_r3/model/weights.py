@@ -205,7 +205,7 @@ def as_tensor_source(source) -> TensorSource:
     if isinstance(source, (str, os.PathLike)):
         return SafetensorsSource(os.fspath(source))
     if isinstance(source, torch.nn.Module):
-        from megatron_r3.model.hf_mapping import hf_state_dict_to_checkpoint_names
+        from megatron_r3.model.hf_module import hf_state_dict_to_checkpoint_names
 
         return StateDictSource(dict(hf_state_dict_to_checkpoint_names(source)))
     if isinstance(source, Mapping):

@@ -42,7 +42,7 @@ import torch
 from megatron_r3.replay.routes import routes_from_array
 from megatron_r3.rollout.base import RolloutResult, RolloutSample, SamplingParams
 from megatron_r3.rollout.hf_capture import RouteCapture, moe_layer_map
-from megatron_r3.rollout.hf_weights import WeightLoader
+from megatron_r3.model.hf_module import WeightLoader
 from megatron_r3.rollout.sampling import sample_tokens
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,

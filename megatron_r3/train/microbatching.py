@@ -11,7 +11,7 @@ advantages, rollout logprobs) and the routes go through the same `PackedLayout` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch

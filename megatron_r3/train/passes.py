@@ -41,6 +41,16 @@ class PassContext:
     micro_batch_size: int
     device: torch.device
 
+    def logprobs(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_logprobs(logits, labels, self.temperature, vocab_size=self.vocab_size,
+                                       tp_rank=parallel_state.get_tensor_model_parallel_rank())
+
+    def entropy(self, logits: torch.Tensor) -> torch.Tensor:
+        """Every TP rank must call it (vocabulary reductions), whether or not it counts the result."""
+        return vocab_parallel_entropy(logits, self.temperature, parallel_state.get_tensor_model_parallel_group(),
+                                      vocab_size=self.vocab_size,
+                                      tp_rank=parallel_state.get_tensor_model_parallel_rank())
+
     @property
     def computes_loss(self) -> bool:
         """Last pipeline stage; with TP every rank holds the same per-token values, so one of them counts them."""
@@ -49,8 +59,16 @@ class PassContext:
         )
 
 
-def _run(ctx: PassContext, microbatches: Sequence[TrainMicrobatch], forward_step, *, action, routes, forward_only,
+def _run(ctx: PassContext, microbatches: Sequence[TrainMicrobatch], loss_of, *, action, routes, forward_only,
          collect_agreement) -> ScheduleResult:
+    """One schedule over `microbatches`; `loss_of(mb, inputs, logits)` is megatron's loss_func for microbatch `mb`
+    (called on the last pipeline stage) and returns (loss, num_tokens, reduced dict)."""
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        inputs, output = _forward(ctx, model, mb)
+        return output, lambda logits: loss_of(mb, inputs, logits)
+
     vp = len(ctx.chunks) > 1
     iterators = [iter(microbatches) for _ in ctx.chunks] if vp else iter(microbatches)
     return run_schedule(
@@ -105,31 +123,20 @@ def logprob_pass(
     """
     if target not in ("old", "ref"):
         raise ValueError(f"target must be 'old' or 'ref', got {target!r}")
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
 
-    def forward_step(data_iterator, model):
-        mb = next(data_iterator)
-        inputs, output = _forward(ctx, model, mb)
-
-        def loss_func(logits):
-            logp = vocab_parallel_logprobs(logits, inputs.labels, ctx.temperature, vocab_size=ctx.vocab_size,
-                                           tp_rank=tp_rank)
-            mask = inputs.loss_mask
-            setattr(mb, f"{target}_logp", logp.detach())
-            if target == "old":
-                # every TP rank takes part in the entropy's vocabulary reductions; one of them counts it
-                entropy = vocab_parallel_entropy(logits, ctx.temperature, tp_group, vocab_size=ctx.vocab_size,
-                                                 tp_rank=tp_rank)
-                if ctx.computes_loss:
-                    metrics.add_mismatch(logp, mb.rollout_logp.to(ctx.device, non_blocking=True), mask)
-                    metrics.add_sums("train/entropy", masked_sum(entropy, mask), mask.sum())
-            return logp.sum() * 0.0, mask.sum().to(torch.int), {}
-
-        return output, loss_func
+    def loss_of(mb, inputs, logits):
+        logp = ctx.logprobs(logits, inputs.labels)
+        mask = inputs.loss_mask
+        setattr(mb, f"{target}_logp", logp.detach())
+        if target == "old":
+            entropy = ctx.entropy(logits)
+            if ctx.computes_loss:
+                metrics.add_mismatch(logp, mb.rollout_logp.to(ctx.device, non_blocking=True), mask)
+                metrics.add_sums("train/entropy", masked_sum(entropy, mask), mask.sum())
+        return logp.sum() * 0.0, mask.sum().to(torch.int), {}
 
     with torch.no_grad():
-        return _run(ctx, microbatches, forward_step, action=action, routes=routes, forward_only=True,
+        return _run(ctx, microbatches, loss_of, action=action, routes=routes, forward_only=True,
                     collect_agreement=collect_agreement)
 
 
@@ -154,41 +161,29 @@ def update_pass(
         for accumulator in metrics:
             accumulator.add_sums(name, total, count)
 
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    def loss_of(mb, inputs, logits):
+        logp = ctx.logprobs(logits, inputs.labels)
+        mask = inputs.loss_mask
+        loss_sum, stats = policy_loss(
+            logp, mb.old_logp, mb.advantages.to(ctx.device, non_blocking=True), mask, loss_config,
+            rollout_logp=mb.rollout_logp.to(ctx.device, non_blocking=True) if use_rollout_logprobs else None,
+            ref_logp=mb.ref_logp if use_reference else None,
+            loss_denominator=1.0,
+        )
+        if entropy_weight:
+            loss_sum = loss_sum - entropy_weight * masked_sum(ctx.entropy(logits), mask)
+        if ctx.computes_loss:
+            count = stats["valid_tokens"]
+            for name in POLICY_METRICS:
+                add(f"train/{name}", stats[name] * count, count)
+            add("train/loss", loss_sum.detach(), count)
+            if use_rollout_logprobs and "tis_weight_mean" in stats:
+                add("train/tis_weight_mean", stats["tis_weight_mean"] * count, count)
+            if use_reference and "ref_kl" in stats:
+                add("train/ref_kl", stats["ref_kl"] * count, count)
+        return loss_sum, mask.sum().to(torch.int), {"loss": loss_sum.detach()}
 
-    def forward_step(data_iterator, model):
-        mb = next(data_iterator)
-        inputs, output = _forward(ctx, model, mb)
-
-        def loss_func(logits):
-            logp = vocab_parallel_logprobs(logits, inputs.labels, ctx.temperature, vocab_size=ctx.vocab_size,
-                                           tp_rank=tp_rank)
-            mask = inputs.loss_mask
-            loss_sum, stats = policy_loss(
-                logp, mb.old_logp, mb.advantages.to(ctx.device, non_blocking=True), mask, loss_config,
-                rollout_logp=mb.rollout_logp.to(ctx.device, non_blocking=True) if use_rollout_logprobs else None,
-                ref_logp=mb.ref_logp if use_reference else None,
-                loss_denominator=1.0,
-            )
-            if entropy_weight:
-                entropy = vocab_parallel_entropy(logits, ctx.temperature, tp_group, vocab_size=ctx.vocab_size,
-                                                 tp_rank=tp_rank)
-                loss_sum = loss_sum - entropy_weight * masked_sum(entropy, mask)
-            if ctx.computes_loss:
-                count = stats["valid_tokens"]
-                for name in POLICY_METRICS:
-                    add(f"train/{name}", stats[name] * count, count)
-                add("train/loss", loss_sum.detach(), count)
-                if use_rollout_logprobs and "tis_weight_mean" in stats:
-                    add("train/tis_weight_mean", stats["tis_weight_mean"] * count, count)
-                if use_reference and "ref_kl" in stats:
-                    add("train/ref_kl", stats["ref_kl"] * count, count)
-            return loss_sum, mask.sum().to(torch.int), {"loss": loss_sum.detach()}
-
-        return output, loss_func
-
-    return _run(ctx, microbatches, forward_step, action=action, routes=routes, forward_only=False,
+    return _run(ctx, microbatches, loss_of, action=action, routes=routes, forward_only=False,
                 collect_agreement=collect_agreement)
 
 

@@ -133,7 +133,7 @@ class Context:
         if kind not in self.models:
             import torch
 
-            from megatron_r3.model.hf_mapping import hf_state_dict_to_checkpoint_names
+            from megatron_r3.model.hf_module import hf_state_dict_to_checkpoint_names
 
             model = make_hf_model(kind)
             gen = torch.Generator().manual_seed(5)

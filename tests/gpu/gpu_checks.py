@@ -202,7 +202,7 @@ def cp_attention() -> dict:
     v = torch.randn(64, 2, 2, 32, device="cuda", generator=gen)
     bshd_diff = (ours(q, k, v, None) - reference(q, k, v, None)).abs().max().item()
     # packed THD: three documents (real 11/16/2 of padded 16/16/8) vs megatron on each document alone
-    padded, real = (16, 16, 8), (11, 16, 2)
+    real = (11, 16, 2)  # of padded lengths 16, 16, 8
     cu_padded = torch.tensor([0, 16, 32, 40], dtype=torch.int32, device="cuda")
     cu_real = torch.tensor([0, 11, 27, 29], dtype=torch.int32, device="cuda")
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_real, cu_seqlens_kv=cu_real,

@@ -8,7 +8,6 @@ import inspect
 import json
 import os
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist

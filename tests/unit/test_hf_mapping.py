@@ -13,17 +13,19 @@ from megatron_r3.model.hf_mapping import (
     GATE_UP,
     QKV,
     MappingError,
-    checkpoint_names_to_hf_module_state,
     from_megatron_shards,
     hf_checkpoint_names,
     hf_checkpoint_shape,
-    hf_state_dict_to_checkpoint_names,
     iter_buckets,
-    load_checkpoint_tensors_into_hf_module,
     map_megatron_name,
     qkv_interleave,
     qkv_split,
     to_megatron_shard,
+)
+from megatron_r3.model.hf_module import (
+    checkpoint_names_to_hf_module_state,
+    hf_state_dict_to_checkpoint_names,
+    load_checkpoint_tensors_into_hf_module,
 )
 from megatron_r3.model.qwen3_moe import (
     UnsupportedHFConfig,

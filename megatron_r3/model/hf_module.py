@@ -1,4 +1,4 @@
-"""Load Hugging Face *checkpoint*-named tensors into a live transformers 5.x Qwen3-MoE model, in place.
+"""Hugging Face *checkpoint* names <-> a live transformers 5.x Qwen-MoE module (the in-process rollout engine, tests).
 
 Checkpoint names (what ``save_pretrained`` writes to disk, what hub checkpoints hold and what SGLang's weight-sync
 endpoints use) differ from the in-memory parameter names for the routed experts. In transformers 5.x,
@@ -24,11 +24,16 @@ reallocated, so hooks, caches of parameter pointers and the engine's view of the
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+from megatron_r3.model.hf_mapping import MappingError
+
+_FUSED_EXPERTS_RE = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<which>gate_up_proj|down_proj)$")
+_EXPERT_CKPT_RE = re.compile(
+    r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<which>gate_proj|up_proj|down_proj)\.weight$"
+)
 
 
 class WeightLoader:
@@ -77,16 +82,16 @@ class WeightLoader:
         """The live tensor (a parameter or a view into one) that checkpoint tensor ``name`` is copied into."""
         if name in self._params:
             return self._params[name].data
-        match = _EXPERT.match(name)
+        match = _EXPERT_CKPT_RE.match(name)
         if match is None:
-            raise KeyError(f"update_weights: unknown weight name {name!r} (not a parameter of this model)")
-        prefix, expert, proj = match.group(1), int(match.group(2)), match.group(3)
+            raise MappingError(f"update_weights: unknown weight name {name!r} (not a parameter of this model)")
+        prefix, expert, proj = match["prefix"], int(match["e"]), match["which"]
         module = self._experts.get(prefix)
         if module is None:
-            raise KeyError(f"update_weights: {name!r} names experts of a layer that has no MoE block")
+            raise MappingError(f"update_weights: {name!r} names experts of a layer that has no MoE block")
         num_experts = module.gate_up_proj.shape[0]
         if not 0 <= expert < num_experts:
-            raise KeyError(f"update_weights: {name!r}: expert {expert} out of range [0, {num_experts})")
+            raise MappingError(f"update_weights: {name!r}: expert {expert} out of range [0, {num_experts})")
         if proj == "down_proj":
             return module.down_proj.data[expert]
         inter = module.gate_up_proj.shape[1] // 2
@@ -114,3 +119,71 @@ class WeightLoader:
             if on_loaded is not None:
                 on_loaded(name)
         return count
+
+
+@torch.no_grad()
+def load_checkpoint_tensors_into_hf_module(model, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Copy checkpoint-named tensors into a live HF model in place (any subset, in any order: e.g. one bucket of a
+    weight sync); returns the names loaded."""
+    loaded: list[str] = []
+    WeightLoader(model).load(named_tensors, on_loaded=loaded.append)
+    return loaded
+
+
+def hf_state_dict_to_checkpoint_names(model_or_state_dict, *, tie_word_embeddings: Optional[bool] = None):
+    """Yield (checkpoint name, tensor) from a live HF model (or its state dict): fused expert tensors are split into
+    per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight` views (no copies), exactly the names `save_pretrained`
+    writes; `lm_head.weight` is skipped for tied embeddings, as `save_pretrained` does."""
+    if isinstance(model_or_state_dict, torch.nn.Module):
+        state = model_or_state_dict.state_dict()
+        if tie_word_embeddings is None:
+            config = getattr(model_or_state_dict, "config", None)
+            tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+    else:
+        state = model_or_state_dict
+    for name, tensor in state.items():
+        if tie_word_embeddings and name == "lm_head.weight":
+            continue
+        fused = _FUSED_EXPERTS_RE.match(name)
+        if fused and tensor.dim() == 3:
+            prefix = fused["prefix"]
+            if fused["which"] == "gate_up_proj":
+                half = tensor.shape[1] // 2
+                for e in range(tensor.shape[0]):
+                    yield f"{prefix}.{e}.gate_proj.weight", tensor[e, :half]
+                    yield f"{prefix}.{e}.up_proj.weight", tensor[e, half:]
+            else:
+                for e in range(tensor.shape[0]):
+                    yield f"{prefix}.{e}.down_proj.weight", tensor[e]
+            continue
+        yield name, tensor
+
+
+def checkpoint_names_to_hf_module_state(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], model: torch.nn.Module
+) -> dict[str, torch.Tensor]:
+    """A full state dict for `model.load_state_dict` (fused expert tensors stacked) from checkpoint-named tensors;
+    every expert of every fused parameter must be present."""
+    WeightLoader(model)  # layout check (fused experts must be in transformers' default layout)
+    state = {name: tensor for name, tensor in model.state_dict().items()}
+    fused_parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for name, tensor in named_tensors:
+        expert = _EXPERT_CKPT_RE.match(name)
+        if name in state:
+            state[name] = tensor
+        elif expert and (f"{expert['prefix']}.gate_up_proj" in state or f"{expert['prefix']}.down_proj" in state):
+            fused_parts.setdefault(expert["prefix"], {}).setdefault(int(expert["e"]), {})[expert["which"]] = tensor
+        else:
+            raise MappingError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
+    for prefix, experts in fused_parts.items():
+        count = state[f"{prefix}.gate_up_proj"].shape[0]
+        if sorted(experts) != list(range(count)) or any(len(parts) != 3 for parts in experts.values()):
+            raise MappingError(f"{prefix}: need gate/up/down of all {count} experts to build the fused tensors")
+        state[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]], dim=0) for e in range(count)]
+        )
+        state[f"{prefix}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in range(count)])
+    config = getattr(model, "config", None)
+    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return state
