@@ -75,6 +75,10 @@ def initialize_model_parallel(sizes: ParallelSizes, *, seed: int = 1234, timeout
             f"{sizes.tensor_model_parallel_size} x {sizes.pipeline_model_parallel_size} x "
             f"{sizes.context_parallel_size}"
         )
+    if parallel_state.model_parallel_is_initialized() and _same_layout(sizes):
+        torch.manual_seed(seed)  # same layout: keep the groups (every new group costs gloo/NCCL connections)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+        return
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -125,6 +129,22 @@ def agree_on_problems(local_problems: list[str], group=None) -> list[str]:
     dist.all_gather_object(gathered, list(local_problems), group=group)
     ranks = dist.get_process_group_ranks(group)
     return [f"rank {rank}: {problem}" for rank, problems in zip(ranks, gathered) for problem in problems]
+
+
+def _same_layout(sizes: ParallelSizes) -> bool:
+    """Whether megatron's current parallel state already is `sizes` (None sizes meaning megatron's defaults)."""
+    from megatron.core import parallel_state as ps
+
+    vp = ps.get_virtual_pipeline_model_parallel_world_size()
+    expert_tp = sizes.expert_tensor_parallel_size or sizes.tensor_model_parallel_size
+    return (
+        ps.get_tensor_model_parallel_world_size() == sizes.tensor_model_parallel_size
+        and ps.get_pipeline_model_parallel_world_size() == sizes.pipeline_model_parallel_size
+        and (vp or None) == sizes.virtual_pipeline_model_parallel_size
+        and ps.get_context_parallel_world_size() == sizes.context_parallel_size
+        and ps.get_expert_model_parallel_world_size() == sizes.expert_model_parallel_size
+        and ps.get_expert_tensor_parallel_world_size() == expert_tp
+    )
 
 
 def destroy() -> None:

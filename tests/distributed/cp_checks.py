@@ -35,6 +35,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from megatron_r3.platform.distributed import ParallelSizes, initialize_model_parallel  # noqa: E402
+from tests.distributed.launch import exit_without_teardown  # noqa: E402
 
 initialize_model_parallel(ParallelSizes())  # gloo/NCCL + CPU support before megatron builds anything
 
@@ -342,7 +343,7 @@ def main() -> None:
             with open(args.out, "w") as handle:
                 json.dump(records, handle, indent=1)
     dist.barrier()
-    dist.destroy_process_group()
+    exit_without_teardown()
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from megatron_r3.replay.microbatch import localize_routes, routes_from_recorded 
 from megatron_r3.replay.r2 import gather_recorded_routes  # noqa: E402
 from megatron_r3.replay.schedule import ReplayRouters, RouteReplayError, run_schedule  # noqa: E402
 from megatron_r3.train.batch import microbatch_inputs  # noqa: E402
+from tests.distributed.launch import exit_without_teardown  # noqa: E402
 from tests.distributed.layouts import LAYOUTS, RECOMPUTE  # noqa: E402
 
 VOCAB, NUM_LAYERS, EXPERTS, TOPK = 128, 4, 8, 2
@@ -340,7 +341,7 @@ def main() -> None:
         with open(args.out, "w") as handle:
             json.dump(records, handle, indent=1)
     dist.barrier()
-    dist.destroy_process_group()
+    exit_without_teardown()
 
 
 if __name__ == "__main__":
