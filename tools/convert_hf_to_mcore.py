@@ -6,7 +6,7 @@
 
 The layout used for the conversion does not matter for the result: `megatron.core.dist_checkpointing` stores every
 tensor under its global key and offsets, so the checkpoint loads into any TP/PP/VP/EP layout (see
-`tools/convert_mcore_to_hf.py`, and `megatron_r3.model.weights.load_dist_checkpoint` for training). Each rank reads
+`tools/convert_mcore_to_hf.py`, and `megatron_r3.model.dist_checkpoint.load_dist_checkpoint` for training). Each rank reads
 only the safetensors tensors of its own shard. The HF config is stored next to the checkpoint as `hf_config.json`.
 """
 
@@ -85,7 +85,8 @@ def main(argv=None) -> None:
     import torch.distributed as dist
 
     from megatron_r3.model.qwen3_moe import load_hf_config
-    from megatron_r3.model.weights import SafetensorsSource, load_hf_weights, save_dist_checkpoint
+    from megatron_r3.model.dist_checkpoint import save_dist_checkpoint
+    from megatron_r3.model.weights import SafetensorsSource, load_hf_weights
 
     hf_config = load_hf_config(args.hf_dir)
     arch, chunks = build_chunks(hf_config, args)

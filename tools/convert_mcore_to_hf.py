@@ -46,7 +46,8 @@ def main(argv=None) -> None:
     import torch
     import torch.distributed as dist
 
-    from megatron_r3.model.weights import hf_config_of_dist_checkpoint, load_dist_checkpoint, save_hf_checkpoint
+    from megatron_r3.model.dist_checkpoint import hf_config_of_dist_checkpoint, load_dist_checkpoint
+    from megatron_r3.model.weights import save_hf_checkpoint
 
     if args.hf_config:
         from transformers import AutoConfig

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_r3.model.weights import load_model_state_dict, model_sharded_state_dict
+from megatron_r3.model.dist_checkpoint import load_model_state_dict, model_sharded_state_dict
 
 TRACKER = "latest"
 
