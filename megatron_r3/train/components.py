@@ -70,11 +70,19 @@ class TrainingSetup:
             moe_layers=self.moe_layers,
             topk=self.arch.topk,
             route_fallback=args.route_fallback,
+            failure_policy=getattr(args, "rollout_failure_policy", "raise"),
+            global_batch_size=args.global_batch_size,
         )
 
     def sync_weights_to_engine(self) -> None:
         """Full HF-named weights from the sharded policy to the rollout engine on rank 0 (every rank walks the
         export: it drives the gathers)."""
+        if self.args.rollout_engine == "sglang":  # buckets or a disk export, pause/flush/send/continue on rank 0
+            from megatron_r3.rollout.weight_sync import settings_from_args, sync_policy_weights
+
+            settings = self.engine.weight_sync if self.engine is not None else settings_from_args(self.args)
+            sync_policy_weights(self.engine, self.chunks, self.arch, self.args.hf_model_config, settings)
+            return
         exported = export_hf_weights(self.chunks, self.arch)
         if self.engine is not None:
             self.engine.update_weights((name, tensor) for name, tensor in exported if tensor is not None)
@@ -104,7 +112,7 @@ def initial_hf_weights(args, hf_config):
         return args.hf_checkpoint
     from transformers import AutoModelForCausalLM
 
-    from megatron_r3.model.hf_mapping import hf_state_dict_to_checkpoint_names
+    from megatron_r3.model.hf_module import hf_state_dict_to_checkpoint_names
 
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)

@@ -7,6 +7,7 @@ travels in one broadcast: a bad route raises on every rank alike instead of leav
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -41,6 +42,8 @@ class RolloutSettings:
     moe_layers: tuple[bool, ...]
     topk: int
     route_fallback: str  # "raise" | "native"
+    failure_policy: str = "raise"  # "raise" | "skip": prompts the engine could not serve
+    global_batch_size: Optional[int] = None  # with "skip": kept samples must fill whole mini-batches of this size
 
 
 def generate_batch(
@@ -48,18 +51,28 @@ def generate_batch(
 ) -> RolloutPayload:
     """Rank 0: sample, validate routes, score and compute group-normalised advantages."""
     start = time.perf_counter()
-    result = engine.generate(
-        prompt_ids, settings.sampling, samples_per_prompt=settings.group_size, return_routes=settings.return_routes
-    )
+    try:
+        result = engine.generate(
+            prompt_ids, settings.sampling, samples_per_prompt=settings.group_size,
+            return_routes=settings.return_routes,
+        )
+    except Exception as error:  # noqa: BLE001 - raised on every rank by share_from_rank0, not on rank 0 alone
+        return RolloutPayload(error=f"the rollout engine failed: {type(error).__name__}: {error}")
     rollout_s = time.perf_counter() - start
-    if result.failures:
-        reasons = [f"prompt {failure.prompt_index}: {failure.reason}" for failure in result.failures]
-        return RolloutPayload(failures=reasons, error="rollout failed for " + "; ".join(reasons))
-    expected = len(prompt_ids) * settings.group_size
-    if len(result.samples) != expected:
-        return RolloutPayload(error=f"the rollout engine returned {len(result.samples)} samples, expected {expected}")
+    kept, failed, trimmed, error = select_groups(result, len(prompt_ids), settings)
+    if error is not None:
+        return RolloutPayload(failures=failed, error=error)
+    if failed or trimmed:
+        print(
+            f"rollout: {len(failed)} of {len(prompt_ids)} prompts failed and were skipped "
+            f"(--rollout-failure-policy skip); {len(trimmed)} more prompts trimmed (prompt indices {trimmed}) so "
+            f"that the {len(kept)} kept samples fill whole mini-batches of --global-batch-size "
+            f"{settings.global_batch_size}. Failures: " + "; ".join(failed[:3])
+            + (f" (+{len(failed) - 3} more)" if len(failed) > 3 else ""),
+            flush=True,
+        )
     samples, fallback_rows = [], 0
-    for index, sample in enumerate(result.samples):
+    for index, sample in enumerate(kept):
         free_rows = None
         if settings.return_routes:
             if sample.routes is None:
@@ -99,9 +112,60 @@ def generate_batch(
         "rollout/response_length_mean": float(lengths.mean()),
         "rollout/samples": float(len(samples)),
         "replay/fallback_rows": float(fallback_rows),
+        "rollout/failed_prompts": float(len(failed)),
+        "rollout/trimmed_prompts": float(len(trimmed)),
         "timing/rollout_s": rollout_s,
     }
-    return RolloutPayload(samples=train_samples, metrics=metrics)
+    return RolloutPayload(samples=train_samples, metrics=metrics, failures=failed)
+
+
+def select_groups(result, num_prompts: int, settings: RolloutSettings):
+    """The samples to train on: (kept samples, failure reasons, trimmed prompt indices, error or None).
+
+    Every prompt must come back either with its `group_size` samples or as a failure (none may vanish). With
+    `failure_policy="raise"` any failure is an error. With "skip" the failed prompts' groups are dropped, then whole
+    groups are trimmed from the end (highest prompt index first) until the kept sample count is a multiple of
+    `global_batch_size` (the planner splits a step into whole mini-batches; each is divisible by the data-parallel
+    size by argument validation): the kept group count is rounded down to a multiple of
+    lcm(group_size, global_batch_size) / group_size. Nothing left is an error.
+    """
+    group = settings.group_size
+    failed_at = {failure.prompt_index: failure.reason for failure in result.failures}
+    failed = [f"prompt {index}: {reason}" for index, reason in sorted(failed_at.items())]
+    by_prompt: dict[int, list] = {}
+    for sample in result.samples:
+        by_prompt.setdefault(sample.prompt_index, []).append(sample)
+    problems = []
+    both = sorted(set(by_prompt) & set(failed_at))
+    if both:
+        problems.append(f"prompts {both} came back both with samples and as failures")
+    vanished = sorted(set(range(num_prompts)) - set(by_prompt) - set(failed_at))
+    if vanished:
+        problems.append(f"prompts {vanished} came back neither with samples nor as failures")
+    short = sorted(p for p, got in by_prompt.items() if len(got) != group or not 0 <= p < num_prompts)
+    if short:
+        problems.append(f"prompts {short} came back with a number of samples other than --grpo-group-size {group} "
+                        f"(or an unknown prompt index)")
+    if problems:
+        return [], failed, [], "the rollout engine returned an inconsistent result: " + "; ".join(problems)
+    if failed and settings.failure_policy != "skip":
+        return [], failed, [], (
+            "rollout failed for " + "; ".join(failed) + " (--rollout-failure-policy skip trains on the other prompts)"
+        )
+    served = sorted(by_prompt)
+    unit = 1
+    if settings.global_batch_size:
+        unit = math.lcm(group, settings.global_batch_size) // group
+    keep = len(served) // unit * unit
+    trimmed = served[keep:]
+    if keep == 0:
+        return [], failed, trimmed, (
+            f"only {len(served)} of {num_prompts} prompts were served ({len(failed)} failed), fewer than the "
+            f"{unit} prompts one mini-batch of --global-batch-size {settings.global_batch_size} needs; failures: "
+            + "; ".join(failed)
+        )
+    kept = [sample for prompt in served[:keep] for sample in by_prompt[prompt]]
+    return kept, failed, trimmed, None
 
 
 def reward_fn_scores(reward_fn, responses, records) -> torch.Tensor:

@@ -1,0 +1,483 @@
+"""Trainer -> SGLang weight sync (REFERENCE §3): the distributed path and the disk path.
+
+Distributed (``--weight-sync distributed``, servers and trainer share a NCCL fabric)
+    Once: ``POST /init_weights_update_group {master_address, master_port, rank_offset, world_size, group_name,
+    backend}`` on every server, while trainer rank 0 joins the same group as its rank 0 (it hosts the TCP store
+    rendezvous at ``master_address:master_port``). The group is *not* the trainer's default group: it is created
+    the way SGLang creates its side (``rendezvous`` + ``PrefixStore(group_name)`` + a new process group), so both
+    ends agree on the store keys. Ranks: trainer 0, server i's workers ``rank_offset_i .. + tp_size_i - 1``.
+    Per update: ``POST /pause_generation`` -> ``GET /flush_cache`` -> for each bucket ``POST
+    /update_weights_from_distributed {names, dtypes, shapes, group_name, flush_cache, weight_version}`` (in
+    background threads: the server answers only once it has received the tensors) and a broadcast of each tensor
+    from trainer rank 0 in the same order -> ``GET /flush_cache`` -> ``POST /continue_generation`` -> ``GET
+    /get_weight_version`` must report the new version (when the server has that endpoint).
+
+Disk (``--weight-sync disk``, no shared fabric; ``--weight-sync-dir`` on storage the servers can read)
+    ``save_hf_checkpoint`` into ``DIR/.incoming-<pid>`` (safetensors + config.json), renamed atomically to
+    ``DIR/weights-v<version>``, then ``POST /update_weights_from_disk {model_path, load_format, weight_version}``
+    on every server, then the version check; older ``weights-v*`` directories are removed.
+
+Every trainer rank walks the export (it drives the TP/EP/PP gathers); only rank 0 talks to servers. An error on
+rank 0 does not stop the walk (the other ranks are inside its collectives); at the end rank 0's error is broadcast
+and raised on every rank alike, as :class:`WeightSyncError`. Tensor names are HF checkpoint names
+(``export_hf_buckets``), cast to the rollout dtype on the exporting ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import shutil
+import socket
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+from urllib.parse import urlparse
+
+import torch
+import torch.distributed as dist
+
+from megatron_r3.rollout.sglang_protocol import (
+    ProtocolError,
+    check_success,
+    init_weights_update_group_payload,
+    update_weights_from_disk_payload,
+    update_weights_from_distributed_payload,
+    weight_version_of,
+)
+
+logger = logging.getLogger("megatron_r3.rollout.weight_sync")
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+           "fp16": torch.float16, "float16": torch.float16}
+WEIGHTS_DIR_PATTERN = re.compile(r"^weights-v(\d+)$")
+
+
+class WeightSyncError(RuntimeError):
+    """A weight update did not reach the servers; raised on every trainer rank."""
+
+
+@dataclass
+class WeightSyncSettings:
+    mode: str = "distributed"  # "distributed" | "disk"
+    dtype: torch.dtype = torch.bfloat16  # the dtype the tensors travel in (the server's --dtype)
+    bucket_bytes: int = 512 * 1024**2
+    backend: str = "auto"  # "nccl" | "gloo" | "auto" (nccl with CUDA)
+    master_address: Optional[str] = None  # reachable from the servers; default: the address routing to them
+    master_port: int = 0  # 0: a free port
+    group_name: str = field(default_factory=lambda: f"megatron_r3_weights_{uuid.uuid4().hex[:8]}")
+    timeout_s: float = 600.0  # group set-up, per-bucket transfer, disk load
+    directory: Optional[str] = None  # disk path: shared storage
+    load_format: Optional[str] = None  # disk path: SGLang's load_format (None: the server's own)
+    verify_version: bool = True
+
+    def __post_init__(self):
+        if self.mode not in ("distributed", "disk"):
+            raise ValueError(f"weight sync mode must be 'distributed' or 'disk', got {self.mode!r}")
+        if isinstance(self.dtype, str):
+            if self.dtype.lower() not in _DTYPES:
+                raise ValueError(f"unknown weight sync dtype {self.dtype!r}")
+            self.dtype = _DTYPES[self.dtype.lower()]
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ValueError(f"weight sync backend must be auto, nccl or gloo, got {self.backend!r}")
+        if self.bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be positive, got {self.bucket_bytes}")
+
+    def resolved_backend(self) -> str:
+        if self.backend == "auto":
+            return "nccl" if torch.cuda.is_available() else "gloo"
+        return self.backend
+
+
+def settings_from_args(args) -> WeightSyncSettings:
+    kwargs = dict(
+        mode=args.weight_sync,
+        dtype=args.rollout_dtype,
+        bucket_bytes=int(args.weight_sync_bucket_mb * 1024**2),
+        backend=args.weight_sync_backend,
+        master_address=args.weight_sync_master_address,
+        master_port=args.weight_sync_master_port,
+        timeout_s=args.weight_sync_timeout,
+        directory=args.weight_sync_dir,
+        load_format=args.weight_sync_load_format,
+    )
+    return WeightSyncSettings(**kwargs)
+
+
+# ================================================================================================ process group
+def init_custom_process_group(
+    *, backend: str, init_method: str, world_size: int, rank: int, group_name: str, timeout_s: float
+):
+    """A process group outside the default one, created the way SGLang creates its end of the weight update group
+    (``rendezvous`` -> ``PrefixStore(group_name, store)`` -> ``_new_process_group_helper``), so the two sides meet
+    on the same store keys. Rank 0 hosts the TCP store; it builds it directly rather than through ``rendezvous``,
+    which under torchrun (``TORCHELASTIC_USE_AGENT_STORE``) would only connect to an agent store that does not
+    exist at this address. Uses torch-internal helpers, as SGLang does."""
+    from torch.distributed.distributed_c10d import (
+        Backend,
+        PrefixStore,
+        _new_process_group_helper,
+        _world,
+        rendezvous,
+    )
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if rank == 0:
+        url = urlparse(init_method)
+        if url.scheme != "tcp" or not url.hostname or not url.port:
+            raise ValueError(f"init_method must be tcp://HOST:PORT, got {init_method!r}")
+        store = dist.TCPStore(url.hostname, url.port, world_size, True, timeout, wait_for_workers=False,
+                              multi_tenant=True)
+    else:
+        store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    store = PrefixStore(group_name, store)
+    group, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,
+                                         timeout=timeout)
+    _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    return group
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def local_address_towards(url: str) -> str:
+    """This host's address on the route to ``url``'s host (what the server must dial to reach our TCP store)."""
+    host = urlparse(url).hostname or "127.0.0.1"
+    if host in ("localhost", "127.0.0.1", "::1"):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect((host, 9))  # no packet is sent for UDP connect
+            return sock.getsockname()[0]
+        except OSError:
+            return socket.gethostbyname(socket.gethostname())
+
+
+# ================================================================================================ distributed path
+class DistributedWeightSender:
+    """Rank 0's side of the distributed path for one :class:`~megatron_r3.rollout.sglang_engine.SGLangEngine`."""
+
+    def __init__(self, engine, settings: WeightSyncSettings):
+        self.engine, self.settings = engine, settings
+        self.backend = settings.resolved_backend()
+        self.group = None
+        self.world_size = 0
+        self.version: Optional[str] = None
+
+    # -- set-up
+    def ensure_group(self) -> None:
+        if self.group is not None:
+            return
+        engine, s = self.engine, self.settings
+        address = s.master_address or local_address_towards(engine.urls[0])
+        port = s.master_port or _free_port()
+        replicated = [url for url, facts in zip(engine.urls, engine.facts) if facts.dp_size > 1]
+        if replicated:
+            raise WeightSyncError(
+                f"{', '.join(replicated)} run with --dp-size > 1: the weight update group is laid out per "
+                "tensor-parallel worker; start one server per replica instead (tools/launch_sglang.py does)"
+            )
+        ranks = [facts.weight_sync_ranks for facts in engine.facts]
+        self.world_size = 1 + sum(ranks)
+        offsets = [1 + sum(ranks[:i]) for i in range(len(ranks))]
+        payloads = [
+            init_weights_update_group_payload(master_address=address, master_port=port, rank_offset=offset,
+                                              world_size=self.world_size, group_name=s.group_name,
+                                              backend=self.backend)
+            for offset in offsets
+        ]
+        replies: dict[str, Any] = {}
+
+        def ask_servers():  # blocks until every rank has joined, like SGLang's endpoint
+            try:
+                replies["bodies"] = engine.on_all("POST", "/init_weights_update_group", payloads=payloads,
+                                                  timeout=s.timeout_s, retries=0)
+            except BaseException as error:  # noqa: BLE001 - reported below
+                replies["error"] = error
+
+        thread = threading.Thread(target=ask_servers, daemon=True)
+        thread.start()
+        try:
+            group = init_custom_process_group(backend=self.backend, init_method=f"tcp://{address}:{port}",
+                                              world_size=self.world_size, rank=0, group_name=s.group_name,
+                                              timeout_s=s.timeout_s)
+        except Exception as error:
+            thread.join(timeout=5)
+            raise WeightSyncError(
+                f"joining the weight update group at {address}:{port} (world {self.world_size}, servers "
+                f"{engine.urls}) failed: {error}; servers said: {replies.get('error') or replies.get('bodies')}"
+            ) from error
+        thread.join(timeout=s.timeout_s)
+        if thread.is_alive() or "error" in replies:
+            dist.destroy_process_group(group)
+            raise WeightSyncError(f"/init_weights_update_group failed: {replies.get('error', 'no reply in time')}")
+        for url, body in zip(engine.urls, replies["bodies"]):
+            check_success(body, f"{url} /init_weights_update_group")
+        self.group = group
+        logger.info("weight update group %s: %d ranks via %s:%d (%s)", s.group_name, self.world_size, address, port,
+                    self.backend)
+
+    # -- one update
+    def begin(self, version: str) -> None:
+        self.ensure_group()
+        self.version = version
+        self.engine.on_all("POST", "/pause_generation", json={})
+        self.engine.on_all("GET", "/flush_cache")
+
+    def send_bucket(self, bucket: Iterable[tuple[str, torch.Tensor]]) -> None:
+        engine, s = self.engine, self.settings
+        device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        names, tensors = [], []
+        for name, tensor in bucket:
+            names.append(name)
+            tensors.append(tensor.detach().to(device=device, dtype=s.dtype).contiguous())
+        if not names:
+            return
+        payload = update_weights_from_distributed_payload(names, tensors, group_name=s.group_name, flush_cache=False,
+                                                          weight_version=self.version)
+        replies: dict[str, Any] = {}
+
+        def post():
+            try:
+                replies["bodies"] = engine.on_all("POST", "/update_weights_from_distributed", json=payload,
+                                                  timeout=s.timeout_s, retries=0)
+            except BaseException as error:  # noqa: BLE001 - reported below
+                replies["error"] = error
+
+        thread = threading.Thread(target=post, daemon=True)
+        thread.start()
+        try:
+            for tensor in tensors:
+                dist.broadcast(tensor, src=0, group=self.group)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        except Exception as error:
+            thread.join(timeout=5)
+            raise WeightSyncError(
+                f"broadcasting {len(names)} tensors ({names[0]} ...) failed: {error}; servers said: "
+                f"{replies.get('error') or replies.get('bodies')}"
+            ) from error
+        thread.join(timeout=s.timeout_s)
+        if thread.is_alive():
+            raise WeightSyncError(f"/update_weights_from_distributed: no reply within {s.timeout_s:g} s")
+        if "error" in replies:
+            raise WeightSyncError(f"/update_weights_from_distributed failed: {replies['error']}")
+        for url, body in zip(engine.urls, replies["bodies"]):
+            check_success(body, f"{url} /update_weights_from_distributed")
+
+    def finish(self) -> None:
+        self.engine.on_all("GET", "/flush_cache")
+        self.engine.on_all("POST", "/continue_generation", json={})
+        if self.settings.verify_version:
+            verify_weight_version(self.engine, self.version)
+
+    def abort(self) -> None:
+        """After a failed update: do not leave the servers paused (best effort)."""
+        try:
+            self.engine.on_all("POST", "/continue_generation", json={}, retries=0)
+        except Exception as error:  # noqa: BLE001 - best effort
+            logger.warning("continue_generation after a failed weight update: %s", error)
+
+    def close(self) -> None:
+        if self.group is None:
+            return
+        try:
+            self.engine.on_all("POST", "/destroy_weights_update_group", json={"group_name": self.settings.group_name},
+                               timeout=10.0, retries=0)
+        except Exception as error:  # noqa: BLE001 - older servers lack the endpoint; the group dies with us
+            logger.info("destroy_weights_update_group: %s", error)
+        try:
+            dist.destroy_process_group(self.group)
+        finally:
+            self.group = None
+
+
+def verify_weight_version(engine, version: Optional[str]) -> None:
+    """Every server must report ``version`` on ``GET /get_weight_version`` (skipped where it has no endpoint)."""
+    if version is None:
+        return
+    from megatron_r3.rollout.sglang_engine import SGLangHTTPError
+
+    for url in engine.urls:
+        try:
+            body = engine.call(url, "GET", "/get_weight_version")
+        except SGLangHTTPError as error:
+            if error.status in (404, 405):
+                continue
+            raise
+        reported = weight_version_of(body)
+        if reported is not None and reported != version:
+            raise WeightSyncError(f"{url} reports weight version {reported!r} after the update to {version!r}")
+
+
+# ================================================================================================ disk path
+class DiskWeightPublisher:
+    """Rank 0's side of the disk path: versioned directories under ``settings.directory``."""
+
+    def __init__(self, engine, settings: WeightSyncSettings):
+        if not settings.directory:
+            raise WeightSyncError("--weight-sync disk needs --weight-sync-dir (a directory every server can read)")
+        self.engine, self.settings = engine, settings
+        self.root = os.path.abspath(settings.directory)
+
+    def incoming(self) -> str:
+        """A fresh temporary directory to write the next version into."""
+        path = os.path.join(self.root, f".incoming-{os.getpid()}")
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(self.root, exist_ok=True)
+        return path
+
+    def publish(self, incoming: str, version: str) -> str:
+        final = os.path.join(self.root, f"weights-v{version}")
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(incoming, final)  # atomic: a server never sees a half-written version
+        payload = update_weights_from_disk_payload(final, load_format=self.settings.load_format,
+                                                   weight_version=version)
+        bodies = self.engine.on_all("POST", "/update_weights_from_disk", json=payload, timeout=self.settings.timeout_s,
+                                    retries=0)
+        for url, body in zip(self.engine.urls, bodies):
+            check_success(body, f"{url} /update_weights_from_disk {final}")
+        if self.settings.verify_version:
+            verify_weight_version(self.engine, version)
+        for name in os.listdir(self.root):
+            match = WEIGHTS_DIR_PATTERN.match(name)
+            if match and name != os.path.basename(final):
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+        return final
+
+
+def _save_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], directory: str, dtype: torch.dtype,
+                  hf_config=None, max_shard_bytes: int = 2 * 1024**3) -> None:
+    """Single-process disk export of (HF name, full tensor) pairs as safetensors shards (+ index, config.json)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    shards: list[dict] = [{}]
+    size = 0
+    for name, tensor in named_tensors:
+        tensor = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for index, shard in enumerate(shards):
+            file = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
+            weight_map.update({name: file for name in shard})
+        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as handle:
+            json.dump({"metadata": {}, "weight_map": weight_map}, handle, indent=2)
+    if hf_config is not None:
+        from megatron_r3.model.qwen3_moe import hf_config_to_json_dict
+
+        config = hf_config_to_json_dict(hf_config)
+        config["dtype"] = str(dtype).replace("torch.", "")
+        with open(os.path.join(directory, "config.json"), "w") as handle:
+            json.dump(config, handle, indent=2, sort_keys=True)
+
+
+# ================================================================================================ drivers
+def push_named_tensors(engine, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """Single process: full (HF name, tensor) pairs to every server of ``engine``. Returns the new version."""
+    settings = engine.weight_sync
+    version = engine.next_weight_version()
+    if settings.mode == "disk":
+        publisher = DiskWeightPublisher(engine, settings)
+        incoming = publisher.incoming()
+        _save_tensors(named_tensors, incoming, settings.dtype, engine.hf_config)
+        publisher.publish(incoming, version)
+        return version
+    sender = engine.weight_sender()
+    sender.begin(version)
+    try:
+        bucket, size = [], 0
+        for name, tensor in named_tensors:
+            nbytes = tensor.numel() * torch.empty((), dtype=settings.dtype).element_size()
+            if bucket and size + nbytes > settings.bucket_bytes:
+                sender.send_bucket(bucket)
+                bucket, size = [], 0
+            bucket.append((name, tensor))
+            size += nbytes
+        sender.send_bucket(bucket)
+    except BaseException:
+        sender.abort()
+        raise
+    sender.finish()
+    return version
+
+
+def sync_policy_weights(engine, chunks, arch, hf_config, settings: Optional[WeightSyncSettings] = None) -> None:
+    """The trainer's sync: every rank calls it (``engine`` is the SGLang engine on rank 0, None elsewhere)."""
+    from megatron_r3.model.weights import export_hf_buckets, save_hf_checkpoint
+
+    settings = settings or (engine.weight_sync if engine is not None else WeightSyncSettings())
+    error: Optional[BaseException] = None
+    version = engine.next_weight_version() if engine is not None else None
+
+    def guarded(fn, *args):
+        nonlocal error
+        if error is None:
+            try:
+                return fn(*args)
+            except Exception as exc:  # noqa: BLE001 - made collective below
+                error = exc
+        return None
+
+    if settings.mode == "distributed":
+        sender = engine.weight_sender() if engine is not None else None
+        if sender is not None:
+            guarded(sender.begin, version)
+        for bucket in export_hf_buckets(chunks, arch, bucket_bytes=settings.bucket_bytes, dtype=settings.dtype):
+            if sender is not None and error is None:
+                guarded(sender.send_bucket, bucket)
+        if sender is not None:
+            if error is None:
+                guarded(sender.finish)
+            else:
+                sender.abort()
+    else:
+        publisher = incoming = None
+        if engine is not None:
+            publisher = guarded(DiskWeightPublisher, engine, settings)
+            incoming = guarded(publisher.incoming) if publisher is not None else None
+        target = incoming or os.path.join(os.path.abspath(settings.directory or "."), ".incoming-unused")
+        try:
+            save_hf_checkpoint(chunks, arch, hf_config, target, dtype=settings.dtype)
+        except Exception as exc:  # noqa: BLE001 - made collective below
+            error = error or exc
+        if engine is not None and incoming is not None:
+            guarded(publisher.publish, incoming, version)
+    _raise_on_every_rank(error)
+
+
+def _raise_on_every_rank(error: Optional[BaseException]) -> None:
+    """Rank 0's outcome (it alone talks to the servers) decides for everyone; other ranks' own errors count too."""
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        from megatron_r3.platform.distributed import host_group
+
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, message, group=host_group())
+        failed = [(rank, text) for rank, text in enumerate(gathered) if text is not None]
+        if failed:
+            raise WeightSyncError("weight sync to SGLang failed: " + " | ".join(f"[rank {r}] {t}" for r, t in failed))
+        return
+    if error is not None:
+        if isinstance(error, (WeightSyncError, ProtocolError)):
+            raise WeightSyncError(f"weight sync to SGLang failed: {error}") from error
+        raise WeightSyncError(f"weight sync to SGLang failed: {message}") from error

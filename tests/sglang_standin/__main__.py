@@ -1,0 +1,3 @@
+from tests.sglang_standin.server import main
+
+main()
