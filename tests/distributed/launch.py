@@ -29,19 +29,30 @@ def run_torchrun(script: str, args: list[str] = (), *, nproc: int = 4, timeout: 
             f"--master-port={free_port()}", str(REPO / script), *args, "--out", out,
         ]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-        # own process group, so a timeout kills the ranks too, not only the launcher
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-            raise AssertionError(
-                f"{script} did not finish within {timeout} s (a hang?):\n{stdout[-3000:]}\n{stderr[-3000:]}"
-            ) from None
+        # Output goes to files, not pipes: a helper process a rank leaves behind (e.g. dist checkpointing's) must not
+        # keep us waiting for end-of-file after the launch itself has finished. The launch runs in its own session,
+        # so a timeout, or stragglers after the end, are killed with every rank.
+        with open(os.path.join(tmp, "stdout"), "w+") as stdout, open(os.path.join(tmp, "stderr"), "w+") as stderr:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout, stderr=stderr, text=True,
+                                    start_new_session=True)
+            try:
+                proc.wait(timeout=timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            stdout.seek(0)
+            stderr.seek(0)
+            out_text, err_text = stdout.read(), stderr.read()
+        if timed_out:
+            raise AssertionError(f"{script} did not finish within {timeout} s (a hang?):\n{out_text[-3000:]}\n"
+                                 f"{err_text[-3000:]}")
         if proc.returncode != 0 or not os.path.exists(out):
-            raise AssertionError(f"{script} exited with {proc.returncode}:\n{stdout[-3000:]}\n{stderr[-6000:]}")
+            raise AssertionError(f"{script} exited with {proc.returncode}:\n{out_text[-3000:]}\n{err_text[-6000:]}")
         return json.loads(Path(out).read_text())
 
 
@@ -52,9 +63,12 @@ def exit_without_teardown() -> None:
     destruction at interpreter exit joins gloo's transport threads, which was seen spinning for many minutes on a
     loaded 2-core machine. Nothing is left to flush, so the rank exits directly.
     """
+    import multiprocessing
     import os
     import sys
 
+    for child in multiprocessing.active_children():  # e.g. dist checkpointing's worker processes
+        child.terminate()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
