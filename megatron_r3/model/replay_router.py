@@ -126,13 +126,14 @@ class RouterReplayState:
             return self._recompute(scores, native)
         if action == RouterReplayAction.RECORD:
             values, ids = native()
-            self.recorded.append(ids.detach().to(torch.int16 if scores.shape[1] > 256 else torch.uint8))
+            compact = _compact(ids, scores.shape[1])
+            self.recorded.append(compact)
             if self._forward:  # routes installed alongside a recording are observed, never used
                 routes = self._take(scores, topk)
                 if routes is not None and self.collect_agreement:
                     self._count(routes, native_ids=ids, used_ids=ids)
             if queue_for_recompute:
-                self._backward.append(ids.detach())
+                self._backward.append(compact)
             return values, ids
         if action != RouterReplayAction.REPLAY_FORWARD:
             raise ValueError(f"unknown router replay action {action!r}")
@@ -155,7 +156,10 @@ class RouterReplayState:
         if self.collect_agreement:
             self._count(routes, native_ids=native_ids, used_ids=ids)
         if queue_for_recompute:
-            self._backward.append(ids.detach())
+            # queued in the compact dtype (1 byte per id up to 256 experts, not int64's 8) until the recompute pops
+            # it; replayed ids without fallback rows are the installed tensor itself (no new memory at all)
+            replayed_as_installed = not routes.observe_only and routes.free_rows is None
+            self._backward.append(routes.expert_ids if replayed_as_installed else _compact(ids, scores.shape[1]))
         return values, ids
 
     # ------------------------------------------------------------------ helpers
@@ -185,6 +189,7 @@ class RouterReplayState:
                 f"{ids.shape[0]}"
             )
             return native()
+        ids = ids.long()  # widened only now, at the moment of use
         self.recomputed_rows += ids.shape[0]
         return scores.gather(1, ids), ids
 
@@ -203,6 +208,11 @@ class RouterReplayState:
         }
         for name, value in counts.items():
             self.counters[name] = value if name not in self.counters else self.counters[name] + value
+
+
+def _compact(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Ids in the smallest index dtype that holds `num_experts` (uint8 up to 256 experts, else int16)."""
+    return ids.detach().to(torch.int16 if num_experts > 256 else torch.uint8)
 
 
 class ReplayTopKRouter(TopKRouter):

@@ -192,19 +192,29 @@ def pack_per_slot(values: Sequence[torch.Tensor], layout: PackedLayout, fill) ->
     """Place per-sample tensors `[n_j, ...]` into slots `[num_slots, ...]`; padding slots get `fill`.
 
     `fill` is a scalar or a tensor of shape `[num_slots, ...]` (e.g. distinct pad routes)."""
+    check_per_sample_rows(values, layout)
+    trailing = tuple(values[0].shape[1:])
+    if torch.is_tensor(fill):
+        out = fill.clone(memory_format=torch.contiguous_format)
+    else:
+        out = torch.full((layout.num_slots, *trailing), fill, dtype=values[0].dtype)
+    # one index_copy_ of the real rows (a boolean-mask assignment is ~10x slower on big route tensors)
+    valid_slots = torch.nonzero(layout.valid).squeeze(1)
+    source = values[0] if len(values) == 1 else torch.cat(list(values))
+    rows = _concat_index(layout).index_select(0, valid_slots)
+    if not torch.equal(rows, torch.arange(rows.shape[0])):  # pack_bshd / pack_thd keep samples in order
+        source = source.index_select(0, rows)
+    out.index_copy_(0, valid_slots, source.to(out.dtype))
+    return out
+
+
+def check_per_sample_rows(values: Sequence[torch.Tensor], layout: PackedLayout) -> None:
+    """Raise ValueError unless `values` holds one tensor per sample of `layout`, with the sample's row count."""
     if len(values) != len(layout.lengths):
         raise ValueError(f"got {len(values)} samples for a layout of {len(layout.lengths)}")
     for j, (value, n) in enumerate(zip(values, layout.lengths)):
         if value.shape[0] != n:
             raise ValueError(f"sample {j} has {value.shape[0]} rows, the layout expects {n}")
-    trailing = tuple(values[0].shape[1:])
-    if torch.is_tensor(fill):
-        out = fill.clone()
-    else:
-        out = torch.full((layout.num_slots, *trailing), fill, dtype=values[0].dtype)
-    valid = layout.valid
-    out[valid] = torch.cat(list(values))[_concat_index(layout)[valid]]
-    return out
 
 
 def _concat_index(layout: PackedLayout) -> torch.Tensor:
@@ -225,10 +235,14 @@ def unpack_per_slot(packed: torch.Tensor, layout: PackedLayout) -> list[torch.Te
 def distinct_fill_ids(num_rows: int, topk: int, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
     """`[num_rows, topk]` ids with no duplicate in any row, rotating over experts so that padding does not pile
     onto expert 0 (the alltoall dispatcher needs exactly topk distinct ids per row; a zero row crashes it)."""
+    return fill_ids_for_slots(torch.arange(num_rows), topk, num_experts, dtype)
+
+
+def fill_ids_for_slots(slots: torch.Tensor, topk: int, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """`distinct_fill_ids(...)[slots]` without building the rows of the other slots."""
     if topk > num_experts:
         raise ValueError(f"moe_router_topk {topk} exceeds num_moe_experts {num_experts}")
-    rows = torch.arange(num_rows).unsqueeze(1) * topk
-    return ((rows + torch.arange(topk)) % num_experts).to(dtype)
+    return ((slots.long().unsqueeze(1) * topk + torch.arange(topk)) % num_experts).to(dtype)
 
 
 def pack_routes(

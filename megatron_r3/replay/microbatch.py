@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_r3.model.replay_router import InstalledRoutes
-from megatron_r3.replay.layout import PackedLayout, distinct_fill_ids, pack_per_slot
+from megatron_r3.replay.layout import PackedLayout, _concat_index, check_per_sample_rows, fill_ids_for_slots
 
 
 @dataclass(frozen=True)
@@ -88,34 +88,99 @@ def localize_routes(
     token_slots: `layout.router_token_slots(...)` for this rank.
     layer_numbers: the global layer numbers of this rank's MoE routers (all its model chunks).
     free_rows: per sample, None or bool `[n_j]` rows that must route natively (validated-bad rows).
+
+    Equal to packing every sample into slots (`layout.pack_routes`), then keeping `token_slots`, but copied
+    straight into this rank's rows: one strided copy per run of consecutive tokens of a sample (a sample, or its
+    CP chunks, per batch column), so each id this rank keeps is copied once and the slots of other ranks never;
+    with too many short runs, one gather from the concatenated samples instead. On a CUDA host the result is
+    allocated in page-locked memory, so `pin_memory()` is free and the host-to-device copy asynchronous.
     """
     layer_numbers = tuple(int(n) for n in layer_numbers)
     num_layers_all = samples[0].shape[1]
     if layer_numbers and (min(layer_numbers) < 1 or max(layer_numbers) > num_layers_all):
         raise ValueError(f"layer numbers {layer_numbers} outside the routes' {num_layers_all} layers")
     topk = samples[0].shape[2]
-    layer_index = torch.tensor([n - 1 for n in layer_numbers], dtype=torch.long)
-    selected = [sample.index_select(1, layer_index) for sample in samples]
-    fill = distinct_fill_ids(layout.num_slots, topk, num_experts, samples[0].dtype)
-    fill = fill.unsqueeze(1).expand(-1, len(layer_numbers), -1)
-    packed = pack_per_slot(selected, layout, fill)
-    expert_ids = packed.index_select(0, token_slots).contiguous()
+    dtype = samples[0].dtype
+    if topk > num_experts:  # raised for any layout, as the pad fill would (even when this rank has no pad)
+        fill_ids_for_slots(token_slots[:0], topk, num_experts, dtype)
+    check_per_sample_rows(samples, layout)
+    count = len(layer_numbers)
+    token_slots = token_slots.reshape(-1)
+    num_rows = token_slots.shape[0]
+    # row of torch.cat(samples) every router row reads (-1 on padding)
+    source_rows = _concat_index(layout).index_select(0, token_slots)
     valid = layout.valid.index_select(0, token_slots)
+    num_valid = int(valid.sum())
+    expert_ids = _empty_host((num_rows, count, topk), dtype)
+    if count and num_rows:
+        first = layer_numbers[0] - 1
+        if layer_numbers == tuple(range(first + 1, first + 1 + count)):  # one contiguous range (PP stage, all)
+            select = lambda sample: sample.narrow(1, first, count)  # noqa: E731 - a view, no copy
+        else:
+            index = torch.tensor([n - 1 for n in layer_numbers], dtype=torch.long)
+            select = lambda sample: sample.index_select(1, index)  # noqa: E731
+        columns = layout.batch_size if num_rows % layout.batch_size == 0 else 1
+        runs = _copy_runs(token_slots, layout, columns)
+        if runs is not None:  # few runs (the usual case): one strided copy per run, straight from the sample
+            grid = expert_ids.view(-1, columns, count, topk)  # router order is [s, b] sequence-major
+            for column, row, length, sample, position in runs:
+                grid[row : row + length, column].copy_(select(samples[sample].narrow(0, position, length)))
+        else:  # many short runs: one source, one gather
+            pieces = [select(sample) for sample in samples]
+            source = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            torch.index_select(source, 0, source_rows.clamp_min(0), out=expert_ids)
+        if num_valid < num_rows:
+            pad = torch.nonzero(~valid).squeeze(1)
+            fill = fill_ids_for_slots(token_slots.index_select(0, pad), topk, num_experts, dtype)
+            expert_ids.index_copy_(0, pad, fill.unsqueeze(1).expand(-1, count, -1).contiguous())
     free = None
+    num_free = 0
     if free_rows is not None and any(rows is not None for rows in free_rows):
         per_sample = [
             torch.zeros(n, dtype=torch.bool) if rows is None else rows.bool()
             for rows, n in zip(free_rows, layout.lengths)
         ]
-        free = pack_per_slot(per_sample, layout, False).index_select(0, token_slots)
+        check_per_sample_rows(per_sample, layout)
+        free = torch.cat(per_sample).index_select(0, source_rows.clamp_min(0)) & valid
+        num_free = int(free.sum())
     return MicrobatchRoutes(
         expert_ids=expert_ids,
         layer_numbers=layer_numbers,
         valid=valid,
         free_rows=free,
-        num_valid=int(valid.sum()),
-        num_free=0 if free is None else int(free.sum()),
+        num_valid=num_valid,
+        num_free=num_free,
     )
+
+
+def _copy_runs(token_slots: torch.Tensor, layout: PackedLayout, columns: int, max_runs: int = 4096):
+    """Split this rank's router rows into runs that read consecutive rows of one sample, or None if there are more
+    than `max_runs` (then one gather is cheaper than a Python loop of copies).
+
+    Router rows are `[s, b]` sequence-major (b = `columns`): along `s` within one batch column, a sample's tokens
+    are consecutive except where the CP zigzag, the SP split or padding cuts them. Returns (column, first row along
+    s, length, sample, first position in the sample) per run of real tokens; padding rows belong to no run.
+    """
+    b = columns
+    sample_of = layout.slot_sample.index_select(0, token_slots).view(-1, b).t().contiguous()  # [b, s], -1 on pad
+    position = layout.slot_position.index_select(0, token_slots).view(-1, b).t().contiguous()
+    real = sample_of >= 0
+    continues = torch.zeros_like(real)  # the row continues the previous row of its column (same sample, next token)
+    continues[:, 1:] = real[:, 1:] & (sample_of[:, 1:] == sample_of[:, :-1]) & (position[:, 1:] == position[:, :-1] + 1)
+    begins = real & ~continues
+    if int(begins.sum()) > max_runs:
+        return None
+    ends = real.clone()  # the row is the last of its run
+    ends[:, :-1] &= ~continues[:, 1:]
+    column, row = torch.nonzero(begins, as_tuple=True)
+    _, last = torch.nonzero(ends, as_tuple=True)  # row-major order: the i-th end closes the i-th begin
+    return list(zip(column.tolist(), row.tolist(), (last - row + 1).tolist(), sample_of[column, row].tolist(),
+                    position[column, row].tolist()))
+
+
+def _empty_host(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Host tensor for data bound to the GPU: page-locked when CUDA is available (torch caches such blocks)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
 
 
 def routes_from_recorded(recorded: dict[int, torch.Tensor], valid: torch.Tensor, num_valid: int) -> MicrobatchRoutes:
