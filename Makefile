@@ -30,9 +30,22 @@ test-distributed: install
 demo: install
 	$(PY) tools/demo.py --out runs/demo
 
+BENCH_OUT ?= runs/bench
+
 bench: install
-	$(PY) bench/replay_overhead.py --device cpu
-	@echo "GPU part (lent H100): see bench/README.md"
+	@mkdir -p $(BENCH_OUT)
+	$(PY) bench/replay_overhead.py --device cpu --preset cpu-tiny --recompute none --json $(BENCH_OUT)/overhead_none.json
+	$(PY) bench/replay_overhead.py --device cpu --preset cpu-tiny --recompute full --json $(BENCH_OUT)/overhead_full.json
+	$(PY) bench/layout_cost.py --device cpu --json $(BENCH_OUT)/layout_cost.json
+	$(PY) bench/route_transport.py --device cpu --json $(BENCH_OUT)/route_transport.json
+	$(PY) bench/replay_memory.py --device cpu --json $(BENCH_OUT)/replay_memory.json
+	$(PY) bench/mismatch_reduction.py --device cpu --model demo --json $(BENCH_OUT)/mismatch_demo.json
+	$(PY) bench/mismatch_reduction.py --device cpu --model deep --json $(BENCH_OUT)/mismatch_deep.json
+	$(PY) bench/grpo_throughput.py --device cpu --json $(BENCH_OUT)/grpo_throughput.json
+	$(PY) bench/sync_count.py --device cpu
+	@echo ""
+	@echo "CPU part done (JSON in $(BENCH_OUT)/). GPU part, one command on the lent H100 (~8 min, tables on stdout,"
+	@echo "files in \$$OUT): bash bench/run_gpu.sh      (see bench/README.md)"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -67,6 +67,8 @@ def build(preset: dict, recompute: str, dtype: torch.dtype, grouped_gemm: bool):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available (cpu hides the GPUs)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-tiny")
     parser.add_argument("--recompute", choices=("none", "full", "moe"), default="none")
     parser.add_argument("--steps", type=int, default=20)
@@ -75,6 +77,10 @@ def main() -> None:
     parser.add_argument("--grouped-gemm", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here")
 
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.moe.router_replay import RouterReplayAction
