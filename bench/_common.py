@@ -117,3 +117,13 @@ def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 1, sync: Op
         if index >= warmup:
             out.append(time.perf_counter() - start)
     return out
+
+
+def revision_source(rev: str, path: str) -> str:
+    """The text of `path` at git revision `rev`, or from the folder `rev` (a copy of that revision's tree, for a
+    machine without the git history, e.g. the lent GPU host)."""
+    if os.path.isdir(rev):
+        with open(os.path.join(rev, path)) as handle:
+            return handle.read()
+    return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=REPO, check=True, capture_output=True,
+                          text=True).stdout

@@ -25,7 +25,8 @@ import sys
 import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import REPO, environment, median_ms, print_table, resolve_device, time_calls, write_json  # noqa: E402
+from _common import (environment, median_ms, print_table, resolve_device, revision_source, time_calls,  # noqa: E402
+                     write_json)
 
 import torch  # noqa: E402
 
@@ -61,8 +62,7 @@ def load_baseline(rev: str):
     """`localize_routes` as it was at git revision `rev` (layout.py and microbatch.py of that revision)."""
 
     def source(path):
-        return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=REPO, check=True, capture_output=True,
-                              text=True).stdout
+        return revision_source(rev, path)
 
     name = f"_baseline_layout_{rev}"
     layout_module = types.ModuleType(name)

@@ -24,7 +24,7 @@ import sys
 import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import REPO, environment, print_table, resolve_device, write_json  # noqa: E402
+from _common import environment, print_table, resolve_device, revision_source, write_json  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -37,8 +37,7 @@ MEMORY_PRESETS = {
 
 
 def load_baseline_state(rev: str):
-    source = subprocess.run(["git", "show", f"{rev}:megatron_r3/model/replay_router.py"], cwd=REPO, check=True,
-                            capture_output=True, text=True).stdout
+    source = revision_source(rev, "megatron_r3/model/replay_router.py")
     name = f"_baseline_replay_router_{rev}"
     module = types.ModuleType(name)
     sys.modules[name] = module

@@ -15,7 +15,8 @@ WORK=$(mktemp -d /tmp/bench_gpu.XXXXXX)
 MD=$OUT/bench_gpu.md
 LOG=$OUT/bench_gpu.log
 BUDGET=${BENCH_GPU_BUDGET_S:-540}
-BASELINE=${BENCH_BASELINE:-af9bcad}   # the commit before the layout / recompute-queue optimisations
+BASELINE=${BENCH_BASELINE:-af9bcad}   # the commit before the layout / recompute-queue optimisations (a git revision, or
+                                      # a folder holding that revision's files where the machine has no git history)
 PY=${PYTHON:-python3}
 START=$(date +%s)
 : > "$MD"
