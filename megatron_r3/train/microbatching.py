@@ -123,6 +123,11 @@ def shard_minibatches(
     return out
 
 
+def data_parallel_owner(position: int, global_batch_size: int, data_parallel_size: int) -> int:
+    """The data-parallel rank that trains the sample at `position` of the step's batch (as `shard_minibatches`)."""
+    return (position % global_batch_size) // (global_batch_size // data_parallel_size)
+
+
 def group_by_size(samples: Sequence[TrainSample], micro_batch_size: int) -> list[list[TrainSample]]:
     return [list(samples[i : i + micro_batch_size]) for i in range(0, len(samples), micro_batch_size)]
 

@@ -70,6 +70,11 @@ class GRPOTrainer:
             kl_coef=args.grpo_kl_beta,
         )
         self.is_logger = dist.get_rank() == 0 if dist.is_initialized() else True
+        # the data-parallel rank of every global rank: rank 0 ships each rank the routes of its own share only
+        self._data_parallel_ranks = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self._data_parallel_ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(self._data_parallel_ranks, self.rank.dp_rank, group=host_group())
         self.step = 0
         self.skipped_steps = 0
         if args.load or ckpt.latest_step(args.save) is not None:
@@ -212,7 +217,7 @@ class GRPOTrainer:
             prompt_ids = setup.tokenize(records)
             payload = generate_batch(setup.engine, prompt_ids, records, setup.tokenizer, setup.reward_fn,
                                      setup.rollout_settings(self.step))
-        return share_from_rank0(payload)
+        return share_from_rank0(payload, self._data_parallel_ranks, self.args.global_batch_size)
 
     def _plan(self, samples) -> StepPlan:
         args, setup = self.args, self.setup
@@ -225,7 +230,7 @@ class GRPOTrainer:
             if dist.is_initialized():  # every rank of an expert-parallel (data-parallel) group runs as many
                 dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=host_group())
             targets = counts.tolist()
-        with_routes = samples[0].routes is not None
+        with_routes = any(sample.routes is not None for sample in samples)  # only this rank's share has them
         return plan_step(samples, self.rank, equal_seq_length=equal, moe_layer_numbers=setup.routers.layer_numbers,
                          num_experts=setup.config.num_moe_experts, with_routes=with_routes,
                          min_microbatches=targets, **common)
