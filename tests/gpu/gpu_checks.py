@@ -9,8 +9,8 @@ Sections
   sync_error    route layout (localize_routes), the asynchronous host-to-device copy, installation and the router's
                 replay path (a ReplayTopKRouter forward in REPLAY_FORWARD and in a recompute) run under
                 torch.cuda.set_sync_debug_mode("error"): any host sync raises
-  sync_count    host syncs of a whole training step (forward, backward, full recompute) counted with "warn": with
-                R3 replay vs native routing
+  sync_count    host syncs of a whole training step (forward, backward; recompute none and full), R3 replay vs
+                native routing, with bench/sync_count.py's calibrated counter
   cp_attention  the TE-free context-parallel core attention at CP=1 vs megatron's DotProductAttention on CUDA
                 (BSHD through our global-position path, and packed THD vs each document alone)
   trainer       pretrain_grpo.py for 3 steps with --router-replay R3 and off on the GPU (NCCL world of one)
@@ -27,7 +27,6 @@ import subprocess
 import sys
 import time
 import traceback
-import warnings
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -139,47 +138,16 @@ def sync_error() -> dict:
 
 
 def sync_count() -> dict:
-    """Host syncs of one full training step (fwd + bwd + full recompute), R3 vs off, counted by torch."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.transformer.moe.router_replay import RouterReplayAction
+    """Host syncs of one training step (fwd + bwd, recompute none and full), R3 vs off, with bench/sync_count.py's
+    calibrated counter (torch's sync debug mode alone misses `Event.synchronize`, which megatron's dispatcher uses)."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    from sync_count import SyncCounter, calibrate, count_step
 
-    from megatron_r3.replay.microbatch import localize_routes
-    from megatron_r3.replay.schedule import run_schedule
-
-    out = {}
+    counter = SyncCounter()
+    out = {"calibration_ok": all(case[-1] for case in calibrate(counter))}
     for recompute in ("none", "full"):
-        config, chunks = tiny_model(recompute)
-        routers, samples, layout, slots, experts = routes_for(chunks, seq=512, batch=2)
-        tokens = torch.randint(0, 512, (2, 512), device="cuda")
-        positions = torch.arange(512, device="cuda").expand(2, -1)
-
-        def forward_step(data_iterator, model):
-            output = model(tokens, positions, None, labels=tokens)
-            return output, lambda o: (o.float().mean(), {"loss": o.detach().float().mean()})
-
-        def step(replay: bool) -> int:
-            torch.cuda.synchronize()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    routes = None
-                    if replay:
-                        routes = [localize_routes(samples, layout, slots, routers.layer_numbers, experts)
-                                  .pin_memory().to("cuda", non_blocking=True)]
-                    run_schedule(get_forward_backward_func(), routers,
-                                 action=RouterReplayAction.REPLAY_FORWARD if replay else None, routes=routes,
-                                 forward_step_func=forward_step, data_iterator=iter([None]), model=chunks[0],
-                                 num_microbatches=1, forward_only=False, seq_length=512, micro_batch_size=2)
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-            chunks[0].zero_grad(set_to_none=True)
-            return sum("synchroniz" in str(w.message) for w in caught)
-
-        step(False), step(True)  # warm-up (lazy init, caching allocator)
-        counts = {"off": step(False), "R3": step(True)}
-        out[recompute] = dict(counts, replay_adds=counts["R3"] - counts["off"])
-    out["replay_adds_no_sync"] = all(v["replay_adds"] <= 0 for v in out.values() if isinstance(v, dict))
+        out[recompute] = count_step(counter, recompute)
+    out["replay_adds_no_sync"] = out["calibration_ok"] and all(out[r]["replay_adds"] <= 0 for r in ("none", "full"))
     return out
 
 
