@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None)
     parser.add_argument("--grouped-gemm", action="store_true")
+    parser.add_argument("--router-iters", type=int, default=200,
+                        help="also time one router's forward+backward alone, native vs replay (0: skip)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     if args.device == "cpu":
@@ -151,12 +153,26 @@ def main() -> None:
                 times[replay].append(seconds)
             model.zero_grad(set_to_none=True)
     off, r3 = statistics.median(times[False]), statistics.median(times[True])
+    pair = sorted(b / a for a, b in zip(times[False], times[True]))
+    quartile = lambda q: pair[min(len(pair) - 1, int(q * len(pair)))]  # noqa: E731
+    router = router_times(model, b * s, preset, dtype, dev, args.router_iters) if args.router_iters else None
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     rows = [
         ("device", card), ("preset", args.preset), ("recompute", args.recompute), ("dtype", str(dtype)),
         ("tokens/step", b * s), ("steps (median of)", args.steps),
         ("off  step ms", f"{off * 1e3:.2f}"), ("R3   step ms", f"{r3 * 1e3:.2f}"), ("R3 / off", f"{r3 / off:.4f}"),
+        ("pairwise R3/off median [IQR]", f"{statistics.median(pair):.4f} [{quartile(0.25):.4f}, {quartile(0.75):.4f}]"),
+        ("off step ms min / max", f"{min(times[False]) * 1e3:.2f} / {max(times[False]) * 1e3:.2f}"),
     ]
+    if router is not None:
+        native_us, replay_us = router
+        calls = layers * (2 if args.recompute != "none" else 1)  # router forwards per step (recompute re-runs them)
+        rows += [
+            ("router fwd+bwd native us (median)", f"{native_us:.1f}"),
+            ("router fwd+bwd replay us (median)", f"{replay_us:.1f}"),
+            ("router replay - native, per step ms", f"{(replay_us - native_us) * calls / 1e3:.3f}"),
+            ("  as % of the off step", f"{100 * (replay_us - native_us) * calls / 1e3 / (off * 1e3):.3f}%"),
+        ]
     width = max(len(k) for k, _ in rows)
     print("| " + "metric".ljust(width) + " | value |\n|" + "-" * (width + 2) + "|-------|")
     for key, value in rows:
@@ -165,7 +181,56 @@ def main() -> None:
         import json
 
         with open(args.json, "w") as handle:
+            # (the lists are seconds per step, despite their historical names)
             json.dump({k: v for k, v in rows} | {"off_ms": times[False], "r3_ms": times[True]}, handle, indent=1)
+
+
+def router_times(model, num_tokens: int, preset: dict, dtype, dev, iters: int) -> tuple[float, float]:
+    """Median microseconds of one router's forward + backward, native top-k vs replaying installed ids.
+
+    This is everything replay changes inside the model (a gather of the installed ids instead of a top-k), timed
+    alone, without the step's noise. Arms alternate; CUDA events on the GPU, perf_counter on the CPU."""
+    from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+    from megatron_r3.model.replay_router import InstalledRoutes, ReplayTopKRouter
+
+    router = next(m for m in model.modules() if isinstance(m, ReplayTopKRouter))
+    state = router.replay
+    hidden = torch.randn(num_tokens, 1, preset["hidden_size"], device=dev, dtype=dtype, requires_grad=True)
+    with torch.no_grad():
+        ids = torch.topk(router.gating(hidden.view(num_tokens, -1)).float(), preset["moe_router_topk"], dim=-1)[1]
+    ids = ids.to(torch.uint8 if preset["num_moe_experts"] <= 256 else torch.int16)
+    cuda = dev.type == "cuda"
+
+    def once(replay: bool) -> float:
+        state.action = RouterReplayAction.REPLAY_FORWARD if replay else None
+        if replay:
+            state.install(InstalledRoutes(expert_ids=ids))
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            t0 = time.perf_counter()
+        probs, routing_map = router(hidden)
+        probs.float().sum().backward()
+        if cuda:
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end) * 1e3
+        else:
+            elapsed = (time.perf_counter() - t0) * 1e6
+        hidden.grad = None
+        router.zero_grad(set_to_none=True)
+        return elapsed
+
+    samples = {False: [], True: []}
+    for i in range(iters + 10):
+        for replay in (False, True):
+            elapsed = once(replay)
+            if i >= 10:
+                samples[replay].append(elapsed)
+    state.reset()
+    return statistics.median(samples[False]), statistics.median(samples[True])
 
 
 if __name__ == "__main__":
