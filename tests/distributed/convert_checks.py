@@ -32,7 +32,7 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from tests.distributed.launch import exit_without_teardown  # noqa: E402
+from tests.distributed.launch import finish_launch  # noqa: E402
 
 TOLERANCE = 1e-4
 SEQ, BATCH = 16, 2
@@ -371,11 +371,7 @@ def main() -> None:
         records.append(record)
         if rank == 0:
             print(json.dumps(record), flush=True)
-    if rank == 0 and args.out:
-        with open(args.out, "w") as handle:
-            json.dump(records, handle, indent=1)
-    dist.barrier()
-    exit_without_teardown()
+    finish_launch(records, args.out)
 
 
 if __name__ == "__main__":

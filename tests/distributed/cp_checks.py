@@ -35,7 +35,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from megatron_r3.platform.distributed import ParallelSizes, initialize_model_parallel  # noqa: E402
-from tests.distributed.launch import exit_without_teardown  # noqa: E402
+from tests.distributed.launch import finish_launch  # noqa: E402
 
 initialize_model_parallel(ParallelSizes())  # gloo/NCCL + CPU support before megatron builds anything
 
@@ -339,11 +339,7 @@ def main() -> None:
             print(json.dumps(record), flush=True)
     if rank == 0:
         print(json.dumps(dict(total_seconds=round(time.time() - launch_start, 2))), flush=True)
-        if args.out:
-            with open(args.out, "w") as handle:
-                json.dump(records, handle, indent=1)
-    dist.barrier()
-    exit_without_teardown()
+    finish_launch(records, args.out)
 
 
 if __name__ == "__main__":

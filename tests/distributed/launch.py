@@ -56,6 +56,17 @@ def run_torchrun(script: str, args: list[str] = (), *, nproc: int = 4, timeout: 
         return json.loads(Path(out).read_text())
 
 
+def finish_launch(records: list, out: str | None) -> None:
+    """Rank 0 writes the launch's records to `out`; every rank then waits for the others and exits."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0 and out:
+        with open(out, "w") as handle:
+            json.dump(records, handle, indent=1)
+    dist.barrier()
+    exit_without_teardown()
+
+
 def exit_without_teardown() -> None:
     """End a many-layouts rank once its results are written, without tearing down the process groups.
 

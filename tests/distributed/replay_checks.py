@@ -51,7 +51,7 @@ from megatron_r3.replay.microbatch import localize_routes, routes_from_recorded 
 from megatron_r3.replay.r2 import gather_recorded_routes  # noqa: E402
 from megatron_r3.replay.schedule import ReplayRouters, RouteReplayError, run_schedule  # noqa: E402
 from megatron_r3.train.batch import microbatch_inputs  # noqa: E402
-from tests.distributed.launch import exit_without_teardown  # noqa: E402
+from tests.distributed.launch import finish_launch  # noqa: E402
 from tests.distributed.layouts import LAYOUTS, RECOMPUTE  # noqa: E402
 
 VOCAB, NUM_LAYERS, EXPERTS, TOPK = 128, 4, 8, 2
@@ -337,11 +337,7 @@ def main() -> None:
             records.append(record)
             if rank == 0:
                 print(json.dumps(record), flush=True)
-    if rank == 0 and args.out:
-        with open(args.out, "w") as handle:
-            json.dump(records, handle, indent=1)
-    dist.barrier()
-    exit_without_teardown()
+    finish_launch(records, args.out)
 
 
 if __name__ == "__main__":

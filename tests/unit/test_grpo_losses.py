@@ -14,6 +14,7 @@ from megatron_r3.grpo import (
     policy_loss,
     token_logprobs_from_logits,
 )
+from tests.unit.host_syncs import forbid_host_syncs
 
 F64 = torch.float64
 
@@ -234,18 +235,6 @@ def test_token_logprobs_from_logits():
         token_logprobs_from_logits(x, labels, temperature=0.0)
 
 
-def _forbid_host_syncs(monkeypatch):
-    def boom(*args, **kwargs):
-        raise AssertionError("host sync in per-microbatch code")
-
-    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, boom)
-    # the patch really catches syncs, including implicit ones through Python control flow
-    for sync in (lambda t: t.item(), lambda t: t.tolist(), lambda t: bool(t > 0), lambda t: float(t)):
-        with pytest.raises(AssertionError, match="host sync"):
-            sync(torch.ones(()))
-
-
 def test_no_host_syncs(monkeypatch):
     logp, old, adv, mask, _ = _crafted()
     rollout = old - 0.1
@@ -253,7 +242,7 @@ def test_no_host_syncs(monkeypatch):
     logits = torch.randn(7, 5, dtype=F64)
     labels = torch.randint(0, 5, (7,))
     lp = logp.clone().requires_grad_(True)
-    _forbid_host_syncs(monkeypatch)
+    forbid_host_syncs(monkeypatch)
     cfg = PolicyLossConfig(tis_cap=2.0, kl_coef=0.1)
     for denom in (None, 5.0, torch.tensor(6.0)):
         loss, metrics = policy_loss(lp, old, adv, mask, cfg, rollout_logp=rollout, ref_logp=ref,

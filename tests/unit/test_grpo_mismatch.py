@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from megatron_r3.grpo import MISMATCH_KEYS, MetricAccumulator, rollout_train_mismatch
+from tests.unit.host_syncs import forbid_host_syncs
 
 F64 = torch.float64
 LN2, LN5 = math.log(2.0), math.log(5.0)
@@ -159,22 +160,10 @@ def test_mismatch_shape_errors():
         MetricAccumulator().add_mismatch(torch.zeros(4), torch.zeros(4), torch.ones(5))
 
 
-def _forbid_host_syncs(monkeypatch):
-    def boom(*args, **kwargs):
-        raise AssertionError("host sync in per-microbatch code")
-
-    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, boom)
-    # the patch really catches syncs, including implicit ones through Python control flow
-    for sync in (lambda t: t.item(), lambda t: t.tolist(), lambda t: bool(t > 0), lambda t: float(t)):
-        with pytest.raises(AssertionError, match="host sync"):
-            sync(torch.ones(()))
-
-
 def test_no_host_syncs(monkeypatch):
     train, rollout, mask = _random_batch(2, 64)
     acc = MetricAccumulator()
-    _forbid_host_syncs(monkeypatch)
+    forbid_host_syncs(monkeypatch)
     out = rollout_train_mismatch(train, rollout, mask)
     for s in (slice(0, 30), slice(30, 64)):
         acc.add_mismatch(train[s], rollout[s], mask[s])
