@@ -78,9 +78,10 @@ def set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _sharded_state(chunks, optimizer, is_loading: bool) -> dict:
+def _sharded_state(chunks, optimizer, is_loading: bool, with_optimizer: bool = True) -> dict:
     sharded = model_sharded_state_dict(chunks)
-    sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=is_loading)
+    if with_optimizer:
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=is_loading)
     return sharded
 
 
@@ -113,16 +114,35 @@ def save_checkpoint(root: str, step: int, chunks, optimizer, trainer_state: dict
     return final
 
 
-def load_checkpoint(root: str, step: int, chunks, optimizer) -> dict:
-    """Load checkpoint `step` into the chunks and optimizer, restore this rank's RNG; returns the trainer state."""
+def load_checkpoint(root: str, step: int, chunks, optimizer, load_optimizer: bool = True,
+                    load_rng: bool = True) -> dict:
+    """Load checkpoint `step` into the chunks and optimizer, restore this rank's RNG; returns the trainer state.
+
+    `load_optimizer=False` (megatron's `--no-load-optim`) loads the weights only: the optimizer starts fresh, and
+    its main (fp32) copies of the parameters are refreshed from the loaded weights. `load_rng=False`
+    (`--no-load-rng`) keeps this run's seeds."""
     from megatron.core import dist_checkpointing
 
     directory = step_dir(root, step)
-    loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, is_loading=True), directory)
+    loaded = dist_checkpointing.load(
+        _sharded_state(chunks, optimizer, is_loading=True, with_optimizer=load_optimizer), directory
+    )
     load_model_state_dict(chunks, loaded)
-    optimizer.load_state_dict(loaded["optimizer"])
+    if load_optimizer:
+        try:
+            optimizer.load_state_dict(loaded["optimizer"])
+        except ValueError as error:
+            if "Could not find parameter group" not in str(error):
+                raise
+            raise ValueError(
+                f"--load {root}: this run's optimizer parameter groups (learning rate, weight decay) differ from the "
+                f"checkpoint's; pass --no-load-optim to start a fresh optimizer (and --override-opt_param-scheduler "
+                f"to use this run's schedule). megatron-core: {error}"
+            ) from None
+    else:
+        optimizer.reload_model_params()
     rng_file = os.path.join(directory, "rng", f"rank_{_rank():05d}.pt")
-    if os.path.exists(rng_file):
+    if load_rng and os.path.exists(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))
     with open(os.path.join(directory, "trainer_state.json")) as handle:
         return json.load(handle)

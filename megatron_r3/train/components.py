@@ -178,6 +178,9 @@ def build_training_setup(args) -> TrainingSetup:
         end_wd=args.weight_decay,
         wd_incr_steps=max(1, args.train_iters * samples_per_step),
         wd_incr_style="constant",
+        # megatron's semantics on resume: scheduler values must match the checkpoint's unless one of these is given
+        use_checkpoint_opt_param_scheduler=bool(args.use_checkpoint_opt_param_scheduler),
+        override_opt_param_scheduler=bool(args.override_opt_param_scheduler),
     )
 
     reference = reference_routers = None

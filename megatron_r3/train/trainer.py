@@ -87,8 +87,15 @@ class GRPOTrainer:
         step = ckpt.latest_step(root)
         if step is None:
             raise FileNotFoundError(f"--load {root}: no checkpoint (no '{ckpt.TRACKER}' tracker file)")
-        state = ckpt.load_checkpoint(root, step, self.setup.chunks, self.setup.optimizer)
-        self.setup.scheduler.load_state_dict(state["scheduler"])
+        state = ckpt.load_checkpoint(root, step, self.setup.chunks, self.setup.optimizer,
+                                     load_optimizer=not self.args.no_load_optim, load_rng=not self.args.no_load_rng)
+        try:
+            self.setup.scheduler.load_state_dict(state["scheduler"])
+        except AssertionError as error:  # megatron's check that the schedule matches the checkpoint's
+            raise ValueError(
+                f"--load {root}: {error}. Pass --override-opt_param-scheduler to use this run's schedule, or "
+                f"--use-checkpoint-opt_param-scheduler to keep the checkpoint's"
+            ) from None
         self.setup.sampler.load_state_dict(state["sampler"])
         self.step = state["step"]
         self.skipped_steps = state.get("skipped_steps", 0)

@@ -177,3 +177,28 @@ def test_tripped_gate_fails_with_a_clear_message(root):
     assert proc.returncode != 0
     assert "--max-rollout-train-logp-abs-diff: r3/rollout_train_logp_abs_diff is" in proc.stderr + proc.stdout
     assert "above the bound 1.000e-09" in proc.stderr + proc.stdout
+
+
+def test_resume_with_another_schedule_needs_megatron_s_override(root, single):
+    """--load with a changed --lr fails on the optimizer's parameter groups, then (with --no-load-optim) on
+    megatron's scheduler check, each time naming the flag to pass; with both flags it loads the weights, starts a
+    fresh optimizer on this run's schedule and runs."""
+    source = os.path.join(root, "single_R3", "checkpoints")
+    common = ["--router-replay", "R3", "--train-iters", "3", "--load", source, "--save-interval", "1000"]
+    proc, _ = run_cli(root, "resume_lr", [*common, "--lr", "1e-4", "--save", os.path.join(root, "resume_lr_ckpt")],
+                      expect_ok=False)
+    assert proc.returncode != 0
+    assert "differ from the checkpoint's; pass --no-load-optim to start a fresh optimizer" in proc.stderr
+    proc, _ = run_cli(root, "resume_lr_fresh_optim", [*common, "--lr", "1e-4", "--no-load-optim", "--save",
+                                                      os.path.join(root, "resume_lr_fresh_optim_ckpt")],
+                      expect_ok=False)
+    assert proc.returncode != 0
+    assert "Pass --override-opt_param-scheduler to use this run's schedule" in proc.stderr
+    _, metrics = run_cli(root, "resume_lr_override", [*common, "--lr", "1e-4", "--override-opt_param-scheduler",
+                                                      "--no-load-optim", "--save",
+                                                      os.path.join(root, "resume_lr_override_ckpt")])
+    assert [m["step"] for m in metrics] == [2]
+    # this run's schedule (same shape, peak 1e-4 instead of the checkpoint's 3e-3), not the checkpoint's
+    assert metrics[0]["train/lr"] == pytest.approx(single["R3"][2]["train/lr"] * 1e-4 / 3e-3, rel=1e-6)
+    # the loaded weights are the checkpoint's: the rollout of step 2 is the same as the uninterrupted run's
+    assert metrics[0]["reward/mean"] == single["R3"][2]["reward/mean"]
