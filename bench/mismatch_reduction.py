@@ -91,6 +91,9 @@ def main() -> None:
     parser.add_argument("--trainer-dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--load", default=None,
+                        help="a checkpoint folder of pretrain_grpo.py (e.g. runs/demo/R3/checkpoints) to measure a "
+                             "trained model instead of a random one; --model must name its architecture")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.device == "cpu":
@@ -122,6 +125,10 @@ def main() -> None:
     ]
     if args.trainer_dtype == "bf16":
         argv.append("--bf16")
+    if args.load:
+        # the weights only (this bench never steps the optimizer), resumed at the checkpoint's step
+        argv += ["--load", args.load, "--train-iters", str(10**6), "--no-load-optim",
+                 "--override-opt_param-scheduler"]
     import contextlib
     import io
 
