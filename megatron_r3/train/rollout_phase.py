@@ -1,8 +1,9 @@
-"""The rollout phase of a GRPO step: generate on rank 0, validate routes, score, and hand every rank the same batch.
+"""The rollout phase of a GRPO step: generate on rank 0, validate routes, score, and hand every rank the batch.
 
 One process talks to the rollout engine (the embedded hf engine lives there; the SGLang client sends from there), so
 the samples of a step do not depend on how the trainer is laid out. Everything rank 0 learns, including a failure,
-travels in one broadcast: a bad route raises on every rank alike instead of leaving the others waiting.
+travels in one collective (a broadcast, or a scatter that gives each data-parallel rank only its own routes): a bad
+route raises on every rank alike instead of leaving the others waiting.
 """
 
 from __future__ import annotations
