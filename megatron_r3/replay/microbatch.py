@@ -80,6 +80,7 @@ def localize_routes(
     layer_numbers: Sequence[int],
     num_experts: int,
     free_rows: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    source_layer_numbers: Optional[Sequence[int]] = None,
 ) -> MicrobatchRoutes:
     """Build this rank's `MicrobatchRoutes`.
 
@@ -88,6 +89,8 @@ def localize_routes(
     token_slots: `layout.router_token_slots(...)` for this rank.
     layer_numbers: the global layer numbers of this rank's MoE routers (all its model chunks).
     free_rows: per sample, None or bool `[n_j]` rows that must route natively (validated-bad rows).
+    source_layer_numbers: the global layer numbers the samples' layer axis holds, when it holds only some layers
+        (routes shipped to a pipeline stage carry only its layers); None: every decoder layer, 1..L_all.
 
     Equal to packing every sample into slots (`layout.pack_routes`), then keeping `token_slots`, but copied
     straight into this rank's rows: one strided copy per run of consecutive tokens of a sample (a sample, or its
@@ -96,9 +99,7 @@ def localize_routes(
     allocated in page-locked memory, so `pin_memory()` is free and the host-to-device copy asynchronous.
     """
     layer_numbers = tuple(int(n) for n in layer_numbers)
-    num_layers_all = samples[0].shape[1]
-    if layer_numbers and (min(layer_numbers) < 1 or max(layer_numbers) > num_layers_all):
-        raise ValueError(f"layer numbers {layer_numbers} outside the routes' {num_layers_all} layers")
+    positions = _layer_positions(layer_numbers, samples[0].shape[1], source_layer_numbers)
     topk = samples[0].shape[2]
     dtype = samples[0].dtype
     if topk > num_experts:  # raised for any layout, as the pad fill would (even when this rank has no pad)
@@ -113,11 +114,11 @@ def localize_routes(
     num_valid = int(valid.sum())
     expert_ids = _empty_host((num_rows, count, topk), dtype)
     if count and num_rows:
-        first = layer_numbers[0] - 1
-        if layer_numbers == tuple(range(first + 1, first + 1 + count)):  # one contiguous range (PP stage, all)
+        first = positions[0]
+        if positions == tuple(range(first, first + count)):  # one contiguous range (PP stage, all)
             select = lambda sample: sample.narrow(1, first, count)  # noqa: E731 - a view, no copy
         else:
-            index = torch.tensor([n - 1 for n in layer_numbers], dtype=torch.long)
+            index = torch.tensor(positions, dtype=torch.long)
             select = lambda sample: sample.index_select(1, index)  # noqa: E731
         columns = layout.batch_size if num_rows % layout.batch_size == 0 else 1
         runs = _copy_runs(token_slots, layout, columns)
@@ -151,6 +152,24 @@ def localize_routes(
         num_valid=num_valid,
         num_free=num_free,
     )
+
+
+def _layer_positions(
+    layer_numbers: tuple[int, ...], num_layers: int, source_layer_numbers: Optional[Sequence[int]]
+) -> tuple[int, ...]:
+    """Index along the routes' layer axis of each wanted global layer number."""
+    if source_layer_numbers is None:
+        if layer_numbers and (min(layer_numbers) < 1 or max(layer_numbers) > num_layers):
+            raise ValueError(f"layer numbers {layer_numbers} outside the routes' {num_layers} layers")
+        return tuple(n - 1 for n in layer_numbers)
+    source = tuple(int(n) for n in source_layer_numbers)
+    if len(source) != num_layers:
+        raise ValueError(f"source_layer_numbers {source} name {len(source)} layers, the routes hold {num_layers}")
+    where = {n: i for i, n in enumerate(source)}
+    missing = [n for n in layer_numbers if n not in where]
+    if missing:
+        raise ValueError(f"this rank's routers need layers {missing}, but the routes carry only layers {source}")
+    return tuple(where[n] for n in layer_numbers)
 
 
 def _copy_runs(token_slots: torch.Tensor, layout: PackedLayout, columns: int, max_runs: int = 4096):

@@ -31,7 +31,7 @@ from megatron_r3.train.batch import MicrobatchInputs, microbatch_inputs
 
 @dataclass
 class TrainSample:
-    """One rollout sample as the trainer sees it (identical on every rank)."""
+    """One rollout sample as the trainer sees it (the same on every rank, except which routes it carries)."""
 
     index: int  # position in the step's rollout batch
     tokens: torch.Tensor  # [T] prompt + response
@@ -41,6 +41,8 @@ class TrainSample:
     advantage: float
     routes: Optional[Routes] = None  # rows 0..T-2 (validated)
     free_rows: Optional[torch.Tensor] = None  # bool [T-1]: rows routed natively (counted fallback)
+    # the global layer numbers of `routes`' layer axis when rank 0 shipped only this rank's layers (None: all)
+    route_layer_numbers: Optional[tuple[int, ...]] = None
 
     @property
     def num_slots(self) -> int:
@@ -189,9 +191,12 @@ def build_microbatch(
         missing = [s.index for s in samples if s.routes is None]
         if missing:
             raise ValueError(f"samples {missing} carry no routes; the rollout engine must return routed experts")
+        shipped_layers = {s.route_layer_numbers for s in samples}
+        if len(shipped_layers) != 1:
+            raise ValueError(f"the samples of one microbatch carry routes of different layers: {shipped_layers}")
         routes = localize_routes(
             [s.routes.expert_ids for s in samples], layout, token_slots, moe_layer_numbers, num_experts,
-            free_rows=[s.free_rows for s in samples],
+            free_rows=[s.free_rows for s in samples], source_layer_numbers=shipped_layers.pop(),
         )
     return TrainMicrobatch(
         samples=list(samples), layout=layout, inputs=inputs, advantages=advantages, rollout_logp=rollout_logp,

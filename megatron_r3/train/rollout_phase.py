@@ -2,8 +2,8 @@
 
 One process talks to the rollout engine (the embedded hf engine lives there; the SGLang client sends from there), so
 the samples of a step do not depend on how the trainer is laid out. Everything rank 0 learns, including a failure,
-travels in one collective (a broadcast, or a scatter that gives each data-parallel rank only its own routes): a bad
-route raises on every rank alike instead of leaving the others waiting.
+travels in one collective (a broadcast, or a scatter that gives each rank only the routes it replays): a bad route
+raises on every rank alike instead of leaving the others waiting.
 """
 
 from __future__ import annotations
@@ -176,47 +176,64 @@ def reward_fn_scores(reward_fn, responses, records) -> torch.Tensor:
     return score(responses, records, reward_fn)
 
 
+@dataclass(frozen=True)
+class RouteShare:
+    """What one rank needs of a step's routes: its data-parallel rank's samples, and its routers' layers."""
+
+    data_parallel_rank: int
+    layer_numbers: tuple[int, ...]
+
+
 def share_from_rank0(
     payload: Optional[RolloutPayload],
-    data_parallel_ranks: Optional[Sequence[int]] = None,
+    route_shares: Optional[Sequence[RouteShare]] = None,
     global_batch_size: Optional[int] = None,
 ) -> RolloutPayload:
     """Send rank 0's payload to every rank (host memory, gloo); raise everywhere if it carries an error.
 
-    With `data_parallel_ranks` (the data-parallel rank of every global rank) and `global_batch_size`, each rank
-    receives routes only for the samples its data-parallel rank trains: the route ids are the bulk of a step's
-    payload (48 layers x top-8 is 384 bytes per token against about 12 for the rest), and a rank never replays
-    another data-parallel rank's samples. Every other field, and every sample's tokens, still reach every rank."""
+    With `route_shares` (one per global rank) and `global_batch_size`, each rank receives routes only for the
+    samples its data-parallel rank trains, and only for the layers of its own routers (its pipeline stage and
+    virtual chunks): the route ids are the bulk of a step's payload (48 layers x top-8 is 384 bytes per token
+    against about 12 for the rest). Every other field, and every sample's tokens, still reach every rank. The
+    tensor- and context-parallel ranks of one stage receive the same share and keep their tokens in
+    `localize_routes`."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        sharded = data_parallel_ranks is not None and max(data_parallel_ranks) > 0
-        if not sharded:
+        if route_shares is None or len(set(route_shares)) == 1:
             box = [payload]
             dist.broadcast_object_list(box, src=0, group=host_group())
             payload = box[0]
         else:
-            shares = None
+            per_rank = None
             if dist.get_rank() == 0:
-                per_dp = {dp: routes_for_data_parallel_rank(payload, dp, len(set(data_parallel_ranks)),
-                                                            global_batch_size)
-                          for dp in set(data_parallel_ranks)}
-                shares = [per_dp[dp] for dp in data_parallel_ranks]
+                data_parallel_size = len({share.data_parallel_rank for share in route_shares})
+                built = {share: routes_for_share(payload, share, data_parallel_size, global_batch_size)
+                         for share in set(route_shares)}
+                per_rank = [built[share] for share in route_shares]
             box = [None]
-            dist.scatter_object_list(box, shares, src=0, group=host_group())
+            dist.scatter_object_list(box, per_rank, src=0, group=host_group())
             payload = box[0]
     if payload.error is not None:
         raise RolloutPhaseError(payload.error)
     return payload
 
 
-def routes_for_data_parallel_rank(
-    payload: RolloutPayload, dp_rank: int, data_parallel_size: int, global_batch_size: int
+def routes_for_share(
+    payload: RolloutPayload, share: RouteShare, data_parallel_size: int, global_batch_size: int
 ) -> RolloutPayload:
-    """`payload` with routes (and fallback rows) kept only on the samples that `dp_rank` trains."""
+    """`payload` as one rank needs it: routes (and fallback rows) only on the samples that its data-parallel rank
+    trains, narrowed to its routers' layers."""
     if payload.error is not None or not payload.samples:
         return payload
-    samples = [
-        sample if data_parallel_owner(position, global_batch_size, data_parallel_size) == dp_rank
-        else dataclasses.replace(sample, routes=None, free_rows=None)
-        for position, sample in enumerate(payload.samples)
-    ]
+    layers = tuple(sorted(set(share.layer_numbers)))
+    index = torch.tensor([n - 1 for n in layers], dtype=torch.long)
+    samples = []
+    for position, sample in enumerate(payload.samples):
+        if data_parallel_owner(position, global_batch_size, data_parallel_size) != share.data_parallel_rank:
+            samples.append(dataclasses.replace(sample, routes=None, free_rows=None))
+        elif sample.routes is None:
+            samples.append(sample)
+        else:
+            routes = sample.routes
+            narrowed = dataclasses.replace(routes, expert_ids=routes.expert_ids.index_select(1, index))
+            samples.append(dataclasses.replace(sample, routes=narrowed, route_layer_numbers=layers))
     return dataclasses.replace(payload, samples=samples)

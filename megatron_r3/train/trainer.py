@@ -33,7 +33,7 @@ from megatron_r3.train import checkpoint as ckpt
 from megatron_r3.train.metrics_log import MetricsLogger, format_iteration_line
 from megatron_r3.train.microbatching import RankLayout, StepPlan, microbatch_counts, plan_step
 from megatron_r3.train.passes import PassContext, declare_metrics, logprob_pass, step_metric_names, update_pass
-from megatron_r3.train.rollout_phase import RolloutPayload, generate_batch, share_from_rank0
+from megatron_r3.train.rollout_phase import RolloutPayload, RouteShare, generate_batch, share_from_rank0
 from megatron_r3.train.components import TrainingSetup, build_training_setup
 
 REPLAY = RouterReplayAction.REPLAY_FORWARD
@@ -70,11 +70,13 @@ class GRPOTrainer:
             kl_coef=args.grpo_kl_beta,
         )
         self.is_logger = dist.get_rank() == 0 if dist.is_initialized() else True
-        # the data-parallel rank of every global rank: rank 0 ships each rank the routes of its own share only
-        self._data_parallel_ranks = None
+        # what every global rank replays (its data-parallel rank, its routers' layers): rank 0 ships each rank only
+        # those routes
+        self._route_shares = None
         if dist.is_initialized() and dist.get_world_size() > 1:
-            self._data_parallel_ranks = [None] * dist.get_world_size()
-            dist.all_gather_object(self._data_parallel_ranks, self.rank.dp_rank, group=host_group())
+            self._route_shares = [None] * dist.get_world_size()
+            mine = RouteShare(self.rank.dp_rank, tuple(self.setup.routers.layer_numbers))
+            dist.all_gather_object(self._route_shares, mine, group=host_group())
         self.step = 0
         self.skipped_steps = 0
         if args.load or ckpt.latest_step(args.save) is not None:
@@ -224,7 +226,7 @@ class GRPOTrainer:
             prompt_ids = setup.tokenize(records)
             payload = generate_batch(setup.engine, prompt_ids, records, setup.tokenizer, setup.reward_fn,
                                      setup.rollout_settings(self.step))
-        return share_from_rank0(payload, self._data_parallel_ranks, self.args.global_batch_size)
+        return share_from_rank0(payload, self._route_shares, self.args.global_batch_size)
 
     def _plan(self, samples) -> StepPlan:
         args, setup = self.args, self.setup

@@ -14,6 +14,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
+# torch.distributed's rendezvous variables: a test process that initialised a process group in-process (a
+# single-rank unit test) has them set, and a child that inherits them would try to listen on the parent's port
+RENDEZVOUS_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def subprocess_env(**extra: str) -> dict:
+    """This process's environment for a child launch: rendezvous variables dropped, `extra` added."""
+    env = {key: value for key, value in os.environ.items() if key not in RENDEZVOUS_VARIABLES}
+    env.update(extra)
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -28,7 +41,7 @@ def run_torchrun(script: str, args: list[str] = (), *, nproc: int = 4, timeout: 
             sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
             f"--master-port={free_port()}", str(REPO / script), *args, "--out", out,
         ]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        env = subprocess_env(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
         # Output goes to files, not pipes: a helper process a rank leaves behind (e.g. dist checkpointing's) must not
         # keep us waiting for end-of-file after the launch itself has finished. The launch runs in its own session,
         # so a timeout, or stragglers after the end, are killed with every rank.

@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from tests.distributed.launch import REPO, free_port
+from tests.distributed.launch import REPO, free_port, subprocess_env
 
 BASE = [
     "--config", "configs/demo_tiny.yaml", "--grpo-prompts-per-step", "8", "--grpo-group-size", "4",
@@ -30,7 +30,7 @@ BASE = [
 
 def run_cli(tmp_root, name: str, extra: list[str], nproc: int = 1, expect_ok: bool = True):
     run_dir = os.path.join(tmp_root, name)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
+    env = subprocess_env(OMP_NUM_THREADS="1", PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"]

@@ -27,7 +27,7 @@ import torch
 
 from megatron_r3.rollout.base import SamplingParams
 from megatron_r3.rollout.sglang_engine import SGLangClientConfig, SGLangConfigError, SGLangEngine
-from tests.distributed.launch import REPO, free_port
+from tests.distributed.launch import REPO, free_port, subprocess_env
 from tests.sglang_standin import start_in_thread
 
 TINY = os.path.join(REPO, "configs", "models", "qwen3_moe_tiny.json")
@@ -240,7 +240,7 @@ SMALL = ["--config", "configs/demo_tiny.yaml", "--grpo-prompts-per-step", "8", "
 
 
 def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
+    return subprocess_env(OMP_NUM_THREADS="1", PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,15 +1,14 @@
 """Checkpoint atomicity and the non-finite-gradient skip, through the real trainer (one process)."""
 
 import json
-import os
 import subprocess
 import sys
 
-from tests.distributed.launch import REPO
+from tests.distributed.launch import REPO, subprocess_env
 
 
 def test_crash_mid_save_and_nonfinite_grad_skip(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    env = subprocess_env(OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, "tests/e2e/trainer_probe.py", str(tmp_path / "run")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("PROBE ")]

@@ -11,13 +11,13 @@ import sys
 
 import pytest
 
-from tests.distributed.launch import REPO
+from tests.distributed.launch import REPO, subprocess_env
 
 SCRIPT = os.path.join(REPO, "examples", "slurm", "grpo_sglang.sbatch")
 
 
 def run_script(**env):
-    full = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **env)
+    full = subprocess_env(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **env)
     return subprocess.run(["bash", SCRIPT, "--dry-run"], cwd=REPO, env=full, capture_output=True, text=True,
                           timeout=300)
 
@@ -67,7 +67,7 @@ print("RESULT " + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def cases():
-    full = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    full = subprocess_env(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", f"REPO = {str(REPO)!r}\n" + CASES], cwd=REPO, env=full,
                           capture_output=True, text=True, timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
