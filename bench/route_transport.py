@@ -7,8 +7,9 @@ throughput of SGLang's base64 int32 payload on the CPU.
 Hops (Qwen3-30B-A3B routes: 48 MoE layers, top-8 of 128 experts):
   wire       SGLang `meta_info["routed_experts"]`: base64 of int32 (default) or of uint8 (`routed_experts_dtype`)
   host       `Routes.expert_ids` after `decode_sglang_routed_experts`: compact dtype (uint8 up to 256 experts)
-  broadcast  rank 0 -> every rank (`share_from_rank0`: one pickled payload over the gloo host group), measured as
-             the pickled size of the step's `TrainSample`s
+  scatter    rank 0 -> every rank (`share_from_rank0`: a pickled payload per rank over the gloo host group; each
+             rank gets the routes of its data-parallel share and its routers' layers), measured as the pickled size
+             of `TrainSample`s, and the fraction of the step's ids each rank receives (`routes_for_share`)
   device     what one rank copies host -> device: `localize_routes` keeps only its tokens (SP / CP split, its
              data-parallel share of the samples) and its MoE layers (PP stage)
 Decode: one 30k-token sample (61 MB of base64), pybase64 vs the standard library (binascii), full decode (base64,
@@ -68,6 +69,25 @@ def timed(fn, repeats: int) -> list[float]:
     return out
 
 
+def host_share(name: str, dp: int, pp: int, vp: int) -> dict:
+    """Fraction of a step's route ids that `routes_for_share` leaves for data-parallel rank 0, stage 0."""
+    from megatron_r3.replay.routes import Routes
+    from megatron_r3.train.microbatching import TrainSample
+    from megatron_r3.train.rollout_phase import RolloutPayload, RouteShare, routes_for_share
+
+    samples = [TrainSample(index=i, tokens=torch.zeros(17, dtype=torch.long), prompt_length=1,
+                           rollout_logprobs=torch.zeros(16), reward=0.0, advantage=0.0,
+                           routes=Routes(torch.zeros(16, LAYERS, TOPK, dtype=torch.uint8), num_experts=EXPERTS))
+               for i in range(8)]
+    per_chunk = LAYERS // (pp * vp)  # megatron's interleaved assignment: stage 0 holds chunks 0, pp, 2pp, ...
+    layers = tuple(n for chunk in range(0, pp * vp, pp) for n in range(chunk * per_chunk + 1,
+                                                                       (chunk + 1) * per_chunk + 1))
+    share = routes_for_share(RolloutPayload(samples=samples), RouteShare(0, layers), dp, len(samples))
+    total = sum(s.routes.nbytes() for s in samples)
+    kept = sum(s.routes.nbytes() for s in share.samples if s.routes is not None)
+    return {"layout": name, "fraction": kept / total, "layers": len(layers)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -101,8 +121,8 @@ def main() -> None:
         ("wire: SGLang base64 int32 (default)", len(wire_int32) / ids, "all decoder layers, every rank's tokens"),
         ("wire: SGLang base64 uint8 (routed_experts_dtype)", len(wire_uint8) / ids, "newer SGLang versions"),
         ("host: Routes after decode (uint8)", decoded.nbytes() / ids, "rank 0"),
-        ("broadcast: rank 0 -> each rank (pickled TrainSample)", (pickled - without_routes) / ids,
-         "every rank receives the whole step's routes"),
+        ("scatter: rank 0 -> each rank (pickled TrainSample)", (pickled - without_routes) / ids,
+         "a rank receives its data-parallel share and its routers' layers, see below"),
         ("device: host -> GPU per rank (localize_routes)", 1.0, "only the rank's tokens and layers, see below"),
     ]
     print_table(f"Bytes per (token x layer x k) id, one {args.tokens}-token sample, {LAYERS} layers, top-{TOPK} of "
@@ -120,6 +140,15 @@ def main() -> None:
                 [(s["layout"], round(s["fraction"], 4), s["bytes_per_id_on_rank"], s["tokens_per_rank_microbatch"],
                   s["layers_per_rank"]) for s in shares])
     results["rank_shares"] = shares
+
+    host_shares = [host_share("1 rank / TP2 / CP2 (same share)", dp=1, pp=1, vp=1),
+                   host_share("DP2 (or EP2)", dp=2, pp=1, vp=1), host_share("PP2", dp=1, pp=2, vp=1),
+                   host_share("PP2 x VP2", dp=1, pp=2, vp=2), host_share("DP2 x PP2", dp=2, pp=2, vp=1),
+                   host_share("DP4 x PP4", dp=4, pp=4, vp=1)]
+    print_table("Share of the step's route ids rank 0 ships to one rank's host (routes_for_share, 48 layers)",
+                ["layout", "fraction of ids", "layers per rank"],
+                [(h["layout"], round(h["fraction"], 4), h["layers"]) for h in host_shares])
+    results["host_shares"] = host_shares
 
     # ---------------------------------------------------------------- decode throughput
     import importlib.util
