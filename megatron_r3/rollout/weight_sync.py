@@ -193,32 +193,23 @@ class DistributedWeightSender:
                                               backend=self.backend)
             for offset in offsets
         ]
-        replies: dict[str, Any] = {}
-
-        def ask_servers():  # blocks until every rank has joined, like SGLang's endpoint
-            try:
-                replies["bodies"] = engine.on_all("POST", "/init_weights_update_group", payloads=payloads,
-                                                  timeout=s.timeout_s, retries=0)
-            except BaseException as error:  # noqa: BLE001 - reported below
-                replies["error"] = error
-
-        thread = threading.Thread(target=ask_servers, daemon=True)
-        thread.start()
+        # the servers' endpoint blocks until every rank has joined, so it runs beside our own join
+        request = _BackgroundRequest(lambda: engine.on_all("POST", "/init_weights_update_group", payloads=payloads,
+                                                           timeout=s.timeout_s, retries=0))
         try:
             group = init_custom_process_group(backend=self.backend, init_method=f"tcp://{address}:{port}",
                                               world_size=self.world_size, rank=0, group_name=s.group_name,
                                               timeout_s=s.timeout_s)
         except Exception as error:
-            thread.join(timeout=5)
+            request.wait(5)
             raise WeightSyncError(
                 f"joining the weight update group at {address}:{port} (world {self.world_size}, servers "
-                f"{engine.urls}) failed: {error}; servers said: {replies.get('error') or replies.get('bodies')}"
+                f"{engine.urls}) failed: {error}; servers said: {request.said()}"
             ) from error
-        thread.join(timeout=s.timeout_s)
-        if thread.is_alive() or "error" in replies:
+        if not request.wait(s.timeout_s) or request.error is not None:
             dist.destroy_process_group(group)
-            raise WeightSyncError(f"/init_weights_update_group failed: {replies.get('error', 'no reply in time')}")
-        for url, body in zip(engine.urls, replies["bodies"]):
+            raise WeightSyncError(f"/init_weights_update_group failed: {request.error or 'no reply in time'}")
+        for url, body in zip(engine.urls, request.bodies):
             check_success(body, f"{url} /init_weights_update_group")
         self.group = group
         logger.info("weight update group %s: %d ranks via %s:%d (%s)", s.group_name, self.world_size, address, port,
@@ -242,34 +233,25 @@ class DistributedWeightSender:
             return
         payload = update_weights_from_distributed_payload(names, tensors, group_name=s.group_name, flush_cache=False,
                                                           weight_version=self.version)
-        replies: dict[str, Any] = {}
-
-        def post():
-            try:
-                replies["bodies"] = engine.on_all("POST", "/update_weights_from_distributed", json=payload,
-                                                  timeout=s.timeout_s, retries=0)
-            except BaseException as error:  # noqa: BLE001 - reported below
-                replies["error"] = error
-
-        thread = threading.Thread(target=post, daemon=True)
-        thread.start()
+        # the servers receive the broadcast while their request is open
+        request = _BackgroundRequest(lambda: engine.on_all("POST", "/update_weights_from_distributed", json=payload,
+                                                           timeout=s.timeout_s, retries=0))
         try:
             for tensor in tensors:
                 dist.broadcast(tensor, src=0, group=self.group)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         except Exception as error:
-            thread.join(timeout=5)
+            request.wait(5)
             raise WeightSyncError(
                 f"broadcasting {len(names)} tensors ({names[0]} ...) failed: {error}; servers said: "
-                f"{replies.get('error') or replies.get('bodies')}"
+                f"{request.said()}"
             ) from error
-        thread.join(timeout=s.timeout_s)
-        if thread.is_alive():
+        if not request.wait(s.timeout_s):
             raise WeightSyncError(f"/update_weights_from_distributed: no reply within {s.timeout_s:g} s")
-        if "error" in replies:
-            raise WeightSyncError(f"/update_weights_from_distributed failed: {replies['error']}")
-        for url, body in zip(engine.urls, replies["bodies"]):
+        if request.error is not None:
+            raise WeightSyncError(f"/update_weights_from_distributed failed: {request.error}")
+        for url, body in zip(engine.urls, request.bodies):
             check_success(body, f"{url} /update_weights_from_distributed")
 
     def finish(self) -> None:
@@ -297,6 +279,32 @@ class DistributedWeightSender:
             dist.destroy_process_group(self.group)
         finally:
             self.group = None
+
+
+class _BackgroundRequest:
+    """A blocking server request run in a daemon thread while this process joins the collective it waits on."""
+
+    def __init__(self, call) -> None:
+        self.bodies: Any = None
+        self.error: Optional[BaseException] = None
+
+        def run() -> None:
+            try:
+                self.bodies = call()
+            except BaseException as error:  # noqa: BLE001 - reported by the caller
+                self.error = error
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout_s: float) -> bool:
+        """True once the request has finished (replied or failed) within `timeout_s`."""
+        self._thread.join(timeout=timeout_s)
+        return not self._thread.is_alive()
+
+    def said(self):
+        """What the servers answered so far, for an error message."""
+        return self.error or self.bodies
 
 
 def verify_weight_version(engine, version: Optional[str]) -> None:
