@@ -92,7 +92,10 @@ def main(port: int) -> None:
     }
     dist.destroy_process_group()
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(uneven_gather_worker, args=(port + 1, queue), nprocs=2)
+    from tests.distributed.launch import free_port
+
+    # a port that is free now (port + 1 was a guess that another process could hold)
+    mp.spawn(uneven_gather_worker, args=(free_port(), queue), nprocs=2)
     probes["uneven_gather_scatter_for_gloo"] = queue.get()
     print(json.dumps(probes))
 

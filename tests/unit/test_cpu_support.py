@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megatron_r3.platform import cpu_support
-from tests.distributed.launch import REPO, free_port
+from tests.distributed.launch import REPO, free_port, subprocess_env
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU support is only applied without CUDA")
 
@@ -35,7 +35,8 @@ EXPECTED = {
 def probes():
     script = Path(__file__).with_name("cpu_support_probes.py")
     proc = subprocess.run(
-        [sys.executable, str(script), str(free_port())], capture_output=True, text=True, timeout=300, cwd=REPO
+        [sys.executable, str(script), str(free_port())], capture_output=True, text=True, timeout=300, cwd=REPO,
+        env=subprocess_env(),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
