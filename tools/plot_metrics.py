@@ -1,7 +1,7 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Compare runs: one PNG with a subplot per metric and a line per run, and a Markdown summary table.
 
-    python tools/plot_metrics.py runs/demo/off runs/demo/r3 [--out metrics.png] [--keys k1 k2:log ...] [--table]
+    .venv/bin/python tools/plot_metrics.py runs/demo/off runs/demo/R3 [--out metrics.png] [--keys k1 k2:log ...] [--table]
 
 Each RUN_DIR holds a `metrics.jsonl` (see `megatron_r3.train.metrics_log`). A run is labelled by the `router_replay`
 value of its `config.yaml` when there is one (falling back to the directory name, and adding the directory name when
@@ -35,14 +35,29 @@ from megatron_r3.train.metrics_log import (  # noqa: E402
 
 DEFAULT_KEYS = (REWARD_MEAN, R3_K3_KL, R3_EXTREME_FRAC_TAU2, ROUTING_AGREEMENT, TRAIN_PPO_KL, TRAIN_GRAD_NORM)
 # Default y scale per key: ("log", floor) draws values <= floor at the floor (R3 can make these exactly 0);
-# ("symlog", linthresh) for signed estimates.
+# ("symlog", linthresh) for signed estimates: linear within +-linthresh, so the sign and the size of the typical values
+# stay readable next to a large first step. Fractions that are often exactly 0 (the extreme-token fractions) are linear:
+# a log axis would draw 0 as its floor.
 SCALES = {
     R3_K3_KL: ("log", 1e-10),
-    R3_EXTREME_FRAC_TAU2: ("log", 1e-6),
-    "r3/rollout_train_extreme_frac_tau5": ("log", 1e-6),
+    R3_EXTREME_FRAC_TAU2: ("linear", None),
+    "r3/rollout_train_extreme_frac_tau5": ("linear", None),
     "r3/rollout_train_logp_abs_diff": ("log", 1e-10),
     "r3/rollout_train_logp_sq_diff": ("log", 1e-12),
-    TRAIN_PPO_KL: ("symlog", 1e-8),
+    TRAIN_PPO_KL: ("symlog", 1e-3),
+}
+# y-axis label per key (what the number is); other keys are labelled with their own name.
+YLABELS = {
+    REWARD_MEAN: "mean reward",
+    R3_K3_KL: "k3 KL(rollout || train), nats/token",
+    R3_EXTREME_FRAC_TAU2: "fraction of tokens",
+    "r3/rollout_train_extreme_frac_tau5": "fraction of tokens",
+    "r3/rollout_train_logp_abs_diff": "mean |logp_train - logp_rollout|",
+    "r3/rollout_train_logp_sq_diff": "mean (logp_train - logp_rollout)^2",
+    ROUTING_AGREEMENT: "fraction of tokens",
+    "replay/used_route_match": "fraction of tokens",
+    TRAIN_PPO_KL: "KL(old || new), nats/token",
+    TRAIN_GRAD_NORM: "L2 norm",
 }
 _DEFAULT_FLOOR = {"log": 1e-12, "symlog": 1e-8, "linear": None}
 
@@ -118,15 +133,16 @@ def _parse_key(spec: str):
     return key, (scale, default[1] if default and default[0] == scale else _DEFAULT_FLOOR[scale])
 
 
-def plot_runs(run_dirs, out, keys=DEFAULT_KEYS) -> Path:
-    """Write the comparison PNG to `out` and return its path."""
+def build_figure(run_dirs, keys=DEFAULT_KEYS, labels=None):
+    """The comparison figure: a subplot per metric (y scale from SCALES or the key's suffix, y label from YLABELS), a
+    line per run (`labels`: one legend entry per run, default `run_labels`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = load_runs(run_dirs)
-    labels = run_labels(run_dirs)
+    labels = list(labels) if labels is not None else run_labels(run_dirs)
     specs = [_parse_key(k) for k in keys]
     ncols = min(3, len(specs))
     nrows = math.ceil(len(specs) / ncols)
@@ -149,9 +165,10 @@ def plot_runs(run_dirs, out, keys=DEFAULT_KEYS) -> Path:
             title += f"  (log, floor {param:g})"
         elif scale == "symlog":
             ax.set_yscale("symlog", linthresh=param)
-            title += "  (symlog)"
+            title += f"  (symlog, linear within ±{param:g})"
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
+        ax.set_ylabel(YLABELS.get(key, key), fontsize=9)
         ax.grid(True, alpha=0.3)
         if drawn:
             ax.legend(fontsize=8)
@@ -160,6 +177,14 @@ def plot_runs(run_dirs, out, keys=DEFAULT_KEYS) -> Path:
     for ax in list(axes.flat)[len(specs):]:
         ax.set_visible(False)
     fig.tight_layout()
+    return fig
+
+
+def plot_runs(run_dirs, out, keys=DEFAULT_KEYS, labels=None) -> Path:
+    """Write the comparison PNG to `out` and return its path."""
+    import matplotlib.pyplot as plt
+
+    fig = build_figure(run_dirs, keys, labels)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

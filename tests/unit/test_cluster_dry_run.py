@@ -17,7 +17,8 @@ SCRIPT = os.path.join(REPO, "examples", "slurm", "grpo_sglang.sbatch")
 
 
 def run_script(**env):
-    full = subprocess_env(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **env)
+    # the interpreter running this test (the project's environment), never a `python` from PATH
+    full = subprocess_env(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHON=sys.executable, **env)
     return subprocess.run(["bash", SCRIPT, "--dry-run"], cwd=REPO, env=full, capture_output=True, text=True,
                           timeout=300)
 
@@ -31,7 +32,8 @@ def test_sbatch_dry_run_validates_the_4_node_qwen3_config(tmp_path):
     assert "trainer GPUs (world size)               2 x 8 = 16" in out
     assert "SGLang servers                          2 nodes x 2 = 4" in out
     assert "srun --nodes=2 --ntasks-per-node=1 --nodelist=node1,node2" in out
-    assert "torchrun --nnodes 2 --nproc-per-node 8" in out and "--rdzv-endpoint node3:29500" in out
+    assert f"{sys.executable} -m torch.distributed.run --nnodes 2 --nproc-per-node 8" in out
+    assert "--rdzv-endpoint node3:29500" in out
     assert "--enable-return-routed-experts" not in out  # the launcher adds it; the script must not duplicate it
     assert "== dry run OK" in out
 

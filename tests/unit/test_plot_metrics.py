@@ -84,3 +84,22 @@ def test_parse_key(pm):
 def test_missing_run_dir(pm, tmp_path, capsys):
     assert pm.main([str(tmp_path / "nothing")]) == 1
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_figure_scales_and_labels(pm, two_runs):
+    """Zero extreme-token fractions are drawn at 0 (linear axis, not a log floor), ppo_kl is symlog and linear within
+    +-1e-3 (its typical |values| after the first step), and every panel names its quantity on the y axis."""
+    keys = ["r3/rollout_train_extreme_frac_tau2", "train/ppo_kl", "reward/mean", "r3/rollout_train_k3_kl"]
+    fig = pm.build_figure(list(two_runs), keys)
+    try:
+        tau2, ppo_kl, reward, k3 = fig.axes[:4]
+        assert tau2.get_yscale() == "linear"
+        assert min(min(line.get_ydata()) for line in tau2.get_lines()) == 0.0
+        assert ppo_kl.get_yscale() == "symlog" and ppo_kl.yaxis.get_transform().linthresh == 1e-3
+        assert k3.get_yscale() == "log"
+        assert [ax.get_ylabel() for ax in (tau2, ppo_kl, reward, k3)] == [
+            "fraction of tokens", "KL(old || new), nats/token", "mean reward", "k3 KL(rollout || train), nats/token"]
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
