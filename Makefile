@@ -1,4 +1,5 @@
-# megatron_r3 — every target installs what it needs into .venv on a fresh machine.
+# megatron_r3 — every target installs what it needs into .venv on a fresh machine and runs .venv/bin/python (no
+# activated environment needed).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -27,8 +28,10 @@ test-unit: install
 test-distributed: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/distributed
 
-demo: install
-	$(PY) tools/demo.py --out runs/demo
+SEEDS ?= 1234
+
+demo: install   # make demo SEEDS="1234 1 2": one off and one R3 run per seed, ranges over seeds in runs/demo/summary.md
+	$(PY) tools/demo.py --out runs/demo --seeds $(SEEDS)
 
 BENCH_OUT ?= runs/bench
 

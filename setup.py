@@ -17,7 +17,7 @@ setup(
         "numpy",
         "packaging>=24.2",
         "triton",  # megatron-core 0.19.2 imports it unconditionally; it imports fine without a GPU
-        "transformers>=4.51",
+        "transformers>=5",  # the rollout engine captures routes from 5.x's Qwen3MoeTopKRouter (rollout/hf_capture.py)
         "safetensors",
         "pyyaml",
         "tqdm",
