@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Compare runs: one PNG with a subplot per metric and a line per run, and a Markdown summary table.
 
-    .venv/bin/python tools/plot_metrics.py runs/demo/off runs/demo/R3 [--out metrics.png] [--keys k1 k2:log ...] [--table]
+    .venv/bin/python tools/plot_metrics.py runs/demo/off runs/demo/R3 [--out PNG] [--keys k1 k2:log ...] [--table]
 
 Each RUN_DIR holds a `metrics.jsonl` (see `megatron_r3.train.metrics_log`). A run is labelled by the `router_replay`
 value of its `config.yaml` when there is one (falling back to the directory name, and adding the directory name when

@@ -53,7 +53,7 @@ def test_seed_range_table(demo, tmp_path):
     assert table.splitlines() == [
         "| metric | off first | off last-2 mean | off last-2 median | R3 first | R3 last-2 mean | R3 last-2 median |",
         "| --- | --- | --- | --- | --- | --- | --- |",
-        "| `reward/mean` | 0 – 0.1000 | 0.3000 – 0.4000 | 0.3000 – 0.4000 | 0.0500 – 0.1500 | 0.3500 – 0.4500 | "
-        "0.3500 – 0.4500 |",
+        "| `reward/mean` | 0 – 0.1000 | 0.3000 – 0.4000 | 0.3000 – 0.4000 | 0.0500 – 0.1500 "
+        "| 0.3500 – 0.4500 | 0.3500 – 0.4500 |",
         "| `train/ppo_kl` | — | — | — | — | — | — |",
     ]
