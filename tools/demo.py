@@ -66,13 +66,12 @@ def parse_iteration_line(line: str):
     return int(match.group(1)), int(match.group(2)), fields
 
 
-def progress_line(tag: str, step: int, total: int, fields: dict, elapsed: float) -> str:
+def progress_line(tag: str, step: int, total: int, fields: dict, per_step: float) -> str:
     """One complete line per step (never cut): the step, the demo's key metrics, seconds per step and the ETA."""
     parts = [f"[{tag}] step {step + 1:>{len(str(total))}}/{total}"]
     for key, short, fmt in PROGRESS:
         if key in fields:
             parts.append(f"{short} {fmt.format(fields[key])}")
-    per_step = elapsed / (step + 1)
     parts.append(f"{per_step:.1f} s/step, ~{per_step * (total - step - 1) / 60:.0f} min left")
     return "  ".join(parts)
 
@@ -93,6 +92,7 @@ def run(mode: str, seed: int, run_dir: str, train_iters: int, nproc: int, extra:
     env = dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
     tail: list[str] = []
+    first = None  # (step, time) of the first logged step: seconds per step exclude the start-up
     with open(log_path, "w") as log, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                                       stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
         for line in proc.stdout:
@@ -101,7 +101,11 @@ def run(mode: str, seed: int, run_dir: str, train_iters: int, nproc: int, extra:
             parsed = parse_iteration_line(line)
             if parsed is not None:
                 step, total, fields = parsed
-                print(progress_line(tag, step, total, fields, time.time() - start), flush=True)
+                now = time.time()
+                if first is None:
+                    first = (step, now)
+                per_step = (now - first[1]) / (step - first[0]) if step > first[0] else now - start
+                print(progress_line(tag, step, total, fields, per_step), flush=True)
         code = proc.wait()
     if code != 0:
         print("".join(tail), end="")

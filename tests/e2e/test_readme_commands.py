@@ -123,6 +123,8 @@ def test_sbatch_dry_run(commands, tmp_path):
     proc = clean_run(f"RUN_DIR={tmp_path} {command}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "== dry run OK" in proc.stdout
+    # with no PYTHON given, every step of the job runs the project's interpreter (torchrun through it)
+    assert f"{REPO}/.venv/bin/python -m torch.distributed.run --nnodes 2" in proc.stdout
 
 
 # Expectation that depends on the `--help` fix of issue 11 item 3 (megatron-core 0.19.2's help text for

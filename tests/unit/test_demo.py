@@ -34,7 +34,7 @@ def test_parse_iteration_line(demo):
 
 def test_progress_line_is_complete(demo):
     step, total, fields = demo.parse_iteration_line(LINE)
-    line = demo.progress_line("off seed 1", step, total, fields, elapsed=10.0)
+    line = demo.progress_line("off seed 1", step, total, fields, per_step=2.0)
     assert line == ("[off seed 1] step   5/100  reward 0.003  k3 1.26e-04  |dlogp| 1.24e-02  routing agree 0.9907  "
                     "ppo_kl 3.28e-01  2.0 s/step, ~3 min left")
 
