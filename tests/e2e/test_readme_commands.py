@@ -135,3 +135,31 @@ def test_help_lists_the_flags(commands):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for flag in ("--router-replay", "--max-tokens-per-microbatch", "--tensor-model-parallel-size"):
         assert flag in proc.stdout, flag
+
+
+def test_install_requirements_match_the_readme():
+    """The versions the README promises are the ones setup.py installs, and the environment satisfies them."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    with open(os.path.join(REPO, "setup.py"), encoding="utf-8") as handle:
+        setup_text = handle.read()
+    with open(README, encoding="utf-8") as handle:
+        readme = handle.read()
+    spec = Requirement(re.search(r'"(transformers[^"]*)"', setup_text).group(1)).specifier
+    promised = re.search(r"transformers ≥ (\d+(?:\.\d+)*)", readme).group(1)
+    assert str(spec) == f">={promised}", (str(spec), promised)
+    assert Version(importlib.metadata.version("transformers")) in spec
+    assert re.search(r"python_requires=\">=3\.11\"", setup_text) and "Python ≥ 3.11" in readme
+
+
+def test_tools_with_a_shebang_are_executable():
+    for name in ("plot_metrics.py", "demo.py"):
+        path = os.path.join(REPO, "tools", name)
+        with open(path, encoding="utf-8") as handle:
+            assert handle.readline().startswith("#!/usr/bin/env python3"), name
+        mode = subprocess.run(["git", "ls-files", "-s", path], cwd=REPO, capture_output=True, text=True).stdout
+        # the mode git records (what a fresh clone gets); the file's own mode outside a git checkout
+        assert mode.startswith("100755") if mode else os.access(path, os.X_OK), (name, mode)
