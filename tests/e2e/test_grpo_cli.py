@@ -174,10 +174,11 @@ def test_layouts_reproduce_single_process_metrics(root, sgd_single, name, mode, 
     - The bf16 rollout engine rounds the synced weights: a weight within lr * |dg| <= 1.2e-7 of a bf16 rounding
       boundary (spacing ~1e-3 at |w| ~ 0.2) rounds the other way, ~2e-4 of the weights, each by one bf16 step, which
       moves the engine's logprobs (the r3/* metrics) by far less than REL.
-    - Why not Adam (the demo's optimizer): its first update lr * g / (|g| + eps) has derivative lr / |g| for
-      |g| >> eps, so a gradient element that is a near-cancelling sum (relative rounding error O(1)) moves by a
-      layout-dependent fraction of lr. Measured on this model (one process vs TP2+PP2(SP), step 0 = 2 Adam steps):
-      gradients differ by <= 1.2e-7, weights afterwards by up to 3.5e-5 = 0.012 lr; on another machine of this
+    - Why not Adam (the demo's optimizer): its first update lr * g / (|g| + eps) has slope lr * eps / (|g| + eps)^2,
+      so a gradient element that is a near-cancelling sum (fp32 noise around 0) moves by a layout-dependent fraction
+      of lr. Measured on this model (one process vs TP2+PP2(SP)): after one Adam step the 10 elements whose update
+      differs by > 0.001 lr have |g| ~ 3e-8 (median nonzero |g|: 2.2e-4), where that slope is ~3e4; after step 0
+      (2 Adam steps) weights differ by up to 3.5e-5 = 0.012 lr, gradients by <= 1.2e-7; on another machine of this
       kind 2.4e-4 (0.08 lr), and PPO clipping (clip_frac 0.28 at step 1) switching tokens' gradients on or off
       amplified that to step-1 losses 20% apart. Under Adam layout agreement is not a property of the code.
     - Without replay (off) the trainer routes natively, and a near-tie in a router (score gap below the rounding
