@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import yaml
 
-from megatron_r3.model.config_checks import REPLAY_MODES, check_replay_config
+from megatron_r3.model.config_checks import REPLAY_MODES, check_layout, check_replay_config
 from megatron_r3.platform.python_compat import apply_python_compat
 
 # Megatron defaults we change for RL, stated once (all still overridable by YAML / CLI).
@@ -313,6 +313,7 @@ def run_validate_args(args: argparse.Namespace, run_log=None) -> None:
 
 def finish_args(args: argparse.Namespace, parser: argparse.ArgumentParser, run_log=None) -> argparse.Namespace:
     """Model size from the HF config, run directory, then megatron's own `validate_args`."""
+    from megatron_r3.model.specs import transformer_engine_available
     from megatron_r3.platform.cpu_support import apply_cpu_support
 
     apply_cpu_support()  # validate_args itself queries the GPU
@@ -354,8 +355,7 @@ def finish_args(args: argparse.Namespace, parser: argparse.ArgumentParser, run_l
     args._is_global_batch_size_explicitly_specified = True
     check_training_values(args)
     check_replay_config(args, args.router_replay)  # before the TE-less fallbacks switch fusions off silently
-    check_layout_without_transformer_engine(args)
-    check_moe_tensor_parallel(args)
+    check_layout(args, transformer_engine_available())
     disable_fusions_without_transformer_engine(args)
     run_validate_args(args, run_log)
     check_replay_config(args, args.router_replay)
@@ -383,29 +383,6 @@ def check_training_values(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-fallback-fraction {args.max_fallback_fraction}: a fraction in [0, 1]")
     if args.min_routing_agreement is not None and not 0 <= args.min_routing_agreement <= 1:
         raise ValueError(f"--min-routing-agreement {args.min_routing_agreement}: a fraction in [0, 1]")
-
-
-def check_layout_without_transformer_engine(args: argparse.Namespace) -> None:
-    """Layouts that cannot run on megatron's local (non-TE) layers, refused at parse time instead of at the first
-    forward."""
-    from megatron_r3.model.specs import transformer_engine_available
-
-    if transformer_engine_available():
-        return
-    if args.transformer_impl == "inference_optimized":
-        raise ValueError("--transformer-impl inference_optimized needs TransformerEngine, which is not installed; "
-                         "use --transformer-impl local")
-    if args.moe_router_fusion:
-        raise ValueError("--moe-router-fusion needs TransformerEngine, which is not installed; drop the flag")
-
-
-def check_moe_tensor_parallel(args: argparse.Namespace) -> None:
-    """megatron-core's MoELayer.forward raises "performance may degrade if MoE and tensor parallelism are enabled
-    without also enabling sequence parallelism" at the first training forward; say so at parse time."""
-    if args.tensor_model_parallel_size > 1 and args.num_experts and not args.sequence_parallel:
-        raise ValueError(f"--tensor-model-parallel-size {args.tensor_model_parallel_size} with MoE layers needs "
-                         f"--sequence-parallel (megatron-core's MoE layer refuses tensor parallelism without it)")
-
 
 
 def disable_fusions_without_transformer_engine(args: argparse.Namespace) -> None:

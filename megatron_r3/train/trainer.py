@@ -25,7 +25,7 @@ from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
 from megatron_r3.grpo.losses import PolicyLossConfig
 from megatron_r3.grpo.mismatch import MetricAccumulator
-from megatron_r3.model.config_checks import check_replay_config
+from megatron_r3.model.config_checks import check_replay_config, replay_bypass_reasons
 from megatron_r3.platform.distributed import device, host_group
 from megatron_r3.replay.layout import sequence_pad_multiple
 from megatron_r3.replay.microbatch import routes_from_recorded
@@ -55,6 +55,8 @@ class GRPOTrainer:
             logging.getLogger("megatron").setLevel(logging.WARNING)
         self.setup: TrainingSetup = build_training_setup(args)
         check_replay_config(self.setup.config, args.router_replay)
+        # off mode runs what replay cannot hook (e.g. sinkhorn balancing); it then measures no routing agreement
+        self.can_observe_routes = not replay_bypass_reasons(self.setup.config)
         self.rank = RankLayout(
             tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
             tp_rank=parallel_state.get_tensor_model_parallel_rank(),
@@ -163,8 +165,8 @@ class GRPOTrainer:
             for mb, recorded in zip(microbatches, old.recorded):
                 valid = mb.layout.valid[mb.token_slots]
                 mb.recorded = routes_from_recorded(recorded, valid.to(device()), int(valid.sum()))
-        else:
-            observed = _observed(rollout_routes)
+        else:  # off: observe the engine's routes unless the router chooses outside the hooked top-k (sinkhorn, ...)
+            observed = _observed(rollout_routes) if self.can_observe_routes else None
             old = logprob_pass(ctx, microbatches, target="old", action=REPLAY if observed else None, routes=observed,
                                metrics=metrics, collect_agreement=args.collect_routing_agreement)
         replay_stats = setup.routers.statistics(reset=True)
