@@ -26,9 +26,10 @@ def _main(argv, run_log):
 
     args = parse_grpo_args(argv, run_log=run_log)
     initialize_torch_distributed()
+    trainer = GRPOTrainer(args)  # refuses first what would overwrite an earlier run's outputs
     if dist.get_rank() == 0:
         save_resolved_config(args, os.path.join(args.run_dir, "config.yaml"))
-    history = GRPOTrainer(args).train()
+    history = trainer.train()
     if dist.get_rank() == 0:
         print(f"done: {len(history)} steps; outputs in {args.run_dir}/ (metrics.jsonl, config.yaml, "
               f"{os.path.relpath(args.save, args.run_dir) if args.save.startswith(args.run_dir) else args.save}/, "

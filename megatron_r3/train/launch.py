@@ -35,9 +35,8 @@ def is_expected(error: BaseException) -> bool:
 
 
 def one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if isinstance(error, (ValueError, OSError)) or "Error" not in type(error).__name__ \
-        else f"{type(error).__name__}: {text}"
+    """The error's message on one line (expected errors carry messages written for the user; no class name)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 class RunLog:
@@ -73,6 +72,15 @@ class RunLog:
         root.removeHandler(self.buffer)
         root.addHandler(handler)
         return self.path
+
+    def close(self) -> None:
+        """Undo what __init__ and attach did (a process may run several runs, e.g. the fault-matrix driver)."""
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            if handler is not self.buffer:
+                handler.close()
+        logging.captureWarnings(False)
 
     def write(self, text: str) -> None:
         logging.getLogger("megatron_r3.run").info(text)
@@ -154,6 +162,8 @@ def run_main(main: Callable, argv: Optional[Sequence[str]] = None) -> int:
         if verbose:
             print(text, file=sys.stderr, flush=True)
         return 1
+    finally:
+        run_log.close()
 
 
 def capture_stdout(run_log: RunLog, function: Callable, *args, **kwargs):
