@@ -6,6 +6,8 @@ config (`--hf-checkpoint DIR` or `--hf-config FILE|DIR`) and is written into Meg
 so `validate_args` and `core_transformer_config_from_args` see one consistent model.
 
 Precedence: Megatron/our defaults < `--config FILE.yaml` (keys are the flag names with `_`) < command line.
+Every YAML value goes through its flag's argparse type and choices, as on the command line (`yaml_value`), and is
+read with YAML 1.2 booleans: `reference_replay: off` is the string 'off', only true/false are booleans.
 """
 
 from __future__ import annotations
@@ -94,8 +96,8 @@ def add_grpo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     group.add_argument("--max-rollout-train-logp-abs-diff", type=float, default=None,
                        help="Fail if r3/rollout_train_logp_abs_diff exceeds this bound at any step.")
     group.add_argument("--max-fallback-fraction", type=float, default=0.01,
-                       help="Fail when more than this fraction of a step's route rows fell back to native routing "
-                            "(--route-fallback native); 1 disables the gate.")
+                       help="Under --router-replay R3, fail when more than this fraction of a step's route rows "
+                            "fell back to native routing (--route-fallback native); 1 disables the gate.")
     group.add_argument("--min-routing-agreement", type=float, default=0.6,
                        help="Under --router-replay R3, fail when replay/routing_agreement (trainer's native top-k vs "
                             "the replayed routes) falls below this bound: healthy runs measure ~0.9-0.99, routes "

@@ -337,8 +337,10 @@ class GRPOTrainer:
 
     def _check_gates(self, metrics: dict) -> None:
         args = self.args
+        # under R3 only: off and R2 merely observe the engine's routes (for replay/routing_agreement)
         fraction = metrics.get("replay/fallback_fraction", 0.0)
-        if args.max_fallback_fraction is not None and fraction > args.max_fallback_fraction:
+        if args.router_replay == "R3" and args.max_fallback_fraction is not None and \
+                fraction > args.max_fallback_fraction:
             raise GateError(
                 f"--max-fallback-fraction: {fraction:.1%} of the route rows at step {self.step} "
                 f"({int(metrics.get('replay/fallback_tokens', 0))} tokens) fell back to native routing, above the "

@@ -86,7 +86,7 @@ def _one_line(case, message_start: str, code: int = 1) -> str:
     assert lines[-1].startswith("error: " + message_start), case["output"][-3000:]
     assert "Traceback" not in case["output"]
     assert case["seconds"] < 120, case["seconds"]
-    return lines[0]
+    return lines[-1]
 
 
 YAML_ERRORS = {
