@@ -49,6 +49,7 @@ class RunLog:
         self.buffer = logging.handlers.MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 10)
         self.buffer.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root = logging.getLogger()
+        self._saved = (root.level, list(root.handlers))
         root.setLevel(logging.INFO)
         for handler in list(root.handlers):
             root.removeHandler(handler)
@@ -81,6 +82,10 @@ class RunLog:
             if handler is not self.buffer:
                 handler.close()
         logging.captureWarnings(False)
+        level, handlers = self._saved
+        root.setLevel(level)
+        for handler in handlers:
+            root.addHandler(handler)
 
     def write(self, text: str) -> None:
         logging.getLogger("megatron_r3.run").info(text)
@@ -149,7 +154,8 @@ def run_main(main: Callable, argv: Optional[Sequence[str]] = None) -> int:
         text = "".join(traceback.format_exception(error))
         logging.getLogger("megatron_r3.run").info("the run failed:\n%s", text)
         peer = peer_failure(rank)
-        if peer is not None:  # another rank failed first: its error is the cause, ours (a broken collective) the effect
+        same = peer is not None and is_expected(error) and peer.split(": ", 1)[-1] == one_line(error)
+        if peer is not None and not same:  # another rank failed first: its error is the cause, ours the effect
             print(f"error: stopped because {peer}", file=sys.stderr, flush=True)
             return 1
         if not is_expected(error):
