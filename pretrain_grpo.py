@@ -2,29 +2,44 @@
 
     python pretrain_grpo.py --config configs/demo_tiny.yaml --router-replay R3
     torchrun --nproc-per-node 4 pretrain_grpo.py --config configs/demo_tiny.yaml --router-replay R3 \\
-        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --sequence-parallel
 
 Megatron's own flags (parallelism, recompute, optimizer, --grpo-* / --rl-*) plus megatron_r3's (--router-replay,
---config, --rollout-engine, ...; see `python pretrain_grpo.py --help`). The resolved configuration is printed by
-megatron on rank 0 and saved as RUN_DIR/config.yaml.
+--config, --rollout-engine, ...; see `python pretrain_grpo.py --help`). The resolved configuration is saved as
+RUN_DIR/config.yaml; megatron's argument dump, warnings and the traceback of a failed run go to RUN_DIR/logs/.
+Bad inputs end the run with one line `error: ...` (see megatron_r3/train/launch.py).
 """
 
-import os
+import sys
 
-import torch.distributed as dist
+from megatron_r3.train.launch import run_main  # light: no torch before the command line has been checked
 
-from megatron_r3.platform.distributed import initialize_torch_distributed
-from megatron_r3.train.arguments import parse_grpo_args, save_resolved_config
-from megatron_r3.train.trainer import GRPOTrainer
+
+def _main(argv, run_log):
+    import os
+
+    import torch.distributed as dist
+
+    from megatron_r3.platform.distributed import initialize_torch_distributed
+    from megatron_r3.train.arguments import parse_grpo_args, save_resolved_config
+    from megatron_r3.train.trainer import GRPOTrainer
+
+    args = parse_grpo_args(argv, run_log=run_log)
+    initialize_torch_distributed()
+    trainer = GRPOTrainer(args)  # refuses first what would overwrite an earlier run's outputs
+    if dist.get_rank() == 0:
+        save_resolved_config(args, os.path.join(args.run_dir, "config.yaml"))
+    history = trainer.train()
+    if dist.get_rank() == 0:
+        print(f"done: {len(history)} steps; outputs in {args.run_dir}/ (metrics.jsonl, config.yaml, "
+              f"{os.path.relpath(args.save, args.run_dir) if args.save.startswith(args.run_dir) else args.save}/, "
+              f"tensorboard/, logs/)", flush=True)
+    return history
 
 
 def main(argv=None):
-    args = parse_grpo_args(argv)
-    initialize_torch_distributed()
-    if dist.get_rank() == 0:
-        save_resolved_config(args, os.path.join(args.run_dir, "config.yaml"))
-    return GRPOTrainer(args).train()
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,6 +11,7 @@ setup(
     version="0.1.0",
     description="Megatron-native GRPO for MoE models with rollout routing replay (R3) and R2",
     packages=find_packages(include=["megatron_r3", "megatron_r3.*"]),
+    package_data={"megatron_r3.train": ["megatron_flags.txt"]},  # preflight: megatron flag names without torch
     python_requires=">=3.11",
     install_requires=[
         "torch>=2.6",

@@ -100,6 +100,15 @@ def rollout_train_mismatch(train_logp: Tensor, rollout_logp: Tensor, mask: Tenso
     return out
 
 
+def _exp_or_inf(x: float) -> float:
+    """exp(x), or inf where math.exp would raise OverflowError (a logprob gap of ~710 nats or more: a finite but
+    absurd engine logprob such as -1e30 must give an infinite metric, not crash the step)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 def _to_floats(values: list[Tensor | float]) -> list[float]:
     """Python floats of 0-dim tensors / numbers with one device-to-host transfer per device (normally one)."""
     out: list[float] = [v if not isinstance(v, Tensor) else 0.0 for v in values]
@@ -241,6 +250,6 @@ class MetricAccumulator:
             out[n] = total / count if count > 0 else 0.0
         if _MEAN_KEYS[0] in self._totals:
             count = flat[2 * names.index(_MEAN_KEYS[0]) + 1]
-            out[_MULT_KEY] = math.exp(out[_MEAN_KEYS[0]]) if count > 0 else 0.0
+            out[_MULT_KEY] = _exp_or_inf(out[_MEAN_KEYS[0]]) if count > 0 else 0.0
             out[_COUNT_KEY] = count
         return out

@@ -62,3 +62,34 @@ def check_replay_config(config, router_replay: str) -> None:
         raise ReplayConfigError(
             f"--router-replay {router_replay} cannot work with this configuration:\n- " + "\n- ".join(reasons)
         )
+
+
+class LayoutConfigError(ValueError):
+    """A configuration megatron-core cannot run here, refused at parse time instead of at the first forward."""
+
+
+def layout_problems(args, transformer_engine: bool) -> list[str]:
+    """Why `args` cannot run (in any replay mode), with `transformer_engine` telling whether TE is installed.
+
+    Without TE, megatron_r3 builds megatron's local layers; the TE-only switches below used to be turned off
+    silently (`disable_fusions_without_transformer_engine`) so the run went on without what was asked for."""
+    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    problems = []
+    if not transformer_engine and get("transformer_impl") == "inference_optimized":
+        problems.append("--transformer-impl inference_optimized needs TransformerEngine, which is not installed; "
+                        "use --transformer-impl local")
+    if not transformer_engine and get("moe_router_fusion", False):
+        problems.append("--moe-router-fusion needs TransformerEngine, which is not installed; drop the flag")
+    tp = get("tensor_model_parallel_size", 1) or 1
+    if tp > 1 and get("num_experts") and not get("sequence_parallel", False):
+        # megatron-core's MoELayer.forward raises "performance may degrade if MoE and tensor parallelism are
+        # enabled without also enabling sequence parallelism" at the first training forward
+        problems.append(f"--tensor-model-parallel-size {tp} with MoE layers needs --sequence-parallel "
+                        f"(megatron-core's MoE layer refuses tensor parallelism without it)")
+    return problems
+
+
+def check_layout(args, transformer_engine: bool) -> None:
+    problems = layout_problems(args, transformer_engine)
+    if problems:
+        raise LayoutConfigError("; ".join(problems))

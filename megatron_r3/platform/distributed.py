@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_r3.platform import cpu_support
+from megatron_r3.platform.process import exit_with_parent
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ def _free_port() -> int:
 def initialize_torch_distributed(timeout_s: int = 600) -> None:
     """Init the default process group from torchrun's variables (or as a world of one)."""
     cpu_support.apply_cpu_support()
+    exit_with_parent()  # a torchrun worker must not outlive its launcher
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:

@@ -210,6 +210,12 @@ def decode_sglang_routed_experts(
             sample_id=sample_id,
             rank=rank,
         )
+    if not isinstance(payload, (str, bytes, bytearray)):
+        raise RouteError(
+            f"routed_experts must be a base64 string, got {type(payload).__name__} {str(payload)[:40]!r}",
+            sample_id=sample_id,
+            rank=rank,
+        )
     name = "int32" if dtype is None else str(dtype)
     wire = _WIRE_DTYPES.get(name)
     if wire is None:

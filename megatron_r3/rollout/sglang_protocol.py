@@ -203,6 +203,10 @@ def finish_reason_of(meta: dict) -> str:
     return kind
 
 
+# rounding slack above 0 for the logprob of a (near-)certain token, as engines compute log-softmax in low precision
+LOGPROB_SLACK = 1e-3
+
+
 def output_tokens_and_logprobs(meta: dict) -> tuple[list[int], list[float]]:
     entries = meta.get("output_token_logprobs")
     if entries is None:
@@ -218,8 +222,9 @@ def output_tokens_and_logprobs(meta: dict) -> tuple[list[int], list[float]]:
             raise ProtocolError(f"output_token_logprobs[{position}] has logprob {logprob!r}")
         if isinstance(token, bool) or not isinstance(token, int):
             raise ProtocolError(f"output_token_logprobs[{position}] has token id {token!r}")
-        if math.isnan(logprob) or logprob > 1e-3:
-            raise ProtocolError(f"output_token_logprobs[{position}] has logprob {logprob} (not a log-probability)")
+        if not math.isfinite(logprob) or logprob > LOGPROB_SLACK:
+            raise ProtocolError(f"output_token_logprobs[{position}] has logprob {logprob} (a sampled token's "
+                                f"log-probability must be finite and <= 0)")
         tokens.append(token)
         logprobs.append(float(logprob))
     return tokens, logprobs

@@ -6,18 +6,22 @@ config (`--hf-checkpoint DIR` or `--hf-config FILE|DIR`) and is written into Meg
 so `validate_args` and `core_transformer_config_from_args` see one consistent model.
 
 Precedence: Megatron/our defaults < `--config FILE.yaml` (keys are the flag names with `_`) < command line.
+Every YAML value goes through its flag's argparse type and choices, as on the command line (`yaml_value`), and is
+read with YAML 1.2 booleans: `reference_replay: off` is the string 'off', only true/false are booleans.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
 import yaml
 
-from megatron_r3.model.config_checks import REPLAY_MODES, check_replay_config
+from megatron_r3.model.config_checks import REPLAY_MODES, check_layout, check_replay_config
 from megatron_r3.platform.python_compat import apply_python_compat
 
 # Megatron defaults we change for RL, stated once (all still overridable by YAML / CLI).
@@ -91,6 +95,18 @@ def add_grpo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                        help="Fail if train/ppo_kl of the first update exceeds this bound.")
     group.add_argument("--max-rollout-train-logp-abs-diff", type=float, default=None,
                        help="Fail if r3/rollout_train_logp_abs_diff exceeds this bound at any step.")
+    group.add_argument("--max-fallback-fraction", type=float, default=0.01,
+                       help="Under --router-replay R3, fail when more than this fraction of a step's route rows "
+                            "fell back to native routing (--route-fallback native); 1 disables the gate.")
+    group.add_argument("--min-routing-agreement", type=float, default=0.6,
+                       help="Under --router-replay R3, fail when replay/routing_agreement (trainer's native top-k vs "
+                            "the replayed routes) falls below this bound: healthy runs measure ~0.9-0.99, routes "
+                            "shifted to the wrong tokens ~0.3-0.5; 0 disables the gate.")
+    group.add_argument("--skip-long-prompts", action="store_true",
+                       help="Drop prompts too long for --seq-length minus --max-new-tokens (counted and reported) "
+                            "instead of refusing to start.")
+    group.add_argument("--overwrite-run-dir", action="store_true",
+                       help="Allow a new run (no checkpoint to resume) to overwrite an existing metrics.jsonl.")
     group.add_argument("--run-dir", type=str, default=None, help="Outputs (metrics.jsonl, TensorBoard, config.yaml, "
                                                                   "checkpoints); default runs/<time>.")
     group.add_argument("--no-progress", action="store_true", help="No progress bar during rollout.")
@@ -142,24 +158,128 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(description="GRPO with router replay on megatron-core", allow_abbrev=False)
     add_megatron_arguments(parser)
+    escape_bare_percent_in_help(parser)
     return add_grpo_arguments(parser)
 
 
-def yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
-    """YAML values keyed by argparse dest; unknown keys are errors (a typo must not be silently ignored)."""
-    with open(path) as handle:
-        values = yaml.safe_load(handle) or {}
+# argparse's help formatting (`help % params`) reads '%%' and '%(name)s'; any other '%' is a bare one
+_PERCENT_TOKEN = re.compile(r"%%|%\(\w+\)[sdifr]|%")
+
+
+def escape_bare_percent_in_help(parser: argparse.ArgumentParser) -> None:
+    """megatron-core 0.19.2's help of --moe-paged-stash-buffer-size-factor-cuda contains a bare '%', which makes
+    `--help` raise "ValueError: unsupported format character ')'"; escape such '%' so --help lists every flag."""
+    for action in parser._actions:
+        if isinstance(action.help, str) and "%" in action.help:
+            action.help = _PERCENT_TOKEN.sub(lambda m: "%%" if m.group(0) == "%" else m.group(0), action.help)
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader whose booleans are YAML 1.2's (true/false only): `reference_replay: off` must stay the string
+    'off', not become False (YAML 1.1 reads on/off/yes/no as booleans)."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def read_yaml_config(path: str) -> dict:
+    """The YAML mapping of `path` (YAML 1.2 booleans), or a one-line ValueError naming the file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.load(handle, Loader=_Yaml12Loader) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"--config {path}: not valid YAML: {' '.join(str(error).split())}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: the YAML config must be a mapping of flag names to values")
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(key.replace("-", "_") for key in values if key.replace("-", "_") not in known)
+    return values
+
+
+def unknown_key_message(path: str, unknown: Sequence[str], known: Sequence[str]) -> str:
+    import difflib
+
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"{path}: unknown config keys {', '.join(hints)} (keys are flag names with '_')"
+
+
+def yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    """YAML values keyed by argparse dest, each converted and checked exactly as its flag on the command line would
+    be (type, choices, number of values); unknown keys are errors (a typo must not be silently ignored)."""
+    values = read_yaml_config(path)
+    actions = {}
+    for action in parser._actions:
+        actions.setdefault(action.dest, action)
+    unknown = sorted(key.replace("-", "_") for key in values if key.replace("-", "_") not in actions)
     if unknown:
-        raise ValueError(f"{path}: unknown config keys {unknown} (keys are flag names with '_')")
-    return {key.replace("-", "_"): value for key, value in values.items()}
+        raise ValueError(unknown_key_message(path, unknown, sorted(actions)))
+    return {key.replace("-", "_"): yaml_value(path, actions[key.replace("-", "_")], value)
+            for key, value in values.items()}
 
 
-def parse_grpo_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse with precedence defaults < YAML < CLI; architecture from the HF config; Megatron's validation."""
+def yaml_value(path: str, action: argparse.Action, value):
+    """`value` converted by `action`'s type and checked against its choices, as argparse checks a CLI value.
+
+    argparse's `set_defaults` skips both checks (choices are never checked for defaults, types only for string
+    defaults), so a YAML typo such as `route_fallback: nativ` would otherwise pass silently."""
+    key = action.dest
+    flag = action.option_strings[0] if action.option_strings else key
+    if value is None:
+        return None
+    if action.nargs == 0:  # store_true / store_false / BooleanOptionalAction / store_const
+        if type(value) is not bool:
+            raise ValueError(f"{path}: {key}: {flag} is a switch; give true or false, not {value!r}")
+        if isinstance(action, argparse.BooleanOptionalAction) or isinstance(action.const, bool):
+            return value  # the key is the dest: `masked_softmax_fusion: false` sets it False, whatever the flag
+        return action.const if value else action.default
+    many = action.nargs in ("*", "+", argparse.REMAINDER) or isinstance(action.nargs, int)
+    if isinstance(value, dict):
+        raise ValueError(f"{path}: {key}: a mapping is not a value of {flag}")
+    if isinstance(value, list) and not many:
+        raise ValueError(f"{path}: {key}: {flag} takes one value, not a list {value!r}")
+    if many:
+        items = value if isinstance(value, list) else [value]
+        if isinstance(action.nargs, int) and len(items) != action.nargs:
+            raise ValueError(f"{path}: {key}: {flag} takes {action.nargs} values, got {len(items)}")
+        return [_convert_one(path, action, flag, item) for item in items]
+    return _convert_one(path, action, flag, value)
+
+
+def _convert_one(path: str, action: argparse.Action, flag: str, value):
+    if isinstance(value, (list, dict)):
+        raise ValueError(f"{path}: {action.dest}: {value!r} is not a single value of {flag}")
+    if type(value) is bool and action.type is not None and action.type not in (str,):
+        raise ValueError(f"{path}: {action.dest}: {flag} takes a {getattr(action.type, '__name__', 'value')}, "
+                         f"not {str(value).lower()}")
+    text = value if isinstance(value, str) else str(value).lower() if type(value) is bool else str(value)
+    converted = text
+    if action.type is not None:
+        try:
+            converted = action.type(text)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+            name = getattr(action.type, "__name__", "value")
+            raise ValueError(f"{path}: {action.dest}: invalid {name} value {value!r} for {flag}"
+                             + (f" ({error})" if isinstance(error, argparse.ArgumentTypeError) else "")) from None
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(f"{path}: {action.dest}: invalid choice {value!r} for {flag} (choose from "
+                         f"{', '.join(map(repr, action.choices))})")
+    return converted
+
+
+def parse_grpo_args(argv: Optional[Sequence[str]] = None, run_log=None) -> argparse.Namespace:
+    """Parse with precedence defaults < YAML < CLI; architecture from the HF config; Megatron's validation.
+
+    `run_log` (a `launch.RunLog`): once the run directory is known, the log file goes there and megatron's argument
+    dump goes into it instead of the console."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     pre = argparse.ArgumentParser(add_help=False)
@@ -169,14 +289,33 @@ def parse_grpo_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.set_defaults(**yaml_defaults(parser, config_path))
     args = parser.parse_args(argv)
     args.config = config_path
-    finish_args(args, parser)
+    finish_args(args, parser, run_log=run_log)
     return args
 
 
-def finish_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """Model size from the HF config, run directory, then megatron's own `validate_args`."""
+def run_validate_args(args: argparse.Namespace, run_log=None) -> None:
+    """megatron's `validate_args`, its argument dump into the run's log file, its bare asserts as one-line errors."""
+    import traceback
+
     from megatron.training.arguments import validate_args
 
+    try:
+        if run_log is None:
+            validate_args(args, {})
+        else:
+            from megatron_r3.train.launch import capture_stdout
+
+            capture_stdout(run_log, validate_args, args, {})
+    except AssertionError as error:
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        what = str(error) or f"`{frame.line}`"
+        raise ValueError(f"megatron-core's validate_args rejected the arguments: {what} "
+                         f"({os.path.basename(frame.filename)}:{frame.lineno})") from None
+
+
+def finish_args(args: argparse.Namespace, parser: argparse.ArgumentParser, run_log=None) -> argparse.Namespace:
+    """Model size from the HF config, run directory, then megatron's own `validate_args`."""
+    from megatron_r3.model.specs import transformer_engine_available
     from megatron_r3.platform.cpu_support import apply_cpu_support
 
     apply_cpu_support()  # validate_args itself queries the GPU
@@ -201,6 +340,8 @@ def finish_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ar
         import time
 
         args.run_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    if run_log is not None:
+        run_log.attach(args.run_dir)
     args.save = args.save or os.path.join(args.run_dir, "checkpoints")
     if args.save_interval is None:  # megatron requires one with --save; default: a checkpoint at the end only
         args.save_interval = args.train_iters
@@ -214,10 +355,36 @@ def finish_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ar
             f"{rollout_samples} samples (--grpo-prompts-per-step x --grpo-group-size)"
         )
     args._is_global_batch_size_explicitly_specified = True
+    check_training_values(args)
+    check_replay_config(args, args.router_replay)  # before the TE-less fallbacks switch fusions off silently
+    check_layout(args, transformer_engine_available())
     disable_fusions_without_transformer_engine(args)
-    validate_args(args, {})
+    run_validate_args(args, run_log)
     check_replay_config(args, args.router_replay)
     return args
+
+
+def check_training_values(args: argparse.Namespace) -> None:
+    """Values megatron accepts (or answers with a bare AssertionError) under which a run cannot train."""
+    if not (math.isfinite(args.lr) and 0 < args.lr <= 1.0):
+        raise ValueError(f"--lr {args.lr!r}: the learning rate must be a finite number in (0, 1]")
+    if args.min_lr is not None and not (math.isfinite(args.min_lr) and 0 <= args.min_lr <= args.lr):
+        raise ValueError(f"--min-lr {args.min_lr!r}: must be finite and in [0, --lr {args.lr!r}]")
+    if args.train_iters is None or args.train_iters < 1:
+        raise ValueError(f"--train-iters {args.train_iters}: give at least 1 training step")
+    if args.grpo_group_size < 2:
+        raise ValueError(f"--grpo-group-size {args.grpo_group_size}: GRPO needs at least 2 samples per prompt (a "
+                         f"group of one has advantage 0 everywhere and trains nothing)")
+    if args.grpo_prompts_per_step < 1:
+        raise ValueError(f"--grpo-prompts-per-step {args.grpo_prompts_per_step}: give at least 1 prompt per step")
+    if args.micro_batch_size < 1:
+        raise ValueError(f"--micro-batch-size {args.micro_batch_size}: must be at least 1")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    if args.max_fallback_fraction is not None and not 0 <= args.max_fallback_fraction <= 1:
+        raise ValueError(f"--max-fallback-fraction {args.max_fallback_fraction}: a fraction in [0, 1]")
+    if args.min_routing_agreement is not None and not 0 <= args.min_routing_agreement <= 1:
+        raise ValueError(f"--min-routing-agreement {args.min_routing_agreement}: a fraction in [0, 1]")
 
 
 def disable_fusions_without_transformer_engine(args: argparse.Namespace) -> None:

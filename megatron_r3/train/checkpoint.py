@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_r3.model.dist_checkpoint import load_model_state_dict, model_sharded_state_dict
+from megatron_r3.train.checkpoint_integrity import verify_checkpoint, write_manifest
 
 TRACKER = "latest"
 
@@ -101,6 +102,7 @@ def save_checkpoint(root: str, step: int, chunks, optimizer, trainer_state: dict
         with open(os.path.join(tmp, "trainer_state.json"), "w") as handle:
             json.dump(trainer_state, handle, indent=1, sort_keys=True)
     _barrier()
+    write_manifest(tmp, step)  # checksums of every file, inside the step dir: atomic with it
     if _rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -124,6 +126,7 @@ def load_checkpoint(root: str, step: int, chunks, optimizer, load_optimizer: boo
     from megatron.core import dist_checkpointing
 
     directory = step_dir(root, step)
+    verify_checkpoint(root, step)  # damage -> one error naming the file and the last good step, on every rank
     loaded = dist_checkpointing.load(
         _sharded_state(chunks, optimizer, is_loading=True, with_optimizer=load_optimizer), directory
     )

@@ -213,7 +213,7 @@ def build_data(args):
     """(tokenizer, prompt records) from --task (synthetic, demo tokenizer) or --prompt-data."""
     from transformers import AutoTokenizer
 
-    from megatron_r3.train.data import load_prompts
+    from megatron_r3.train.data import check_prompt_lengths, load_prompts
     from megatron_r3.train.tasks import build_demo_tokenizer, make_synthetic_dataset
 
     if args.tokenizer_dir:
@@ -226,6 +226,11 @@ def build_data(args):
         records = make_synthetic_dataset(args.task, args.num_prompts, args.seed)
     else:
         records = load_prompts(args.prompt_data, prompt_key=args.prompt_key, answer_key=args.answer_key)
+    records, dropped = check_prompt_lengths(tokenizer, records, args.seq_length - args.max_new_tokens,
+                                            skip=args.skip_long_prompts)
+    if dropped and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(f"--skip-long-prompts: dropped {len(dropped)} of {len(records) + len(dropped)} prompts longer than "
+              f"{args.seq_length - args.max_new_tokens} tokens (prompt indices {[i for i, _ in dropped]})", flush=True)
     return tokenizer, records
 
 

@@ -55,8 +55,9 @@ def _record_from_row(row: Any, where: str, index: int, prompt_key: str, answer_k
 
 def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = _decode_line(path, lineno, raw)
             if not line.strip():
                 continue
             try:
@@ -66,8 +67,22 @@ def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
     return rows
 
 
+def _decode_line(path: Path, lineno: int, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                        f"re-encode the file as UTF-8") from None
+
+
 def _read_json(path: Path) -> list[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = data.count(b"\n", 0, e.start) + 1
+        _decode_line(path, lineno, data[data.rfind(b"\n", 0, e.start) + 1:].split(b"\n", 1)[0])
+        raise
     if not text.lstrip().startswith("["):
         return _read_jsonl(path)  # a `.json` file with one object per line
     try:
@@ -250,3 +265,26 @@ def tokenize_prompts(
             raise DataError(f"prompt {r.index} has {len(ids)} tokens, more than max_length={max_length}: {r.prompt!r}")
         out.append(ids)
     return out
+
+
+def check_prompt_lengths(tokenizer, records: Sequence[PromptRecord], max_length: int, skip: bool = False,
+                         **tokenize_kwargs) -> tuple[list[PromptRecord], list[tuple[int, int]]]:
+    """The whole prompt set checked at start-up against `max_length` tokens (--seq-length - --max-new-tokens), so a
+    too-long prompt is not found only when it is drawn (a crash at step N that every resume repeats).
+
+    Returns (records to train on, [(prompt index, tokens)] of the dropped ones) with `skip`; without it, raises a
+    DataError that lists every offending prompt."""
+    long = []
+    for record in records:
+        length = len(tokenize_prompts(tokenizer, [record], **tokenize_kwargs)[0])
+        if length > max_length:
+            long.append((record.index, length))
+    if long and not skip:
+        listed = ", ".join(f"{index} ({length} tokens)" for index, length in long)
+        raise DataError(f"{len(long)} of {len(records)} prompts are longer than --seq-length - --max-new-tokens = "
+                        f"{max_length} tokens: prompts {listed}; raise --seq-length, shorten them, or pass "
+                        f"--skip-long-prompts to drop them")
+    if len(long) == len(records):
+        raise DataError(f"every one of the {len(records)} prompts is longer than {max_length} tokens")
+    dropped = {index for index, _ in long}
+    return [r for r in records if r.index not in dropped], long

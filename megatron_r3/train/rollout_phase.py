@@ -73,9 +73,13 @@ def generate_batch(
             + (f" (+{len(failed) - 3} more)" if len(failed) > 3 else ""),
             flush=True,
         )
-    samples, fallback_rows = [], 0
+    samples, fallback_rows, bad_rows, route_rows = [], 0, 0, 0
     for index, sample in enumerate(kept):
         free_rows = None
+        problem = logprob_problem(sample.response_logprobs)
+        if problem:
+            return RolloutPayload(error=f"sample {index} (prompt {sample.prompt_index}): the rollout engine's "
+                                        f"response logprobs {problem}")
         if settings.return_routes:
             if sample.routes is None:
                 return RolloutPayload(
@@ -90,11 +94,13 @@ def generate_batch(
                 )
             except RouteError as error:
                 return RolloutPayload(error=str(error))
+            route_rows += int(check.bad_rows.numel())
             if not check.ok:
                 free_rows = check.bad_rows.clone()
                 if sample.routes.start_row:
                     free_rows = torch.cat([torch.ones(sample.routes.start_row, dtype=torch.bool), free_rows])
                 fallback_rows += int(free_rows.sum())
+                bad_rows += check.num_bad_rows
         samples.append((sample, free_rows))
     responses = [tokenizer.decode(s.response_ids.tolist(), skip_special_tokens=False) for s, _ in samples]
     rewards = reward_fn_scores(reward_fn, responses, [records[s.prompt_index] for s, _ in samples])
@@ -114,11 +120,27 @@ def generate_batch(
         "rollout/response_length_mean": float(lengths.mean()),
         "rollout/samples": float(len(samples)),
         "replay/fallback_rows": float(fallback_rows),
+        "replay/fallback_tokens": float(fallback_rows),  # one row per token: the iteration line's fallback count
+        # of the rows the engine sent, the fraction that was unusable (routed natively): --max-fallback-fraction
+        "replay/fallback_fraction": bad_rows / route_rows if route_rows else 0.0,
         "rollout/failed_prompts": float(len(failed)),
         "rollout/trimmed_prompts": float(len(trimmed)),
         "timing/rollout_s": rollout_s,
     }
     return RolloutPayload(samples=train_samples, metrics=metrics, failures=failed)
+
+
+def logprob_problem(logprobs: torch.Tensor, slack: float = 1e-3) -> str:
+    """'' when every logprob is finite and <= 0 (up to rounding `slack`), else what is wrong with the first bad one.
+
+    Checked here for every engine: -inf (or NaN) would turn the mismatch metrics and the importance weights into
+    inf/NaN, and a positive value is not a log-probability."""
+    bad = ~torch.isfinite(logprobs) | (logprobs > slack)
+    if not bool(bad.any()):
+        return ""
+    first = int(torch.nonzero(bad)[0, 0])
+    return (f"hold {int(bad.sum())} value(s) that are not finite log-probabilities <= 0, the first at response token "
+            f"{first}: {float(logprobs[first])}")
 
 
 def select_groups(result, num_prompts: int, settings: RolloutSettings):

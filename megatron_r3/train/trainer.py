@@ -25,11 +25,12 @@ from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
 from megatron_r3.grpo.losses import PolicyLossConfig
 from megatron_r3.grpo.mismatch import MetricAccumulator
-from megatron_r3.model.config_checks import check_replay_config
+from megatron_r3.model.config_checks import check_replay_config, replay_bypass_reasons
 from megatron_r3.platform.distributed import device, host_group
 from megatron_r3.replay.layout import sequence_pad_multiple
 from megatron_r3.replay.microbatch import routes_from_recorded
 from megatron_r3.train import checkpoint as ckpt
+from megatron_r3.train.checkpoint_integrity import check_resume_source
 from megatron_r3.train.metrics_log import MetricsLogger, format_iteration_line
 from megatron_r3.train.microbatching import RankLayout, StepPlan, microbatch_counts, plan_step
 from megatron_r3.train.passes import PassContext, declare_metrics, logprob_pass, step_metric_names, update_pass
@@ -47,10 +48,15 @@ class GateError(RuntimeError):
 class GRPOTrainer:
     def __init__(self, args):
         self.args = args
+        # before anything is built: what to resume from, refusing to overwrite an earlier run's outputs silently
+        self.resume_root = check_resume_source(args.load, args.save, args.run_dir,
+                                               overwrite=getattr(args, "overwrite_run_dir", False))
         if not getattr(args, "verbose", False):  # megatron logs every parameter at INFO while building DDP
             logging.getLogger("megatron").setLevel(logging.WARNING)
         self.setup: TrainingSetup = build_training_setup(args)
         check_replay_config(self.setup.config, args.router_replay)
+        # off mode runs what replay cannot hook (e.g. sinkhorn balancing); it then measures no routing agreement
+        self.can_observe_routes = not replay_bypass_reasons(self.setup.config)
         self.rank = RankLayout(
             tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
             tp_rank=parallel_state.get_tensor_model_parallel_rank(),
@@ -79,13 +85,13 @@ class GRPOTrainer:
             dist.all_gather_object(self._route_shares, mine, group=host_group())
         self.step = 0
         self.skipped_steps = 0
-        if args.load or ckpt.latest_step(args.save) is not None:
+        if self.resume_root is not None:
             self._resume()
         self.logger = MetricsLogger(args.run_dir, enabled=self.is_logger, resume_step=self.step)
 
     # ------------------------------------------------------------------ checkpoints
     def _resume(self) -> None:
-        root = self.args.load or self.args.save
+        root = self.resume_root
         step = ckpt.latest_step(root)
         if step is None:
             raise FileNotFoundError(f"--load {root}: no checkpoint (no '{ckpt.TRACKER}' tracker file)")
@@ -159,8 +165,8 @@ class GRPOTrainer:
             for mb, recorded in zip(microbatches, old.recorded):
                 valid = mb.layout.valid[mb.token_slots]
                 mb.recorded = routes_from_recorded(recorded, valid.to(device()), int(valid.sum()))
-        else:
-            observed = _observed(rollout_routes)
+        else:  # off: observe the engine's routes unless the router chooses outside the hooked top-k (sinkhorn, ...)
+            observed = _observed(rollout_routes) if self.can_observe_routes else None
             old = logprob_pass(ctx, microbatches, target="old", action=REPLAY if observed else None, routes=observed,
                                metrics=metrics, collect_agreement=args.collect_routing_agreement)
         replay_stats = setup.routers.statistics(reset=True)
@@ -331,6 +337,24 @@ class GRPOTrainer:
 
     def _check_gates(self, metrics: dict) -> None:
         args = self.args
+        # under R3 only: off and R2 merely observe the engine's routes (for replay/routing_agreement)
+        fraction = metrics.get("replay/fallback_fraction", 0.0)
+        if args.router_replay == "R3" and args.max_fallback_fraction is not None and \
+                fraction > args.max_fallback_fraction:
+            raise GateError(
+                f"--max-fallback-fraction: {fraction:.1%} of the route rows at step {self.step} "
+                f"({int(metrics.get('replay/fallback_tokens', 0))} tokens) fell back to native routing, above the "
+                f"bound {args.max_fallback_fraction:.1%}: the engine's routes are unusable, so --router-replay "
+                f"{args.router_replay} is effectively off"
+            )
+        agreement = metrics.get("replay/routing_agreement")
+        bound = args.min_routing_agreement
+        if args.router_replay == "R3" and bound and agreement is not None and not (agreement >= bound):
+            raise GateError(
+                f"--min-routing-agreement: replay/routing_agreement is {agreement:.4f} at step {self.step}, below "
+                f"the bound {bound:.4f}: the trainer's own top-k rarely picks the replayed experts, so the routes "
+                f"likely belong to other tokens (shifted or mismatched rows) or another model"
+            )
         if self.step == 0 and args.check_step0_kl is not None:
             kl = metrics.get("train/ppo_kl_first_minibatch", float("nan"))
             if not (abs(kl) <= args.check_step0_kl):

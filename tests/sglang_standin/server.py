@@ -68,6 +68,10 @@ class Faults:
     truncate_routes_first: int = 0  # ... carry base64 routes cut short
     wrong_rows_first: int = 0  # ... carry routes with one row missing
     omit_routes_first: int = 0  # ... carry no routed_experts at all
+    duplicate_ids_first: int = 0  # ... carry routes whose every row repeats one expert id (unusable rows)
+    shift_routes_first: int = 0  # ... carry routes shifted by one row (right count, valid ids, wrong tokens)
+    routes_as_int_first: int = 0  # ... carry routed_experts as a JSON integer instead of base64
+    neginf_logprob_first: int = 0  # ... carry -inf as the logprob of their first generated token
     fail_weight_update: bool = False  # /update_weights_* receive the tensors but answer success=false
 
     def update(self, values: dict) -> None:
@@ -342,16 +346,22 @@ class StandinServer:
         if return_logprob:
             meta["output_token_logprobs"] = [[float(lp), int(t), None]
                                              for lp, t in zip(sample.response_logprobs.tolist(), response)]
+            if number < faults.neginf_logprob_first:
+                meta["output_token_logprobs"][0][0] = float("-inf")  # json writes -Infinity, as Python servers do
             meta["input_token_logprobs"] = []
         if routes_wanted and number >= faults.omit_routes_first:
             ids = sample.routes.expert_ids[start_len:].to(torch.int64)
             if number < faults.wrong_rows_first:
                 ids = ids[:-1]
+            if number < faults.duplicate_ids_first:
+                ids = torch.zeros_like(ids)  # top-k of one repeated id: every MoE row is unusable
+            if number < faults.shift_routes_first:
+                ids = torch.roll(ids, 1, dims=0)
             wire = self.config.routed_experts_dtype or "int32"
             payload = encode_sglang_routed_experts(ids, dtype=wire)
             if number < faults.truncate_routes_first:
                 payload = payload[: max(0, len(payload) // 2 - 1)]
-            meta["routed_experts"] = payload
+            meta["routed_experts"] = payload if number >= faults.routes_as_int_first else 12345
             if self.config.routed_experts_dtype:
                 meta["routed_experts_dtype"] = self.config.routed_experts_dtype
             if start_len:
