@@ -127,9 +127,7 @@ def test_sbatch_dry_run(commands, tmp_path):
     assert f"{REPO}/.venv/bin/python -m torch.distributed.run --nnodes 2" in proc.stdout
 
 
-# Expectation that depends on the `--help` fix of issue 11 item 3 (megatron-core 0.19.2's help text for
-# --moe-paged-stash-buffer-size-factor-cuda has a bare `%`), made by another change: remove this xfail once merged.
-@pytest.mark.xfail(reason="pretrain_grpo.py --help crashes until the issue-11 item-3 fix is merged", strict=False)
+# megatron-core 0.19.2's help text for --moe-paged-stash-buffer-size-factor-cuda has a bare `%` (issue 11 item 3).
 def test_help_lists_the_flags(commands):
     proc = clean_run(find(commands, ".venv/bin/python pretrain_grpo.py --help"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
