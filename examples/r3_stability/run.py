@@ -7,7 +7,8 @@ then one PNG and the paper-style table.
     python examples/r3_stability/run.py --preset gpu --out $OUT --work /tmp/r3s         # one H200, < 9 min
 
 Stages (each skipped when its output exists, so a re-run after a lost machine continues where it stopped):
-1. `python -m megatron_r3.train.sft_warmup --config warmup_PRESET.yaml` -> WORK/warmup/hf (HF checkpoint);
+1. `python -m megatron_r3.train.sft_warmup --config warmup_PRESET.yaml --stop-at-eval-reward 0.6` ->
+   WORK/warmup/hf (HF checkpoint of a partially competent policy);
 2. `pretrain_grpo.py --config grpo_PRESET.yaml --hf-checkpoint WORK/warmup/hf --router-replay MODE` for each mode,
    `--parallel` of them at a time (the GPU preset runs all three at once on the one GPU: these small models leave it
    mostly idle), with periodic checkpoints (a re-run resumes them);
@@ -36,8 +37,10 @@ REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
 sys.path.insert(0, REPO)
 
 PRESETS = {
-    "cpu": dict(warmup="warmup_cpu.yaml", grpo="grpo_cpu.yaml", parallel=3, budget_s=14 * 60, save_interval=25),
-    "gpu": dict(warmup="warmup_gpu.yaml", grpo="grpo_gpu.yaml", parallel=3, budget_s=510, save_interval=20),
+    "cpu": dict(warmup="warmup_cpu.yaml", grpo="grpo_cpu.yaml", parallel=3, budget_s=14 * 60, save_interval=25,
+                stop_reward=0.6),
+    "gpu": dict(warmup="warmup_gpu.yaml", grpo="grpo_gpu.yaml", parallel=3, budget_s=510, save_interval=20,
+                stop_reward=0.6),
 }
 MODES = ("off", "R2", "R3")
 REPORT_EVERY_S = 60.0
@@ -115,7 +118,8 @@ def warm_up(args, preset: dict, log: Log, deadline: float) -> str:
         log(f"warm-up: {hf_dir} exists, skipped")
         return hf_dir
     cmd = [sys.executable, "-m", "megatron_r3.train.sft_warmup", "--config", os.path.join(HERE, preset["warmup"]),
-           "--run-dir", run_dir, "--no-progress", "--save-interval", str(args.warmup_save_interval)]
+           "--run-dir", run_dir, "--no-progress", "--save-interval", str(args.warmup_save_interval),
+           "--stop-at-eval-reward", str(args.stop_reward)]
     if args.warmup_iters:
         cmd += ["--train-iters", str(args.warmup_iters)]
         import yaml
@@ -266,6 +270,8 @@ def main(argv=None) -> None:
     parser.add_argument("--grpo-iters", type=int, default=None, help="override the GRPO runs' --train-iters")
     parser.add_argument("--save-interval", type=int, default=None, help="GRPO checkpoint interval (preset)")
     parser.add_argument("--warmup-save-interval", type=int, default=100)
+    parser.add_argument("--stop-reward", type=float, default=None,
+                        help="the warm-up stops once its sampled reward reaches this (partial competence; preset)")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
@@ -274,6 +280,7 @@ def main(argv=None) -> None:
     args.parallel = args.parallel or preset["parallel"]
     args.budget_s = args.budget_s or preset["budget_s"]
     args.save_interval = args.save_interval or preset["save_interval"]
+    args.stop_reward = preset["stop_reward"] if args.stop_reward is None else args.stop_reward
     args.out = os.path.abspath(args.out)
     args.work = os.path.abspath(args.work or os.path.join(args.out, "work"))
     os.makedirs(args.out, exist_ok=True)

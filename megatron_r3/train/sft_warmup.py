@@ -12,6 +12,10 @@ LR schedule and prompt sampler (`components.build_training_setup`); samples beco
 (no replay: native routing); the optimizer step, checkpoints (`--save`, automatic resume) and `metrics.jsonl` are
 the trainer's. Every `--eval-interval` steps (and after the last) the embedded rollout engine samples the step's
 prompts with the run's sampling settings and logs `eval/reward_mean`: the reward GRPO would start from.
+Two early stops (each evaluated, saved and exported as at a last step): megatron's `--exit-duration-in-mins`, so
+that a time-boxed experiment keeps time for the GRPO runs, and this module's own `--stop-at-eval-reward R` (given on
+the command line, before megatron's flags are parsed): stop once `eval/reward_mean` reaches R, so that GRPO starts
+from a *partially* competent policy whatever the hardware's speed.
 
 At the end the policy is written as a Hugging Face directory `RUN_DIR/hf` (safetensors + config.json), which
 `pretrain_grpo.py --hf-checkpoint RUN_DIR/hf` starts from (fresh optimizer, step 0, its own seeds).
@@ -22,9 +26,12 @@ answer token), `train/grad_norm`, `train/lr`, `timing/step_s`; at evaluations `e
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
+import sys
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -61,7 +68,8 @@ def teacher_samples(prompt_ids: list[list[int]], answers: list[list[int]], eos_t
 class SFTWarmup(GRPOTrainer):
     """The GRPO trainer's setup, checkpoints and logging with a supervised step in place of the GRPO step."""
 
-    def __init__(self, args):
+    def __init__(self, args, stop_at_eval_reward: Optional[float] = None):
+        self.stop_at_eval_reward = stop_at_eval_reward
         if args.grpo_group_size != 1:
             raise ValueError(
                 f"sft_warmup: --grpo-group-size must be 1 (one teacher sequence per prompt), got {args.grpo_group_size}"
@@ -77,11 +85,46 @@ class SFTWarmup(GRPOTrainer):
             raise ValueError("sft_warmup: the tokenizer has no EOS token to end the teacher responses with")
 
     def train(self) -> list[dict]:
-        history = super().train()
+        """The trainer's loop (checkpoints every --save-interval) with the two early stops of the module docstring;
+        the HF export follows however it ends."""
+        args = self.args
+        start = time.time()
+        history = []
+        try:
+            while self.step < args.train_iters:
+                out_of_time = self._out_of_time(start)
+                last = out_of_time or self.step + 1 == args.train_iters
+                metrics = self.train_step(evaluate=last or bool(
+                    args.eval_interval and (self.step + 1) % args.eval_interval == 0))
+                history.append(metrics)
+                self.step += 1
+                reached = self.stop_at_eval_reward is not None and (
+                    metrics.get("eval/reward_mean", -math.inf) >= self.stop_at_eval_reward)
+                if out_of_time or reached or (args.save_interval and self.step % args.save_interval == 0):
+                    self.save()
+                if out_of_time or reached:
+                    if self.is_logger:
+                        why = (f"--exit-duration-in-mins {args.exit_duration_in_mins} reached" if out_of_time else
+                               f"eval/reward_mean {metrics['eval/reward_mean']:.4f} >= --stop-at-eval-reward "
+                               f"{self.stop_at_eval_reward}")
+                        print(f"sft_warmup: stopped after {self.step} steps: {why}", flush=True)
+                    break
+        finally:
+            self.logger.close()
+            self.setup.close()
         save_hf_export(self)
         return history
 
-    def train_step(self) -> dict:
+    def _out_of_time(self, start: float) -> bool:
+        limit = self.args.exit_duration_in_mins
+        if not limit:
+            return False
+        flag = torch.tensor([1.0 if (time.time() - start) / 60.0 > limit else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=host_group())
+        return bool(flag[0] > 0)
+
+    def train_step(self, evaluate: bool = False) -> dict:
         args, setup = self.args, self.setup
         start = time.perf_counter()
         records = setup.sampler.batch(self.step)
@@ -115,8 +158,7 @@ class SFTWarmup(GRPOTrainer):
         out["train/grad_norm"] = sum(finite) / len(finite) if finite else float("nan")
         out["train/skipped_steps"] = float(self.skipped_steps)
         out["train/lr"] = float(setup.optimizer.param_groups[0]["lr"])
-        last = self.step + 1 == args.train_iters
-        if last or (args.eval_interval and (self.step + 1) % args.eval_interval == 0):
+        if evaluate:
             setup.sync_weights_to_engine()
             payload = self._rollout()
             out["eval/reward_mean"] = float(payload.metrics.get("reward/mean", float("nan")))
@@ -149,11 +191,15 @@ def main(argv=None) -> list[dict]:
     from megatron_r3.platform.distributed import initialize_torch_distributed
     from megatron_r3.train.arguments import parse_grpo_args, save_resolved_config
 
-    args = parse_grpo_args(argv)
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--stop-at-eval-reward", type=float, default=None,
+                     help="stop once eval/reward_mean (every --eval-interval steps) reaches this value")
+    mine, rest = own.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    args = parse_grpo_args(rest)
     initialize_torch_distributed()
     if (dist.get_rank() if dist.is_initialized() else 0) == 0:
         save_resolved_config(args, os.path.join(args.run_dir, "config.yaml"))
-    return SFTWarmup(args).train()
+    return SFTWarmup(args, stop_at_eval_reward=mine.stop_at_eval_reward).train()
 
 
 if __name__ == "__main__":
