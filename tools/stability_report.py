@@ -8,8 +8,9 @@ Curves (`tools/plot_metrics.plot_runs`, a line per run): reward, k3 KL, F(2), F(
 fractions, tau = 2 and 5), routing agreement, grad norm, `train/ppo_kl`, entropy.
 
 Table columns, over the steps every run has (runs cut short by a time limit are compared on their common prefix):
-- reward first / best / final: the reward's trailing mean over `--window` steps (one step's batch is noisy) at the
-  first full window, its maximum, and at the last step;
+- reward step 0: the first rollout's mean reward (the starting policy's; identical across runs that differ only in
+  --router-replay); reward best / final: the reward's trailing mean over `--window` steps (one step's batch is
+  noisy), its maximum from the first full window on, and at the last step;
 - collapse step: the first step whose trailing-mean reward is below `--collapse-frac` of the best trailing mean
   reached before it ("none" if never);
 - F(2) mean and max, F(5) mean and max, k3 KL mean and median: `r3/rollout_train_*` per step (F(tau) = fraction of
@@ -44,7 +45,7 @@ from tools.plot_metrics import _fmt, load_runs, plot_runs, run_labels  # noqa: E
 USED_ROUTE_MATCH = "replay/used_route_match"
 PLOT_KEYS = (REWARD_MEAN, R3_K3_KL, R3_EXTREME_FRAC_TAU2, R3_EXTREME_FRAC_TAU5, ROUTING_AGREEMENT, TRAIN_GRAD_NORM,
              TRAIN_PPO_KL, TRAIN_ENTROPY)
-COLUMNS = ("steps", "reward first", "reward best", "reward final", "collapse step", "F(2) mean", "F(2) max",
+COLUMNS = ("steps", "reward step 0", "reward best", "reward final", "collapse step", "F(2) mean", "F(2) max",
            "F(5) mean", "F(5) max", "k3 KL mean", "k3 KL median", "routing agreement", "used-route match",
            "ppo_kl mean", "grad norm mean", "grad norm max")
 
@@ -84,7 +85,7 @@ def summarize(records: list[dict], window: int = 5, collapse_frac: float = 0.5) 
         return out
     smooth = trailing_means(rewards, window)
     first = min(window, len(smooth)) - 1
-    out["reward first"] = smooth[first]
+    out["reward step 0"] = rewards[0]
     out["reward best"] = max(smooth[first:])
     out["reward final"] = smooth[-1]
     out["collapse step"] = collapse_step(steps, rewards, window, collapse_frac)
@@ -139,7 +140,8 @@ def write_report(run_dirs, png: str, md: str, header: str = "", window: int = 5,
     plot_runs(run_dirs, png, keys=PLOT_KEYS)
     table = stability_table(run_dirs, window, collapse_frac)
     notes = (
-        f"Reward columns: trailing mean over {window} steps (first full window, best, last). Collapse: first step "
+        f"Reward best / final: trailing mean over {window} steps (best from the first full window on, last). "
+        f"Collapse: first step "
         f"whose trailing mean is below {collapse_frac:g} x the best trailing mean before it. F(tau): fraction of "
         f"response tokens with |logp_train - logp_rollout| > ln tau; k3 KL: mean(exp(d) - 1 - d), d = logp_train - "
         f"logp_rollout, per step (old-logprob pass). All columns over the steps every run has. Figure: "

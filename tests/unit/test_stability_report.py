@@ -29,7 +29,7 @@ def test_summarize_and_common_prefix():
     records = [{"step": i, "reward/mean": r, "r3/rollout_train_extreme_frac_tau2": f}
                for i, (r, f) in enumerate([(0.2, 0.0), (0.4, 0.1), (0.6, 0.0), (float("nan"), 0.3)])]
     out = summarize(records[:3], window=1)
-    assert out["steps"] == 3 and out["reward first"] == 0.2 and out["reward best"] == 0.6
+    assert out["steps"] == 3 and out["reward step 0"] == 0.2 and out["reward best"] == 0.6
     assert out["F(2) mean"] == pytest.approx(0.1 / 3) and out["F(2) max"] == 0.1 and out["k3 KL mean"] is None
     cut = common_prefix([records, records[:2]])
     assert [len(r) for r in cut] == [2, 2]
@@ -45,7 +45,7 @@ def test_table_rows_per_run(tmp_path):
             for i, r in enumerate(rewards)))
     table = stability_table([tmp_path / "off", tmp_path / "R3"], window=1)
     lines = table.splitlines()
-    assert lines[0].startswith("| run | steps | reward first | reward best | reward final | collapse step |")
+    assert lines[0].startswith("| run | steps | reward step 0 | reward best | reward final | collapse step |")
     off = lines[2].split(" | ")
     r3 = lines[3].split(" | ")
     assert off[0] == "| off" and off[1] == "3" and off[5] == "2"  # common prefix: 3 steps; 0.1 < 0.5 * 0.6
