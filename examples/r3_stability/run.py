@@ -39,7 +39,7 @@ sys.path.insert(0, REPO)
 PRESETS = {
     "cpu": dict(warmup="warmup_cpu.yaml", grpo="grpo_cpu.yaml", parallel=3, budget_s=14 * 60, save_interval=25,
                 stop_reward=0.6),
-    "gpu": dict(warmup="warmup_gpu.yaml", grpo="grpo_gpu.yaml", parallel=3, budget_s=510, save_interval=20,
+    "gpu": dict(warmup="warmup_gpu.yaml", grpo="grpo_gpu.yaml", parallel=3, budget_s=510, save_interval=10,
                 stop_reward=0.6),
 }
 MODES = ("off", "R2", "R3")

@@ -1,5 +1,5 @@
 """tools/stability_report.py: the table's reductions (trailing means, collapse step, common prefix) on hand-made
-series, and the table itself from metrics files."""
+series, and the table itself from metrics files; the supervised warm-up's teacher samples."""
 
 from __future__ import annotations
 
@@ -50,3 +50,13 @@ def test_table_rows_per_run(tmp_path):
     r3 = lines[3].split(" | ")
     assert off[0] == "| off" and off[1] == "3" and off[5] == "2"  # common prefix: 3 steps; 0.1 < 0.5 * 0.6
     assert r3[0] == "| R3" and r3[1] == "3" and r3[5] == "none"
+
+
+def test_teacher_samples_mask_the_answer_and_eos():
+    """The warm-up's samples: `prompt + answer + <eos>`, loss on the slots that predict the answer and the <eos>."""
+    from megatron_r3.train.sft_warmup import teacher_samples
+
+    (sample,) = teacher_samples([[1, 10, 11]], [[5, 6]], eos_token_id=2)
+    assert sample.tokens.tolist() == [1, 10, 11, 5, 6, 2] and sample.prompt_length == 3
+    assert sample.loss_mask().tolist() == [0.0, 0.0, 1.0, 1.0, 1.0]  # slot i predicts token i + 1
+    assert sample.rollout_logprobs.shape == (3,) and sample.advantage == 1.0
