@@ -204,3 +204,11 @@ def step_metric_names(*, tis: bool, reference: bool) -> list[str]:
         names.append("train/ref_kl")
     return names
 
+
+
+def run_custom_pass(ctx: PassContext, microbatches: Sequence[TrainMicrobatch], loss_of, *,
+                    forward_only: bool) -> ScheduleResult:
+    """One schedule with a caller-defined megatron loss_func `loss_of(mb, inputs, logits) -> (loss, num_tokens,
+    dict)` and native routing (no replay): e.g. the supervised warm-up's cross-entropy (`train/sft_warmup.py`)."""
+    return _run(ctx, microbatches, loss_of, action=None, routes=None, forward_only=forward_only,
+                collect_agreement=False)

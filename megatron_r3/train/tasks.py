@@ -3,7 +3,8 @@
 The tokenizer is character level (a `tokenizers` WordLevel model over a fixed 64-entry vocabulary, every character
 its own token), so prompts like ``cp:4821=`` are 8 tokens and every answer digit is one token.
 
-Tasks (prompt -> answer; every prompt is at most 10 tokens with BOS; answers are 1 or 3 digits, then `<eos>`):
+Tasks (prompt -> answer; answers end with `<eos>`; the short tasks' prompts are at most 10 tokens with BOS and their
+answers 1 or 3 digits):
 
 =============  ===============  ======  =========================================================================
 name           prompt           answer  what the model must learn
@@ -13,12 +14,19 @@ copy_first     ``cp:4821=``     ``4``   copy the first digit (attend to a fixed 
 max_digit      ``max:4821=``    ``8``   the largest of four digits (skewed: "always 9" already earns 34%)
 add_mod10      ``add:3+4=``     ``7``   (a + b) mod 10, a 10x10 table
 reverse        ``rev:482=``     ``284`` the three digits reversed (a longer response)
+reverse6       ``r6:482913=``   6 dig.  six digits reversed; per-position credit (the stability experiment)
+reverse10      ``r10:...=``     10 dig. ten digits reversed; per-position credit (its GPU preset)
 =============  ===============  ======  =========================================================================
 
 Scoring (`Task.score`, used by the `synthetic` reward) gives partial credit so that a randomly initialised model
 earns some reward by chance and the reward rises in stages: 1.0 for exactly the answer; otherwise
 ``0.1 * (leading answer-length characters that are digits) / len(answer) + 0.5 * (common prefix with the answer) /
 len(answer)``. So the right digit followed by junk (no `<eos>` in time) earns 0.6, a wrong digit 0.1, a non-digit 0.
+
+``reverse6`` / ``reverse10`` (`ReverseDigits`) score by position instead: 1.0 for exactly the answer, otherwise
+``0.9 * (positions i < n where response[i] == answer[i]) / n``, so a policy that gets most digits right earns most of
+the reward and every digit of a long response carries signal (examples/r3_stability warms a model up on them
+before GRPO; a random model scores ~0.09, one digit in ten).
 
 Demo: ``DEMO_TASK = "copy_last"`` with ``DEMO_MAX_NEW_TOKENS = 1`` and the ``synthetic`` reward. By chance (uniform
 tokens) a response earns some reward 15.6% of the time (any digit), the full answer 1.6%. In a reference loop (HF
@@ -166,7 +174,32 @@ class Reverse(Task):
         return f"rev:{d}=", d[::-1]
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (CopyFirst(), CopyLast(), MaxDigit(), AddMod10(), Reverse())}
+class ReverseDigits(Task):
+    """`n` digits reversed, scored per position (module docstring): long responses whose every token is checkable."""
+
+    def __init__(self, n: int):
+        self.n = int(n)
+        self.name = f"reverse{self.n}"
+        example = (DIGITS[1:] + DIGITS[0]) * 2
+        self.description = f"{self.n} digits reversed: r{self.n}:{example[: self.n]}= -> {example[: self.n][::-1]}"
+
+    def make_prompt(self, rng):
+        d = _digits(rng, self.n)
+        return f"r{self.n}:{d}=", d[::-1]
+
+    def score(self, response: str, answer: str) -> float:
+        if response == answer:
+            return 1.0
+        n = len(answer)
+        if n == 0:
+            return 0.0
+        return 0.9 * sum(a == b for a, b in zip(response[:n], answer)) / n
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (CopyFirst(), CopyLast(), MaxDigit(), AddMod10(), Reverse(), ReverseDigits(6), ReverseDigits(10))
+}
 
 
 def get_task(task: Union[str, Task]) -> Task:

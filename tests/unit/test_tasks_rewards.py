@@ -110,16 +110,35 @@ def test_task_answers_are_right():
         assert int(r.answer) == (int(a) + int(b)) % 10
     for r in make_synthetic_dataset("reverse", 30, seed=0):
         assert r.answer == r.prompt[4:7][::-1]
+    for n in (6, 10):
+        for r in make_synthetic_dataset(f"reverse{n}", 30, seed=0):
+            head = f"r{n}:"
+            assert r.prompt.startswith(head) and r.prompt[-1] == "=" and r.answer == r.prompt[len(head):-1][::-1]
+            assert len(r.answer) == n and r.answer.isdigit()
+
+
+def test_reverse_digits_scores_by_position():
+    task = get_task("reverse6")
+    assert task.score("654321", "654321") == 1.0
+    assert task.score("654000", "654321") == pytest.approx(0.9 * 3 / 6)
+    assert task.score("054321", "654321") == pytest.approx(0.9 * 5 / 6)  # a wrong first digit keeps the rest
+    assert task.score("6543210", "654321") == pytest.approx(0.9)  # no <eos> in time: all digits, not exact
+    assert task.score("65", "654321") == pytest.approx(0.9 * 2 / 6)
+    assert task.score("", "654321") == 0.0
 
 
 def test_task_prompts_fit_the_demo_limits():
     tok = build_demo_tokenizer()
     assert DEMO_TASK in TASKS
     for name in TASKS:
+        n = int(name[len("reverse"):]) if name.startswith("reverse") and name != "reverse" else None
         for r in make_synthetic_dataset(name, 200, seed=0):
             p = tok(r.prompt, add_special_tokens=False)["input_ids"]
             a = tok(r.answer, add_special_tokens=False)["input_ids"]
-            assert len(p) + 1 <= 12 and 1 <= len(a) <= 3  # + BOS; then <eos> after the answer
+            if n is None:
+                assert len(p) + 1 <= 12 and 1 <= len(a) <= 3  # + BOS; then <eos> after the answer
+            else:  # the long-response tasks: "rN:" + N digits + "=", N answer digits
+                assert len(p) == len(str(n)) + 3 + n and len(a) == n
             assert tok.unk_token_id not in p + a
 
 
@@ -127,7 +146,8 @@ def test_task_errors_and_specs():
     with pytest.raises(ValueError) as e:
         get_task("nope")
     assert str(e.value) == (
-        "unknown synthetic task 'nope'; choose one of ['add_mod10', 'copy_first', 'copy_last', 'max_digit', 'reverse']"
+        "unknown synthetic task 'nope'; choose one of ['add_mod10', 'copy_first', 'copy_last', 'max_digit', 'reverse', "
+        "'reverse10', 'reverse6']"
     )
     with pytest.raises(ValueError, match="num_prompts must be a positive integer, got 0"):
         make_synthetic_dataset("copy_first", 0, seed=0)
