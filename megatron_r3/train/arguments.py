@@ -275,7 +275,7 @@ def _convert_one(path: str, action: argparse.Action, flag: str, value):
     return converted
 
 
-def parse_grpo_args(argv: Optional[Sequence[str]] = None, run_log=None) -> argparse.Namespace:
+def parse_grpo_args(argv: Optional[Sequence[str]] = None, run_log=None, min_group_size: int = 2) -> argparse.Namespace:
     """Parse with precedence defaults < YAML < CLI; architecture from the HF config; Megatron's validation.
 
     `run_log` (a `launch.RunLog`): once the run directory is known, the log file goes there and megatron's argument
@@ -289,7 +289,7 @@ def parse_grpo_args(argv: Optional[Sequence[str]] = None, run_log=None) -> argpa
         parser.set_defaults(**yaml_defaults(parser, config_path))
     args = parser.parse_args(argv)
     args.config = config_path
-    finish_args(args, parser, run_log=run_log)
+    finish_args(args, parser, run_log=run_log, min_group_size=min_group_size)
     return args
 
 
@@ -313,7 +313,9 @@ def run_validate_args(args: argparse.Namespace, run_log=None) -> None:
                          f"({os.path.basename(frame.filename)}:{frame.lineno})") from None
 
 
-def finish_args(args: argparse.Namespace, parser: argparse.ArgumentParser, run_log=None) -> argparse.Namespace:
+def finish_args(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, run_log=None, min_group_size: int = 2
+) -> argparse.Namespace:
     """Model size from the HF config, run directory, then megatron's own `validate_args`."""
     from megatron_r3.model.specs import transformer_engine_available
     from megatron_r3.platform.cpu_support import apply_cpu_support
@@ -355,7 +357,7 @@ def finish_args(args: argparse.Namespace, parser: argparse.ArgumentParser, run_l
             f"{rollout_samples} samples (--grpo-prompts-per-step x --grpo-group-size)"
         )
     args._is_global_batch_size_explicitly_specified = True
-    check_training_values(args)
+    check_training_values(args, min_group_size)
     check_replay_config(args, args.router_replay)  # before the TE-less fallbacks switch fusions off silently
     check_layout(args, transformer_engine_available())
     disable_fusions_without_transformer_engine(args)
@@ -364,15 +366,17 @@ def finish_args(args: argparse.Namespace, parser: argparse.ArgumentParser, run_l
     return args
 
 
-def check_training_values(args: argparse.Namespace) -> None:
-    """Values megatron accepts (or answers with a bare AssertionError) under which a run cannot train."""
+def check_training_values(args: argparse.Namespace, min_group_size: int = 2) -> None:
+    """Values megatron accepts (or answers with a bare AssertionError) under which a run cannot train.
+
+    `min_group_size` is 2 for GRPO (a group of one has advantage 0); the supervised warm-up uses groups of 1."""
     if not (math.isfinite(args.lr) and 0 < args.lr <= 1.0):
         raise ValueError(f"--lr {args.lr!r}: the learning rate must be a finite number in (0, 1]")
     if args.min_lr is not None and not (math.isfinite(args.min_lr) and 0 <= args.min_lr <= args.lr):
         raise ValueError(f"--min-lr {args.min_lr!r}: must be finite and in [0, --lr {args.lr!r}]")
     if args.train_iters is None or args.train_iters < 1:
         raise ValueError(f"--train-iters {args.train_iters}: give at least 1 training step")
-    if args.grpo_group_size < 2:
+    if args.grpo_group_size < min_group_size:
         raise ValueError(f"--grpo-group-size {args.grpo_group_size}: GRPO needs at least 2 samples per prompt (a "
                          f"group of one has advantage 0 everywhere and trains nothing)")
     if args.grpo_prompts_per_step < 1:

@@ -195,7 +195,7 @@ def main(argv=None) -> list[dict]:
     own.add_argument("--stop-at-eval-reward", type=float, default=None,
                      help="stop once eval/reward_mean (every --eval-interval steps) reaches this value")
     mine, rest = own.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    args = parse_grpo_args(rest)
+    args = parse_grpo_args(rest, min_group_size=1)
     initialize_torch_distributed()
     if (dist.get_rank() if dist.is_initialized() else 0) == 0:
         save_resolved_config(args, os.path.join(args.run_dir, "config.yaml"))
