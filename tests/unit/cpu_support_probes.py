@@ -82,7 +82,7 @@ def main(port: int) -> None:
         else "literal gone from schedules.forward_backward_no_pipelining",
         "cpu_causal_masks": error_of(lambda: get_default_causal_mask(4)),
         "alltoall_split_sizes_as_numpy": "returns " + type(maybe_move_tensor_to_cpu(torch.tensor([1]), as_numpy=True)).__name__,
-        "sequence_parallel_torch_norm": error_of(lambda: WrappedTorchNorm(sp_config, 8)),
+        "upstream_torch_norm_sequence_parallel": error_of(lambda: WrappedTorchNorm(sp_config, 8)),
         "cp_rope_slice_on_cpu": error_of(lambda: get_pos_emb_on_this_cp_rank(torch.zeros(8, 1, 1, 4), 0, TwoRankGroup())),
         "cpu_grad_clip": error_of(lambda: clip_grad_by_total_norm_fp32([with_grad], 1.0, 10.0)),
         "device_arch_version_on_cpu": error_of(get_device_arch_version),
