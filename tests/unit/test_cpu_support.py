@@ -27,6 +27,7 @@ EXPECTED = {
     "cpu_grad_clip": "AssertionError",
     "device_arch_version_on_cpu": "Torch not compiled with CUDA enabled",
     "tensor_cuda_is_identity": "Torch not compiled with CUDA enabled",
+    "mixed_precision_optimizers_on_cpu": "Received torch.BFloat16Tensor",
 }
 
 
@@ -47,6 +48,7 @@ def test_every_patch_is_probed_and_documented():
         doc = getattr(cpu_support, name).__doc__
         assert doc and doc.startswith("Answers `"), f"{name} must name the exact error it answers"
         assert EXPECTED[name].split(" ")[0] in doc or name == "alltoall_split_sizes_as_numpy"
+        assert EXPECTED[name] in doc or name in ("alltoall_split_sizes_as_numpy", "cpu_grad_clip")
 
 
 def test_grad_clip_probe_fails_on_the_cuda_type_check():
