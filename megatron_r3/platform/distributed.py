@@ -40,6 +40,18 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def collective_device(group=None) -> torch.device:
+    """The device a collective over `group` moves tensors on: this rank's GPU for NCCL groups (megatron's model
+    groups on GPUs), the CPU for gloo groups (`host_group()`, and every group of a CPU run).
+
+    Decided by the group's backend, never by where the data happens to be: NCCL rejects a CPU tensor ("No backend type
+    associated with device type cpu") and gloo on a GPU run would need a device-to-host copy."""
+    backend = dist.get_backend(group)
+    if "nccl" in str(backend).lower():
+        return device()
+    return torch.device("cpu")
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
