@@ -13,7 +13,7 @@ import os
 
 import torch.distributed as dist
 
-from megatron_r3.platform.distributed import initialize_torch_distributed
+from megatron_r3.platform.distributed import end_finished_run, initialize_torch_distributed
 from megatron_r3.train.arguments import parse_grpo_args, save_resolved_config
 from megatron_r3.train.trainer import GRPOTrainer
 
@@ -28,3 +28,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    end_finished_run(0)  # only after a finished run: errors propagate with their traceback and exit code

@@ -119,7 +119,9 @@ def test_kl_reference_model_on_four_ranks_matches_one_process(one, four):
     _check_kl_runs(four)
     for mode, ref in KL_CASES:
         name = f"kl_{mode}_{ref}"
-        rel = 2e-2 if mode == "off" else 1e-3  # as in test_grpo_cli: native routing may flip near-ties
+        # as in test_grpo_cli: a pass that routes natively (off mode, or a reference without replay) may flip
+        # near-ties in the router under another layout's summation order
+        rel = 2e-2 if "off" in (mode, ref) else 1e-3
         for got, want in zip(four[name], one[name]):
             assert got["reward/mean"] == want["reward/mean"], (name, got["step"])
             for key in ("train/loss", "train/ref_kl", "train/ppo_kl", "train/grad_norm", "train/entropy"):
