@@ -10,10 +10,12 @@ megatron on rank 0 and saved as RUN_DIR/config.yaml.
 """
 
 import os
+import sys
+import traceback
 
 import torch.distributed as dist
 
-from megatron_r3.platform.distributed import end_finished_run, initialize_torch_distributed
+from megatron_r3.platform.distributed import end_finished_run, exit_without_teardown, initialize_torch_distributed
 from megatron_r3.train.arguments import parse_grpo_args, save_resolved_config
 from megatron_r3.train.trainer import GRPOTrainer
 
@@ -26,6 +28,21 @@ def main(argv=None):
     return GRPOTrainer(args).train()
 
 
+def run_cli(argv=None) -> None:
+    """The process entry: a finished run ends through `end_finished_run`; a failed one prints its traceback and
+    exits 1 at once, without the interpreter's teardown of process groups (which can block for minutes on gloo's
+    transport threads), so its sockets close and the other ranks (e.g. other pipeline stages blocked in a
+    receive from it) fail and exit promptly too."""
+    try:
+        main(argv)
+    except SystemExit:
+        raise
+    except BaseException:  # noqa: BLE001 - any failure ends this rank now
+        traceback.print_exc()
+        sys.stderr.flush()
+        exit_without_teardown(1)
+    end_finished_run(0)
+
+
 if __name__ == "__main__":
-    main()
-    end_finished_run(0)  # only after a finished run: errors propagate with their traceback and exit code
+    run_cli()

@@ -183,8 +183,6 @@ def end_finished_run(code: int = 0) -> None:
     rank waits for the others at a host barrier (no rank exits while another still talks to it), ends helper
     processes it started, flushes its streams and leaves with `os._exit`, which runs no destructors.
     """
-    import logging
-    import multiprocessing
     import sys
 
     try:
@@ -194,9 +192,18 @@ def end_finished_run(code: int = 0) -> None:
         print(f"end of run: the final barrier failed ({type(error).__name__}: {error})", file=sys.stderr)
         code = code or 1
     finally:
-        for child in multiprocessing.active_children():  # e.g. dist checkpointing's async-save manager
-            child.terminate()
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_without_teardown(code)
+
+
+def exit_without_teardown(code: int) -> None:
+    """Leave the process now with `code`: end helper processes it started, flush, `os._exit` (no destructors)."""
+    import logging
+    import multiprocessing
+    import sys
+
+    for child in multiprocessing.active_children():  # e.g. dist checkpointing's async-save manager
+        child.terminate()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
