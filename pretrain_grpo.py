@@ -11,6 +11,7 @@ Bad inputs end the run with one line `error: ...` (see megatron_r3/train/launch.
 """
 
 import sys
+import traceback
 
 from megatron_r3.train.launch import run_main  # light: no torch before the command line has been checked
 
@@ -41,5 +42,28 @@ def main(argv=None):
     return run_main(_main, argv)
 
 
+def run_cli(argv=None) -> None:
+    """The process entry. A bad command line (exit 2) leaves before torch is imported. A finished run ends through
+    `end_finished_run`; a failed one (its one-line error already printed by `run_main`, or the traceback of an
+    unexpected error) exits 1 at once, without the interpreter's teardown of process groups (which can block for
+    minutes on gloo's transport threads), so its sockets close and the other ranks (e.g. other pipeline stages
+    blocked in a receive from it) fail and exit promptly too."""
+    try:
+        code = main(argv)
+    except SystemExit:
+        raise
+    except BaseException:  # noqa: BLE001 - any failure ends this rank now
+        traceback.print_exc()
+        sys.stderr.flush()
+        code = 1
+    if code == 2:
+        sys.exit(code)
+    from megatron_r3.platform.distributed import end_finished_run, exit_without_teardown
+
+    if code == 0:
+        end_finished_run(0)
+    exit_without_teardown(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli()

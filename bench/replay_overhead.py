@@ -39,16 +39,16 @@ PRESETS = {
 }
 
 
-def build(preset: dict, recompute: str, dtype: torch.dtype, grouped_gemm: bool):
+def build(preset: dict, recompute: str, dtype: torch.dtype, grouped_gemm: bool, expert_parallel: int = 1):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_r3.model.gpt import build_gpt_chunks
 
-    extra = {}
+    extra = {"expert_model_parallel_size": expert_parallel} if expert_parallel > 1 else {}
     if recompute == "full":
-        extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        extra.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif recompute == "moe":
-        extra = dict(recompute_granularity="selective", recompute_modules=["moe"])
+        extra.update(recompute_granularity="selective", recompute_modules=["moe"])
     config = TransformerConfig(
         num_layers=preset["num_layers"], hidden_size=preset["hidden_size"],
         num_attention_heads=preset["num_attention_heads"], num_query_groups=preset["num_query_groups"],
@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--router-iters", type=int, default=200,
                         help="also time one router's forward+backward alone, native vs replay (0: skip)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--expert-model-parallel-size", type=int, default=1,
+                        help="under torchrun: experts split over this many ranks (alltoall dispatcher); rank 0 reports")
     args = parser.parse_args()
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA
@@ -92,10 +94,11 @@ def main() -> None:
     from megatron_r3.replay.microbatch import localize_routes
     from megatron_r3.replay.schedule import ReplayRouters, run_schedule
 
-    initialize_model_parallel(ParallelSizes())
+    initialize_model_parallel(ParallelSizes(expert_model_parallel_size=args.expert_model_parallel_size))
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     preset = PRESETS[args.preset]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")]
-    config, chunks = build(preset, args.recompute, dtype, args.grouped_gemm)
+    config, chunks = build(preset, args.recompute, dtype, args.grouped_gemm, args.expert_model_parallel_size)
     model = chunks[0]
     routers = ReplayRouters(chunks)
     dev = device()
@@ -158,7 +161,7 @@ def main() -> None:
     router = router_times(model, b * s, preset, dtype, dev, args.router_iters) if args.router_iters else None
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     rows = [
-        ("device", card), ("preset", args.preset), ("recompute", args.recompute), ("dtype", str(dtype)),
+        ("device", card), ("expert parallel", args.expert_model_parallel_size), ("preset", args.preset), ("recompute", args.recompute), ("dtype", str(dtype)),
         ("tokens/step", b * s), ("steps (median of)", args.steps),
         ("off  step ms", f"{off * 1e3:.2f}"), ("R3   step ms", f"{r3 * 1e3:.2f}"), ("R3 / off", f"{r3 / off:.4f}"),
         ("pairwise R3/off median [IQR]", f"{statistics.median(pair):.4f} [{quartile(0.25):.4f}, {quartile(0.75):.4f}]"),
@@ -173,6 +176,8 @@ def main() -> None:
             ("router replay - native, per step ms", f"{(replay_us - native_us) * calls / 1e3:.3f}"),
             ("  as % of the off step", f"{100 * (replay_us - native_us) * calls / 1e3 / (off * 1e3):.3f}%"),
         ]
+    if not rank0:
+        return
     width = max(len(k) for k, _ in rows)
     print("| " + "metric".ljust(width) + " | value |\n|" + "-" * (width + 2) + "|-------|")
     for key, value in rows:

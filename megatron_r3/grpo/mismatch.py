@@ -219,12 +219,10 @@ class MetricAccumulator:
         self._reduced = True
 
     def _pick_device(self, group) -> torch.device:
-        for v in list(self._totals.values()) + list(self._counts.values()):
-            if isinstance(v, Tensor):
-                return v.device
-        if dist.get_backend(group) == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        # the group's backend decides (a pipeline stage without loss holds only CPU zeros, and NCCL refuses them)
+        from megatron_r3.platform.distributed import collective_device
+
+        return collective_device(group)
 
     def means(self) -> dict[str, float]:
         """Global token means per name (0 when nothing was counted). The only host sync: one transfer of all values.

@@ -17,6 +17,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron_r3.model.cp_attention import with_context_parallel_core_attention
+from megatron_r3.model.norm import SequenceParallelNorm
 from megatron_r3.model.replay_router import ReplayTopKRouter
 
 
@@ -37,6 +38,42 @@ def with_replay_router(mlp_spec):
     return mlp_spec
 
 
+def _local_norm_classes() -> tuple:
+    """The norms megatron's local spec may pick (`WrappedTorchNorm`, or apex's `FusedLayerNorm` when apex exists)."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    classes = [WrappedTorchNorm]
+    try:
+        from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+
+        classes.append(FusedLayerNorm)
+    except ImportError:  # pragma: no cover - the module imports without apex in 0.19.2
+        pass
+    return tuple(classes)
+
+
+def with_sequence_parallel_norm(spec):
+    """`spec` with every local norm (input/pre-MLP/q/k/final layer norms) replaced by `SequenceParallelNorm`.
+
+    Walks ModuleSpecs and their submodule dataclasses; partials (the MoE layer) and other values are kept."""
+    norms = _local_norm_classes()
+    if isinstance(spec, type) and spec in norms:
+        return SequenceParallelNorm
+    if isinstance(spec, ModuleSpec):
+        module = SequenceParallelNorm if spec.module in norms else spec.module
+        submodules = with_sequence_parallel_norm(spec.submodules) if spec.submodules is not None else None
+        return dataclasses.replace(spec, module=module, submodules=submodules)
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        changes = {}
+        for field in dataclasses.fields(spec):
+            value = getattr(spec, field.name)
+            new = with_sequence_parallel_norm(value)
+            if new is not value:
+                changes[field.name] = new
+        return dataclasses.replace(spec, **changes) if changes else spec
+    return spec
+
+
 def _layer_with_replay_router(layer_spec: ModuleSpec) -> ModuleSpec:
     submodules = dataclasses.replace(layer_spec.submodules, mlp=with_replay_router(layer_spec.submodules.mlp))
     return dataclasses.replace(layer_spec, submodules=submodules)
@@ -47,7 +84,8 @@ def replay_decoder_block_spec(
 ) -> TransformerBlockSubmodules:
     """Megatron's GPT decoder block spec for this stage/chunk (dense and MoE layers per `moe_layer_freq`), with every
     MoE layer's router replaced by `ReplayTopKRouter`. TransformerEngine modules when TE is importable (unchanged),
-    else local ones with `ContextParallelDotProductAttention` as core attention (CP and THD without TE)."""
+    else local ones with `ContextParallelDotProductAttention` as core attention (CP and THD without TE) and
+    `SequenceParallelNorm` as every norm (sequence parallelism and `params_dtype` weights without TE or apex)."""
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available()
     block = get_gpt_decoder_block_spec(
@@ -60,5 +98,6 @@ def replay_decoder_block_spec(
     layer_specs = [_layer_with_replay_router(spec) for spec in block.layer_specs]
     if not use_transformer_engine:
         # Local spec: megatron's DotProductAttention refuses CP and packed (THD) batches; see model/cp_attention.py.
-        layer_specs = [with_context_parallel_core_attention(spec) for spec in layer_specs]
+        layer_specs = [with_sequence_parallel_norm(with_context_parallel_core_attention(spec)) for spec in layer_specs]
+        return dataclasses.replace(block, layer_specs=layer_specs, layer_norm=with_sequence_parallel_norm(block.layer_norm))
     return dataclasses.replace(block, layer_specs=layer_specs)

@@ -26,12 +26,12 @@ PATCHES = (
     "cuda_device_literals",
     "cpu_causal_masks",
     "alltoall_split_sizes_as_numpy",
-    "sequence_parallel_torch_norm",
     "uneven_gather_scatter_for_gloo",
     "cp_rope_slice_on_cpu",
     "cpu_grad_clip",
     "device_arch_version_on_cpu",
     "tensor_cuda_is_identity",
+    "mixed_precision_optimizers_on_cpu",
 )
 
 
@@ -236,36 +236,6 @@ def alltoall_split_sizes_as_numpy() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
-def sequence_parallel_torch_norm() -> None:
-    """Answers `AssertionError: sequence parallel not supported by torch LayerNorm` from `WrappedTorchNorm`
-    (local spec without apex, `sequence_parallel=True`).
-
-    The torch norm is correct under SP as long as its parameters' gradients are all-reduced over TP; that is what
-    the `sequence_parallel` attribute on a parameter asks `finalize_model_grads` to do (as Megatron's own
-    FusedLayerNorm does). The norm is built with SP off and its parameters are tagged.
-    """
-    import copy
-
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    if getattr(WrappedTorchNorm, "_megatron_r3_cpu_support", False):
-        return
-    original_new = WrappedTorchNorm.__new__
-
-    def __new__(cls, config, hidden_size, eps=1e-5, **kwargs):
-        if not config.sequence_parallel:
-            return original_new(cls, config, hidden_size, eps, **kwargs)
-        config_without_sp = copy.copy(config)
-        config_without_sp.sequence_parallel = False
-        norm = original_new(cls, config_without_sp, hidden_size, eps, **kwargs)
-        for param in norm.parameters():
-            param.sequence_parallel = True
-        return norm
-
-    WrappedTorchNorm.__new__ = staticmethod(__new__)
-    WrappedTorchNorm._megatron_r3_cpu_support = True
-
-
 def uneven_gather_scatter_for_gloo() -> None:
     """Answers `RuntimeError: ProcessGroupGloo::allgather: invalid tensor size` (and the reduce-scatter twin) in
     `tensor_parallel.mappings._gather_along_first_dim` with `output_split_sizes`.
@@ -380,6 +350,45 @@ def tensor_cuda_is_identity() -> None:
     On the CPU every tensor already lives where the collectives expect it, so `.cuda()` returns the tensor itself.
     """
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
+def mixed_precision_optimizers_on_cpu() -> None:
+    """Answers `TypeError: Wrapped parameters must be one of torch.cuda.FloatTensor,  torch.cuda.HalfTensor, or
+    torch.cuda.BFloat16Tensor. Received torch.BFloat16Tensor` from `Float16OptimizerWithFloat16Params.__init__`
+    (--bf16 / --fp16) and `DistributedOptimizer.__init__` (--use-distributed-optimizer, any dtype).
+
+    Both sort parameters into 16-bit and fp32 groups by the *name* of their CUDA tensor type. While they are
+    constructed (and only then), `Tensor.type()` without arguments names a CPU tensor's type as its CUDA twin, so the
+    same groups, fp32 main copies and shards are built for CPU parameters.
+    """
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    original_type = torch.Tensor.type
+
+    def cuda_named_type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            name = original_type(self)  # (may come back through a torch function mode already renamed)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+        return original_type(self, dtype, non_blocking, **kwargs)
+
+    def constructed_with_cuda_type_names(cls) -> None:
+        original_init = cls.__init__
+        if getattr(original_init, "_megatron_r3_cpu_support", False):
+            return
+
+        @functools.wraps(original_init)
+        def __init__(self, *args, **kwargs):
+            torch.Tensor.type = cuda_named_type
+            try:
+                original_init(self, *args, **kwargs)
+            finally:
+                torch.Tensor.type = original_type
+
+        __init__._megatron_r3_cpu_support = True
+        cls.__init__ = __init__
+
+    constructed_with_cuda_type_names(optimizer.Float16OptimizerWithFloat16Params)
+    constructed_with_cuda_type_names(distrib_optimizer.DistributedOptimizer)
 
 
 def apply_cpu_support(force: bool = False) -> bool:

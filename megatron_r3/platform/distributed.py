@@ -41,6 +41,18 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def collective_device(group=None) -> torch.device:
+    """The device a collective over `group` moves tensors on: this rank's GPU for NCCL groups (megatron's model
+    groups on GPUs), the CPU for gloo groups (`host_group()`, and every group of a CPU run).
+
+    Decided by the group's backend, never by where the data happens to be: NCCL rejects a CPU tensor ("No backend type
+    associated with device type cpu") and gloo on a GPU run would need a device-to-host copy."""
+    backend = dist.get_backend(group)
+    if "nccl" in str(backend).lower():
+        return device()
+    return torch.device("cpu")
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -158,3 +170,42 @@ def destroy() -> None:
     _HOST_GROUP = None
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end_finished_run(code: int = 0) -> None:
+    """End a process whose run has finished and written everything: all ranks meet, then exit with `code` without
+    the interpreter's teardown.
+
+    Why: a finished CLI run aborted at exit about once in 25 CPU launches ("terminate called without an active
+    exception", SIGABRT, torchrun rc 1) after logging every step. That message is C++'s `std::terminate` from a
+    `std::thread` destroyed while still joinable: at interpreter exit the process groups that nobody destroyed
+    (megatron's model groups, the gloo host group) and dist checkpointing's helper process/threads are torn down by
+    static destructors in an unspecified order, racing their own transport threads and the other ranks' exits.
+    Nothing is left to write at this point (metrics, TensorBoard and checkpoints are closed by the trainer), so the
+    rank waits for the others at a host barrier (no rank exits while another still talks to it), ends helper
+    processes it started, flushes its streams and leaves with `os._exit`, which runs no destructors.
+    """
+    import sys
+
+    try:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier(group=host_group())
+    except Exception as error:  # noqa: BLE001 - another rank died after this one finished: say so, exit non-zero
+        print(f"end of run: the final barrier failed ({type(error).__name__}: {error})", file=sys.stderr)
+        code = code or 1
+    finally:
+        exit_without_teardown(code)
+
+
+def exit_without_teardown(code: int) -> None:
+    """Leave the process now with `code`: end helper processes it started, flush, `os._exit` (no destructors)."""
+    import logging
+    import multiprocessing
+    import sys
+
+    for child in multiprocessing.active_children():  # e.g. dist checkpointing's async-save manager
+        child.terminate()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_r3.platform.distributed import collective_device
 from megatron_r3.replay.layout import PackedLayout, unpack_per_slot
 
 
@@ -56,7 +57,10 @@ def gather_recorded_routes(
     """
     if not (len(recorded) == len(layouts) == len(token_slots)):
         raise ValueError("recorded, layouts and token_slots must have one entry per microbatch")
-    device = next((ids.device for per_mb in recorded for ids in per_mb.values()), torch.device("cpu"))
+    # the groups' backend decides where the bytes travel (a rank that recorded nothing must not hand NCCL a CPU tensor)
+    live = [group for group in groups if group is not None and dist.get_world_size(group) > 1]
+    device = collective_device(live[0]) if live else next(
+        (ids.device for per_mb in recorded for ids in per_mb.values()), torch.device("cpu"))
     fulls = [
         scatter_recorded_to_slots(per_mb, layout, slots.to(device), num_layers, topk, dtype)
         for per_mb, layout, slots in zip(recorded, layouts, token_slots)

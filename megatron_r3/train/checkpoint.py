@@ -79,10 +79,67 @@ def set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def optimizer_sharding_metadata(optimizer) -> dict | None:
+    """The `metadata` megatron's optimizers need for a dist checkpoint (what megatron.training passes them).
+
+    `--use-distributed-optimizer`: megatron's default for a bare `sharded_state_dict` call,
+    `fully_sharded_model_space`, builds flattened-range tensors that 0.19.2's dist checkpointing refuses
+    ("ShardedTensor.flattened_range is not supported."), and `fully_reshardable` cannot load into torch's Adam (no
+    apex/TE: `KeyError: 'step'` in `_set_main_param_and_optimizer_states`). `dp_reshardable` (megatron.training's
+    default) works: the optimizer state reshards across data-parallel sizes; on another TP/PP/EP layout resume with
+    `--no-load-optim` (the model's tensors load into any layout). Other optimizers need no metadata (None keeps the
+    keys of checkpoints written before this)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    optimizers = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    if any(isinstance(o, DistributedOptimizer) for o in optimizers):
+        return {"distrib_optim_sharding_type": "dp_reshardable"}
+    return None
+
+
+def _materialize_distributed_optimizer_state(optimizer) -> None:
+    """Before loading into a fresh `DistributedOptimizer`: give its torch Adam per-parameter state to load into.
+
+    Without apex/TransformerEngine (torch's Adam), `DistributedOptimizer.state_dict()` reads every state's `step`
+    and a fresh optimizer has none (a bare `AssertionError` at `assert len(steps) == 1`). megatron's own
+    `_init_optimizer_states_with_dummy_values` (a zero-gradient step) creates the state; the loaded checkpoint then
+    replaces it in place (steps, moments and fp32 main parameters)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for inner in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        if isinstance(inner, DistributedOptimizer) and not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """After `DistributedOptimizer.load_state_dict` without apex/TE: every parameter's torch-Adam `step` from the
+    checkpoint's step, in a tensor of its own.
+
+    megatron stores the common step in the param groups, but the per-parameter states come back with the step of the
+    dummy state made before loading (1), and megatron's non-TE path hands one step tensor to every state, which torch's
+    Adam then increments once per parameter. Either way the resumed run's bias corrections differ from the
+    uninterrupted run's (its first update after resume differs)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for inner in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        if not isinstance(inner, DistributedOptimizer):
+            continue
+        for group in inner.optimizer.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = inner.optimizer.state.get(param)
+                if state and torch.is_tensor(state.get("step")):
+                    state["step"] = torch.full_like(state["step"], float(group["step"]))
+
+
 def _sharded_state(chunks, optimizer, is_loading: bool, with_optimizer: bool = True) -> dict:
     sharded = model_sharded_state_dict(chunks)
     if with_optimizer:
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=is_loading)
+        if is_loading:
+            _materialize_distributed_optimizer_state(optimizer)
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=is_loading,
+                                                            metadata=optimizer_sharding_metadata(optimizer))
     return sharded
 
 
@@ -133,7 +190,9 @@ def load_checkpoint(root: str, step: int, chunks, optimizer, load_optimizer: boo
     load_model_state_dict(chunks, loaded)
     if load_optimizer:
         try:
-            optimizer.load_state_dict(loaded["optimizer"])
+            with torch.no_grad():  # fp32 params of a distributed optimizer are copied into in place (leaf views)
+                optimizer.load_state_dict(loaded["optimizer"])
+            _restore_adam_steps(optimizer)
         except ValueError as error:
             if "Could not find parameter group" not in str(error):
                 raise

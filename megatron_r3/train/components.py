@@ -131,6 +131,29 @@ def build_policy(args, config, arch, vocab_size, weights):
     return chunks
 
 
+# Hooks megatron's schedules read from the model config; the policy's DDP wrap sets them to bound methods of its
+# DistributedDataParallel (which holds process groups).
+SCHEDULE_HOOKS = ("no_sync_func", "grad_sync_func", "param_sync_func", "finalize_model_grads_func")
+
+
+def reference_model_config(config):
+    """A config for the frozen reference model: the policy's, minus the policy's schedule hooks.
+
+    megatron's SequentialMLP deep-copies the config it is built with; after the policy's DDP wrap that config holds
+    `no_sync_func = DistributedDataParallel.no_sync`, whose process groups cannot be copied ("cannot pickle
+    'torch._C._distributed_c10d.ProcessGroup' object when instantiating TransformerLayer"). The reference model is
+    never wrapped in DDP and runs forward only, so it gets a shallow copy without those hooks (process groups are
+    shared, not copied).
+    """
+    import copy
+
+    reference_config = copy.copy(config)
+    for name in SCHEDULE_HOOKS:
+        if hasattr(reference_config, name):
+            setattr(reference_config, name, None)
+    return reference_config
+
+
 def build_training_setup(args) -> TrainingSetup:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -185,7 +208,7 @@ def build_training_setup(args) -> TrainingSetup:
 
     reference = reference_routers = None
     if args.grpo_kl_beta > 0:
-        reference = build_policy(args, config, arch, vocab_size, weights)
+        reference = build_policy(args, reference_model_config(config), arch, vocab_size, weights)
         for chunk in reference:
             chunk.eval()
             chunk.requires_grad_(False)

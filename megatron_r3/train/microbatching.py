@@ -102,6 +102,9 @@ class StepPlan:
     minibatches: list[list[TrainMicrobatch]]
     seq_length: int  # the length handed to megatron's schedule (PP needs one shape for all microbatches)
     pad_multiple: int
+    # rows per microbatch as megatron's schedule sees them (the `micro_batch_size` it is given: pipeline stages
+    # allocate `[seq_length, micro_batch_size, hidden]` receive buffers): one packed row under THD
+    micro_batch_size: int = 1
 
     @property
     def microbatches(self) -> list[TrainMicrobatch]:
@@ -256,7 +259,8 @@ def plan_step(
                                  with_routes=with_routes)
             )
         minibatches.append(built)
-    return StepPlan(minibatches=minibatches, seq_length=seq_length, pad_multiple=pad_multiple)
+    return StepPlan(minibatches=minibatches, seq_length=seq_length, pad_multiple=pad_multiple,
+                    micro_batch_size=1 if thd else micro_batch_size)
 
 
 def microbatch_counts(samples, rank: RankLayout, *, global_batch_size, micro_batch_size, max_tokens_per_microbatch,

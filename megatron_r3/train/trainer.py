@@ -253,7 +253,7 @@ class GRPOTrainer:
     def _context(self, chunks, routers, plan: StepPlan) -> PassContext:
         return PassContext(
             chunks=chunks, routers=routers, temperature=self._temperature(), vocab_size=self.setup.vocab_size,
-            seq_length=plan.seq_length, micro_batch_size=self.args.micro_batch_size, device=device(),
+            seq_length=plan.seq_length, micro_batch_size=plan.micro_batch_size, device=device(),
         )
 
     def _temperature(self) -> float:
@@ -299,6 +299,8 @@ class GRPOTrainer:
         first_means = first.means()
         out = {key if "/" in key else f"r3/{key}": value for key, value in metrics.means().items()}
         out["train/ppo_kl_first_minibatch"] = first_means.get("train/ppo_kl", float("nan"))
+        if "train/ref_kl" in first_means:  # 0 at step 0 when the reference pass routed as the old-logprob pass
+            out["train/ref_kl_first_minibatch"] = first_means["train/ref_kl"]
         out.update(payload.metrics)
         out.update(self._replay_metrics(replay_stats, replayed_tokens))
         finite = [g for g in grad_norms if math.isfinite(g)]

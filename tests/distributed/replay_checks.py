@@ -58,6 +58,8 @@ VOCAB, NUM_LAYERS, EXPERTS, TOPK = 128, 4, 8, 2
 MOE_LAYER_FREQ = [0, 1, 1, 1]
 NUM_MICROBATCHES, SAMPLES_PER_MICROBATCH, SEQ_LENGTH = 2, 2, 20
 def make_config(sizes: ParallelSizes, overrides: dict, recompute: dict, dtype=torch.float32) -> TransformerConfig:
+    if "pipeline_dtype" in overrides:  # pipeline stages send activations in the model's dtype
+        overrides = dict(overrides, pipeline_dtype=dtype)
     return TransformerConfig(
         num_layers=NUM_LAYERS, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
         num_moe_experts=EXPERTS, moe_router_topk=TOPK, moe_ffn_hidden_size=64, moe_layer_freq=MOE_LAYER_FREQ,
@@ -319,24 +321,27 @@ def main() -> None:
     parser.add_argument("layouts", nargs="*", default=list(LAYOUTS))
     parser.add_argument("--recompute", nargs="*", default=list(RECOMPUTE))
     parser.add_argument("--out", default=None)
+    parser.add_argument("--dtype", nargs="*", choices=("fp32", "bf16"), default=["fp32"])
     args = parser.parse_args()
     initialize_model_parallel(ParallelSizes())  # gloo/NCCL + CPU support before megatron builds anything
     rank = dist.get_rank()
     records = []
-    for name in args.layouts:
-        for recompute_name in args.recompute:
-            start = time.time()
-            try:
-                results = check_layout(name, recompute_name, with_errors=recompute_name == args.recompute[0])
-                error = None
-            except Exception as exc:  # report, keep going with the next layout
-                results, error = {}, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-2000:]}"
-                print(f"rank {rank} {name}/{recompute_name} failed: {error}", file=sys.stderr, flush=True)
-            record = dict(layout=name, recompute=recompute_name, results=results, error=error,
-                          seconds=round(time.time() - start, 2))
-            records.append(record)
-            if rank == 0:
-                print(json.dumps(record), flush=True)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    for name, recompute_name, dtype_name in [(n, r, d) for n in args.layouts for r in args.recompute
+                                             for d in args.dtype]:
+        start = time.time()
+        try:
+            results = check_layout(name, recompute_name, with_errors=recompute_name == args.recompute[0],
+                                   dtype=dtypes[dtype_name])
+            error = None
+        except Exception as exc:  # report, keep going with the next layout
+            results, error = {}, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-2000:]}"
+            print(f"rank {rank} {name}/{recompute_name} failed: {error}", file=sys.stderr, flush=True)
+        record = dict(layout=name, recompute=recompute_name, dtype=dtype_name, results=results, error=error,
+                      seconds=round(time.time() - start, 2))
+        records.append(record)
+        if rank == 0:
+            print(json.dumps(record), flush=True)
     finish_launch(records, args.out)
 
 

@@ -74,6 +74,10 @@ def main(port: int) -> None:
         num_layers=1, hidden_size=8, num_attention_heads=2, sequence_parallel=True, tensor_model_parallel_size=2,
         normalization="RMSNorm",
     )
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    bf16_param = torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))
     probes = {
         "cuda_runtime_stand_ins": error_of(torch.cuda.current_device),
         "cpu_rng_tracker": error_of(lambda: tensor_parallel.model_parallel_cuda_manual_seed(1)),
@@ -82,7 +86,7 @@ def main(port: int) -> None:
         else "literal gone from schedules.forward_backward_no_pipelining",
         "cpu_causal_masks": error_of(lambda: get_default_causal_mask(4)),
         "alltoall_split_sizes_as_numpy": "returns " + type(maybe_move_tensor_to_cpu(torch.tensor([1]), as_numpy=True)).__name__,
-        "sequence_parallel_torch_norm": error_of(lambda: WrappedTorchNorm(sp_config, 8)),
+        "upstream_torch_norm_sequence_parallel": error_of(lambda: WrappedTorchNorm(sp_config, 8)),
         "cp_rope_slice_on_cpu": error_of(lambda: get_pos_emb_on_this_cp_rank(torch.zeros(8, 1, 1, 4), 0, TwoRankGroup())),
         "cpu_grad_clip": error_of(lambda: clip_grad_by_total_norm_fp32([with_grad], 1.0, 10.0)),
         "device_arch_version_on_cpu": error_of(get_device_arch_version),
@@ -90,6 +94,13 @@ def main(port: int) -> None:
         if ".cuda()" in inspect.getsource(LanguageModule.setup_embeddings_and_output_layer)
         else "setup_embeddings_and_output_layer no longer calls .cuda()",
     }
+    # last: it needs two other patches to get past the CUDA device queries in the base optimizer's constructor
+    from megatron_r3.platform import cpu_support
+
+    cpu_support.cuda_runtime_stand_ins()
+    with cpu_support._CudaLiteralsToCpu():
+        probes["mixed_precision_optimizers_on_cpu"] = error_of(lambda: Float16OptimizerWithFloat16Params(
+            torch.optim.Adam([bf16_param]), OptimizerConfig(bf16=True), None, lambda *args: None))
     dist.destroy_process_group()
     queue = mp.get_context("spawn").SimpleQueue()
     from tests.distributed.launch import free_port

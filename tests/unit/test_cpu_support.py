@@ -22,12 +22,12 @@ EXPECTED = {
     "cuda_device_literals": "Torch not compiled with CUDA enabled",
     "cpu_causal_masks": "Torch not compiled with CUDA enabled",
     "alltoall_split_sizes_as_numpy": "returns Tensor",
-    "sequence_parallel_torch_norm": "sequence parallel not supported by torch LayerNorm",
     "uneven_gather_scatter_for_gloo": "invalid tensor size",
     "cp_rope_slice_on_cpu": "pin_memory=True requires a CUDA or other accelerator backend",
     "cpu_grad_clip": "AssertionError",
     "device_arch_version_on_cpu": "Torch not compiled with CUDA enabled",
     "tensor_cuda_is_identity": "Torch not compiled with CUDA enabled",
+    "mixed_precision_optimizers_on_cpu": "Received torch.BFloat16Tensor",
 }
 
 
@@ -48,6 +48,7 @@ def test_every_patch_is_probed_and_documented():
         doc = getattr(cpu_support, name).__doc__
         assert doc and doc.startswith("Answers `"), f"{name} must name the exact error it answers"
         assert EXPECTED[name].split(" ")[0] in doc or name == "alltoall_split_sizes_as_numpy"
+        assert EXPECTED[name] in doc or name in ("alltoall_split_sizes_as_numpy", "cpu_grad_clip")
 
 
 def test_grad_clip_probe_fails_on_the_cuda_type_check():
@@ -72,3 +73,9 @@ def test_triton_is_real_not_stubbed():
     import megatron.core.transformer.moe.ops.paged_stash as paged_stash
 
     assert hasattr(paged_stash, "triton")
+
+
+def test_upstream_torch_norm_still_refuses_sequence_parallelism(probes):
+    """Why model/norm.py exists (not a patch): megatron's local-spec norm without apex refuses SP on every device.
+    The day this fails, `SequenceParallelNorm` could give way to megatron's own norm."""
+    assert "sequence parallel not supported by torch LayerNorm" in probes["upstream_torch_norm_sequence_parallel"]
