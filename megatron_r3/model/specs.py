@@ -66,10 +66,12 @@ def fused_attention_selected(config) -> bool:
     return torch.cuda.is_available()
 
 
-def _layer_with_local_fast_modules(layer_spec: ModuleSpec, config) -> ModuleSpec:
-    """Local spec: core attention per `fused_attention_selected`; experts `GroupedExperts` when
-    `config.moe_grouped_gemm` (megatron's own switch, which its local spec ignores)."""
-    core = FusedDotProductAttention if fused_attention_selected(config) else ContextParallelDotProductAttention
+def _layer_with_local_fast_modules(layer_spec: ModuleSpec, config, fused_attention: bool | None) -> ModuleSpec:
+    """Local spec: core attention per `fused_attention` (None: `fused_attention_selected`); experts
+    `GroupedExperts` when `config.moe_grouped_gemm` (megatron's own switch, which its local spec ignores)."""
+    if fused_attention is None:
+        fused_attention = fused_attention_selected(config)
+    core = FusedDotProductAttention if fused_attention else ContextParallelDotProductAttention
     layer_spec = with_context_parallel_core_attention(layer_spec, core)
     if getattr(config, "moe_grouped_gemm", False):
         submodules = dataclasses.replace(layer_spec.submodules, mlp=with_grouped_experts(layer_spec.submodules.mlp))
@@ -83,12 +85,19 @@ def _layer_with_replay_router(layer_spec: ModuleSpec) -> ModuleSpec:
 
 
 def replay_decoder_block_spec(
-    config, *, use_transformer_engine: bool | None = None, vp_stage: int | None = None, pp_rank: int | None = None
+    config,
+    *,
+    use_transformer_engine: bool | None = None,
+    vp_stage: int | None = None,
+    pp_rank: int | None = None,
+    fused_attention: bool | None = None,
 ) -> TransformerBlockSubmodules:
     """Megatron's GPT decoder block spec for this stage/chunk (dense and MoE layers per `moe_layer_freq`), with every
     MoE layer's router replaced by `ReplayTopKRouter`. TransformerEngine modules when TE is importable (unchanged),
     else local ones with `ContextParallelDotProductAttention` or its SDPA subclass as core attention (CP and THD
-    without TE) and `GroupedExperts` when `config.moe_grouped_gemm`."""
+    without TE) and `GroupedExperts` when `config.moe_grouped_gemm`. `fused_attention` forces the SDPA core
+    attention on or off (megatron's `attention_backend` also sets TE environment variables when a model is built,
+    so processes that build several models pick the attention here rather than through the config)."""
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available()
     block = get_gpt_decoder_block_spec(
@@ -102,5 +111,5 @@ def replay_decoder_block_spec(
     if not use_transformer_engine:
         # Local spec: megatron's DotProductAttention refuses CP and packed (THD) batches (model/cp_attention.py);
         # fused SDPA attention and grouped-GEMM experts make it fast (model/fused_attention.py, grouped_experts.py).
-        layer_specs = [_layer_with_local_fast_modules(spec, config) for spec in layer_specs]
+        layer_specs = [_layer_with_local_fast_modules(spec, config, fused_attention) for spec in layer_specs]
     return dataclasses.replace(block, layer_specs=layer_specs)
