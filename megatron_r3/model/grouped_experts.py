@@ -208,7 +208,7 @@ class GroupedExperts(MegatronModule):
         if self._use_grouped_mm(tokens):
             # int32 cumulative ends on the tokens' device; an asynchronous copy when the dispatcher kept them on host
             offsets = torch.cumsum(tokens_per_expert.to(tokens.device, non_blocking=True), 0, dtype=torch.int32)
-            fc1 = torch._grouped_mm(tokens, w1.transpose(1, 2), offs=offsets)
+            fc1 = torch._grouped_mm(tokens.contiguous(), w1.transpose(1, 2), offs=offsets)
             hidden = self._activation(_contiguous_grad(fc1), probs)
             out = torch._grouped_mm(hidden, w2.transpose(1, 2), offs=offsets)
             return _contiguous_grad(out), None

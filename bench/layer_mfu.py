@@ -1,0 +1,394 @@
+"""Forward+backward of Qwen3-30B-A3B-shaped MoE layers without TransformerEngine: megatron's local modules
+(`SequentialMLP` experts + unfused attention) vs the fast path (`GroupedExperts` + SDPA `FusedDotProductAttention`),
+with step time, model TFLOP/s, MFU, the bf16 agreement of the two expert modules, and router replay on the fast path.
+
+    python bench/layer_mfu.py --device cuda --json out.json      # H100/H200: hidden 2048, 128 experts top-8, ...
+    python bench/layer_mfu.py --device cpu --preset cpu-tiny      # the same code path on a laptop (seconds)
+
+Parts
+  1 peak      the card's bf16 matmul rate (8192³, best of 10) next to the data-sheet peak (model/flops.py).
+  2 step      GPTModel (the preset's layers, small vocabulary so the LM head stays ~1% of the FLOPs), one
+              micro-batch of `seq` tokens through megatron's forward_backward_func; median step time of --steps
+              interleaved steps per arm; model FLOPs from model/flops.py (causal half, active experts, 3x forward);
+              TFLOP/s and MFU against the data-sheet peak and the measured matmul peak.
+  3 experts   SequentialMLP vs GroupedExperts alone, same weights, bf16, the preset's token count x top-k routed rows
+              (routing from a random router): relative L2 error of each against an fp32 evaluation of the same
+              math; pass when the grouped error <= 2 x the sequential one + 1e-3 (both are bf16 roundings of one
+              computation; a wrong expert or a dropped gate weight gives errors of order 1).
+  4 replay    on the fast model: R3 replay of the model's own routes vs native routing, interleaved: step ratio,
+              the loss replaying the model's own routes differs from native routing by no more than two native
+              runs differ from each other (bitwise on deterministic kernels), replaying shifted routes changes the
+              loss (replay is not a no-op), host syncs R3 - off with bench/sync_count.py's calibrated counter (CUDA only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import environment, print_table, write_json  # noqa: E402
+
+import torch  # noqa: E402
+
+PRESETS = {
+    "qwen3-30b-a3b-4l": dict(num_layers=4, hidden_size=2048, num_attention_heads=32, num_query_groups=4,
+                             kv_channels=128, num_moe_experts=128, moe_router_topk=8, moe_ffn_hidden_size=768,
+                             ffn_hidden_size=6144, seq_length=4096, vocab_size=2048),
+    "cpu-tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+                     num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32, ffn_hidden_size=128,
+                     seq_length=128, vocab_size=256),
+}
+
+
+def make_config(preset: dict, dtype: torch.dtype, grouped: bool):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=preset["num_layers"], hidden_size=preset["hidden_size"],
+        num_attention_heads=preset["num_attention_heads"], num_query_groups=preset["num_query_groups"],
+        kv_channels=preset["kv_channels"], ffn_hidden_size=preset["ffn_hidden_size"],
+        num_moe_experts=preset["num_moe_experts"], moe_router_topk=preset["moe_router_topk"],
+        moe_ffn_hidden_size=preset["moe_ffn_hidden_size"], moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=grouped, moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+        moe_router_dtype="fp32", normalization="RMSNorm", gated_linear_unit=True, add_bias_linear=False,
+        qk_layernorm=True, hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype,
+        bf16=dtype == torch.bfloat16, pipeline_dtype=dtype, use_cpu_initialization=not torch.cuda.is_available(),
+        apply_rope_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
+    )
+
+
+def build(preset: dict, dtype: torch.dtype, fast: bool):
+    from megatron_r3.model.gpt import build_gpt_chunks
+
+    config = make_config(preset, dtype, grouped=fast)
+    torch.manual_seed(1234)
+    chunks = build_gpt_chunks(config, vocab_size=preset["vocab_size"], max_sequence_length=preset["seq_length"],
+                              fused_attention=fast)
+    return config, chunks[0]
+
+
+def copy_weights(slow, fast) -> None:
+    """The slow model's weights into the fast one (SequentialMLP names -> GroupedExperts names)."""
+    target = dict(fast.named_parameters())
+    with torch.no_grad():
+        for name, param in slow.named_parameters():
+            mapped = re.sub(r"experts\.local_experts\.(\d+)\.(linear_fc[12])\.weight", r"experts.\2.weight\1", name)
+            target.pop(mapped).copy_(param)
+    if target:
+        raise RuntimeError(f"fast-model parameters without a source: {sorted(target)[:4]}")
+
+
+def sync(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measured_matmul_tflops(dev, dtype) -> float:
+    n = 8192 if dev.type == "cuda" else 512
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    best = float("inf")
+    for _ in range(12):
+        sync(dev)
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        sync(dev)
+        best = min(best, (time.perf_counter() - start) / 5)
+    return 2 * n ** 3 / best / 1e12
+
+
+class Stepper:
+    """One micro-batch forward+backward of `model` through megatron's schedule, optionally replaying routes."""
+
+    def __init__(self, model, preset, dev):
+        from megatron_r3.replay.layout import pack_bshd, router_token_slots
+        from megatron_r3.replay.schedule import ReplayRouters
+
+        self.model, self.dev, self.seq = model, dev, preset["seq_length"]
+        self.routers = ReplayRouters([model])
+        self.layout = pack_bshd([self.seq])
+        self.slots = router_token_slots(self.layout)
+        gen = torch.Generator().manual_seed(0)
+        self.tokens = torch.randint(0, preset["vocab_size"], (1, self.seq), generator=gen).to(dev)
+        self.positions = torch.arange(self.seq, device=dev).expand(1, self.seq)
+        self.experts, self.topk = preset["num_moe_experts"], preset["moe_router_topk"]
+        self.loss = None
+
+    def forward_step(self, data_iterator, model):
+        output = model(self.tokens, self.positions, None, labels=self.tokens)
+
+        def loss_func(out):
+            loss = out.float().mean()
+            self.loss = loss.detach()
+            return loss, {"loss": loss.detach()}
+
+        return output, loss_func
+
+    def run(self, action=None, routes=None, forward_only=False):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from megatron_r3.replay.schedule import run_schedule
+
+        return run_schedule(get_forward_backward_func(), self.routers, action=action, routes=routes,
+                            forward_step_func=self.forward_step, data_iterator=iter([None]), model=self.model,
+                            num_microbatches=1, forward_only=forward_only, seq_length=self.seq, micro_batch_size=1)
+
+    def own_routes(self):
+        """The model's own routes, as per-sample [T, L, K] uint8 arrays (what a rollout engine sends)."""
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        from megatron_r3.replay.r2 import gather_recorded_routes
+
+        with torch.no_grad():
+            recorded = self.run(RouterReplayAction.RECORD, forward_only=True).recorded
+        return gather_recorded_routes(recorded, [self.layout], [self.slots], num_layers=len(self.routers.layer_numbers),
+                                      topk=self.topk, dtype=torch.uint8)[0]
+
+    def step(self, sample_routes=None) -> float:
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        from megatron_r3.replay.microbatch import localize_routes
+
+        sync(self.dev)
+        start = time.perf_counter()
+        routes = None
+        if sample_routes is not None:
+            local = localize_routes(sample_routes, self.layout, self.slots, self.routers.layer_numbers, self.experts)
+            routes = [(local.pin_memory() if self.dev.type == "cuda" else local).to(self.dev, non_blocking=True)]
+        self.run(RouterReplayAction.REPLAY_FORWARD if routes else None, routes)
+        sync(self.dev)
+        elapsed = time.perf_counter() - start
+        self.model.zero_grad(set_to_none=True)
+        return elapsed
+
+
+def time_arms(arms: dict, steps: int, warmup: int) -> dict:
+    times = {name: [] for name in arms}
+    for index in range(warmup + steps):
+        for name, fn in arms.items():
+            seconds = fn()
+            if index >= warmup:
+                times[name].append(seconds)
+    return times
+
+
+def experts_agreement(preset, dev, dtype) -> dict:
+    """SequentialMLP vs GroupedExperts (same weights) in `dtype`, each against fp32, at the preset's routed rows."""
+    from megatron.core.models.backends import LocalSpecProvider
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron_r3.model.grouped_experts import GroupedExperts, grouped_mm_supported
+
+    config = make_config(preset, dtype, grouped=True)
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    experts, topk, tokens = preset["num_moe_experts"], preset["moe_router_topk"], preset["seq_length"]
+    sequential = LocalSpecProvider().grouped_mlp_modules(False)(experts, config, pg_collection=pgs).to(dev)
+    grouped = GroupedExperts(experts, config, pg_collection=pgs).to(dev)
+    with torch.no_grad():
+        for e, expert in enumerate(sequential.local_experts):
+            grouped.linear_fc1.weights()[e].copy_(expert.linear_fc1.weight)
+            grouped.linear_fc2.weights()[e].copy_(expert.linear_fc2.weight)
+    gen = torch.Generator(device=dev).manual_seed(3)
+    logits = torch.randn(tokens, experts, device=dev, generator=gen)
+    top = torch.topk(logits, topk, dim=-1)
+    ids = top.indices.reshape(-1)
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=experts)
+    x = torch.randn(tokens, preset["hidden_size"], device=dev, generator=gen)[order // topk]
+    probs = torch.softmax(top.values, dim=-1).reshape(-1)[order].float()
+    grad_out = torch.randn(x.shape, device=dev, generator=gen)
+
+    def run(module, cast):
+        inp = x.to(cast).requires_grad_(True)
+        out, _ = module(inp, counts, probs)
+        out.backward(grad_out.to(out.dtype))
+        grads = [p.grad.float().flatten() for _, p in sorted(module.named_parameters())]
+        result = (out.float().detach(), inp.grad.float(), torch.cat(grads))
+        module.zero_grad(set_to_none=True)
+        return result
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    seq = run(sequential, dtype)
+    grp = run(grouped, dtype)
+    # fp32 truth: the grouped module's loop path on fp32 copies of the same weights
+    truth_module = GroupedExperts(experts, make_config(preset, torch.float32, grouped=True), pg_collection=pgs).to(dev)
+    truth_module.backend = "loop"
+    with torch.no_grad():
+        for src, dst in zip(grouped.parameters(), truth_module.parameters()):
+            dst.copy_(src.float())
+    truth = run(truth_module, torch.float32)
+    # grads of the fp32 module are in GroupedExperts name order; line up the sequential ones the same way
+    seq_grads = _grouped_order_grads(sequential, grouped, dtype, x, counts, probs, grad_out)
+    rows = {}
+    for label, index in (("output", 0), ("input grad", 1)):
+        rows[label] = (rel(seq[index], truth[index]), rel(grp[index], truth[index]), rel(grp[index], seq[index]))
+    rows["weight grads"] = (rel(seq_grads, truth[2]), rel(grp[2], truth[2]), rel(grp[2], seq_grads))
+    ok = all(g <= 2 * s + 1e-3 for s, g, _ in rows.values())
+    return {"rows": rows, "pass": ok, "grouped_mm": grouped_mm_supported(dev, dtype), "routed_rows": int(ids.numel())}
+
+
+def _grouped_order_grads(sequential, grouped, dtype, x, counts, probs, grad_out):
+    inp = x.to(dtype).requires_grad_(True)
+    out, _ = sequential(inp, counts, probs)
+    out.backward(grad_out.to(out.dtype))
+    by_name = {}
+    for name, p in sequential.named_parameters():
+        match = re.search(r"local_experts\.(\d+)\.(linear_fc[12])\.weight", name)
+        by_name[f"{match[2]}.weight{match[1]}"] = p.grad.float().flatten()
+    sequential.zero_grad(set_to_none=True)
+    return torch.cat([by_name[name] for name, _ in sorted(grouped.named_parameters())])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--slow-steps", type=int, default=3, help="steps of the slow (SequentialMLP) arm")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="override the data-sheet peak")
+    parser.add_argument("--skip-slow", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here")
+    args.preset = args.preset or ("qwen3-30b-a3b-4l" if args.device == "cuda" else "cpu-tiny")
+    preset = PRESETS[args.preset]
+
+    from megatron.core.transformer.moe.router_replay import RouterReplayAction  # noqa: F401
+
+    from megatron_r3.model.flops import peak_tflops, shape_from_config
+    from megatron_r3.platform.distributed import ParallelSizes, device, initialize_model_parallel
+
+    initialize_model_parallel(ParallelSizes())
+    dev = device()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    results = {"environment": environment(args.device), "args": vars(args), "preset": preset}
+    card = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
+
+    # 1. peak
+    sheet = peak_tflops(card if dev.type == "cuda" else None, args.peak_tflops)
+    measured = measured_matmul_tflops(dev, dtype)
+    results["peak"] = {"data_sheet_tflops": sheet, "measured_matmul_tflops": measured}
+    print_table(f"Peak on {card}", ["quantity", "TFLOP/s"],
+                [("data-sheet dense bf16" if sheet else "data-sheet (unknown device)", sheet or float("nan")),
+                 (f"measured {dtype} matmul 8192^3" if dev.type == "cuda" else "measured matmul 512^3", measured)])
+
+    # 2. step time, fast vs slow
+    config, fast = build(preset, dtype, fast=True)
+    shape = shape_from_config(config, preset["vocab_size"])
+    flops = 3 * shape.forward_flops([preset["seq_length"]])
+    fast_stepper = Stepper(fast, preset, dev)
+    arms = {"fast: GroupedExperts + SDPA": lambda: fast_stepper.step()}
+    slow_stepper = None
+    if not args.skip_slow:
+        _, slow = build(preset, dtype, fast=False)
+        copy_weights(slow, fast)
+        slow_stepper = Stepper(slow, preset, dev)
+    times = time_arms(arms, args.steps, args.warmup)
+    if slow_stepper is not None:
+        times.update(time_arms({"megatron local: SequentialMLP + unfused": lambda: slow_stepper.step()},
+                               args.slow_steps, 1))
+        with torch.no_grad():
+            slow_stepper.run(forward_only=True)
+            fast_stepper.run(forward_only=True)
+        results["loss_slow_vs_fast"] = (float(slow_stepper.loss), float(fast_stepper.loss))
+    rows = []
+    for name, samples in times.items():
+        seconds = statistics.median(samples)
+        tflops = flops / seconds / 1e12
+        rows.append((name, seconds * 1e3, tflops, tflops / sheet if sheet else float("nan"), tflops / measured))
+    results["step"] = {"model_tflop_per_step": flops / 1e12, "rows": rows, "times_s": times}
+    print_table(f"fwd+bwd, {args.preset}: {preset['num_layers']} layers, {preset['seq_length']} tokens, {dtype}, "
+                f"{flops / 1e12:.2f} model TFLOP per step (median of {args.steps} / {args.slow_steps} steps)",
+                ["arm", "step ms", "TFLOP/s", "MFU (data sheet)", "MFU (measured matmul peak)"], rows)
+    if slow_stepper is not None:
+        slow_ms, fast_ms = statistics.median(times[next(iter(times.keys() - arms.keys()))]), \
+            statistics.median(times["fast: GroupedExperts + SDPA"])
+        print_table("speed-up", ["quantity", "value"],
+                    [("SequentialMLP+unfused / fast step time", slow_ms / fast_ms),
+                     ("loss slow, fast (same weights, same tokens)", "%.6f, %.6f" % results["loss_slow_vs_fast"])])
+        del slow_stepper, slow
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # 3. experts agreement
+    agreement = experts_agreement(preset, dev, dtype)
+    results["experts_agreement"] = agreement
+    print_table(f"SequentialMLP vs GroupedExperts, {dtype}, {agreement['routed_rows']} routed rows, relative L2 "
+                f"errors against fp32 (torch._grouped_mm: {agreement['grouped_mm']}); "
+                f"{'PASS' if agreement['pass'] else 'FAIL'} (grouped <= 2 x sequential + 1e-3)",
+                ["tensor", "SequentialMLP vs fp32", "GroupedExperts vs fp32", "grouped vs sequential"],
+                [(k, *v) for k, v in agreement["rows"].items()])
+
+    # 4. replay on the fast path
+    replay = replay_checks(fast_stepper, dev, args)
+    results["replay"] = replay
+    print_table("router replay on the fast path (own routes)", ["quantity", "value"], list(replay.items()))
+    write_json(args.json, results)
+    if not agreement["pass"] or not replay["replay exact (R3 own-routes diff <= off-vs-off diff)"]:
+        raise SystemExit("a check failed (see the tables)")
+
+
+def replay_checks(stepper: Stepper, dev, args) -> dict:
+    from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+    routes = stepper.own_routes()
+    if dev.type == "cuda":
+        routes = [r.pin_memory() for r in routes]
+    with torch.no_grad():
+        stepper.run(forward_only=True)
+        native = stepper.loss.clone()
+        stepper.run(forward_only=True)
+        native_again = stepper.loss.clone()
+        from megatron_r3.replay.microbatch import localize_routes
+
+        def replayed_loss(sample_routes):
+            local = localize_routes(sample_routes, stepper.layout, stepper.slots, stepper.routers.layer_numbers,
+                                    stepper.experts)
+            stepper.run(RouterReplayAction.REPLAY_FORWARD, [local.to(dev)], forward_only=True)
+            return stepper.loss.clone()
+
+        own = replayed_loss(routes)
+        shifted = [((r.long() + 1) % stepper.experts).to(r.dtype) for r in routes]
+        other = replayed_loss(shifted)
+    times = time_arms({"off": lambda: stepper.step(), "R3": lambda: stepper.step(routes)}, args.steps, args.warmup)
+    noise = float((native_again - native).abs())
+    out = {
+        "loss off, run twice: abs diff (kernel nondeterminism)": noise,
+        "loss R3 own routes vs off: abs diff": float((own - native).abs()),
+        "replay exact (R3 own-routes diff <= off-vs-off diff)": float((own - native).abs()) <= noise,
+        "shifted routes change the loss": bool(not torch.equal(other, native)),
+        "off step ms (median)": statistics.median(times["off"]) * 1e3,
+        "R3 step ms (median)": statistics.median(times["R3"]) * 1e3,
+        "R3 / off": statistics.median(times["R3"]) / statistics.median(times["off"]),
+    }
+    if dev.type == "cuda":
+        from sync_count import SyncCounter
+
+        counter = SyncCounter()
+        counts = {}
+        for name, fn in (("off", lambda: stepper.step()), ("R3", lambda: stepper.step(routes))):
+            fn()
+            with counter.region():
+                fn()
+            counts[name] = counter.implicit + counter.explicit
+        out["host syncs off"] = counts["off"]
+        out["host syncs R3"] = counts["R3"]
+        out["host syncs R3 - off"] = counts["R3"] - counts["off"]
+    return out
+
+
+if __name__ == "__main__":
+    main()
