@@ -16,7 +16,8 @@ What runs where
     scores). A query row whose keys are all masked (megatron fills masked scores with -10000, so such a row
     attends uniformly to all keys) keeps megatron's uniform result instead of SDPA's NaN.
   - Everything SDPA cannot express exactly - attention dropout in training, a softmax offset (off-by-one /
-    learnable softmax), window attention, attention_bias - takes the parent class's megatron math, unchanged.
+    learnable softmax), window attention, attention_bias - takes the parent class's megatron math, unchanged; so
+    does a GPU run under `torch.use_deterministic_algorithms(True)` (SDPA's GPU backward is not deterministic).
   Scale: megatron's net softmax scale (`softmax_scale`, times `layer_number` when
   `apply_query_key_layer_scaling` multiplies it back in its fp32 softmax). SDPA computes the softmax in fp32
   inside its kernels for bf16 inputs, like megatron's `attention_softmax_in_fp32`.
@@ -36,12 +37,20 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron_r3.model.cp_attention import _CAUSAL_TYPES, ContextParallelDotProductAttention
 
 
+def query_on_gpu(module) -> bool:
+    """Whether the module runs on a GPU (its softmax-offset parameter or, without one, the current device)."""
+    param = next(module.parameters(), None)
+    return param.is_cuda if param is not None else torch.cuda.is_available()
+
+
 class FusedDotProductAttention(ContextParallelDotProductAttention):
     """`ContextParallelDotProductAttention` with its attention math done by `F.scaled_dot_product_attention`."""
 
     def _sdpa_exact(self) -> bool:
         """Whether SDPA computes exactly megatron's attention for this module (else the parent's math runs)."""
         dropout = self.training and self.attention_dropout.p > 0
+        if torch.are_deterministic_algorithms_enabled() and query_on_gpu(self):
+            return False  # SDPA's GPU backward kernels are not deterministic; megatron's math is
         return not dropout and self.softmax_offset is None and self.window_size is None
 
     def _net_scale(self) -> float:
