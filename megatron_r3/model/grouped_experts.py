@@ -40,6 +40,7 @@ got [0, 0]"); `_contiguous_grad` makes it so. Unsupported configs (biases, non-G
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import torch
@@ -52,13 +53,14 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, mak
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `torch._grouped_mm` runs for (device, dtype): CPU (reference kernel) any float dtype; CUDA bf16 on
+    """Whether `torch._grouped_mm` runs for (device, dtype): CPU (torch >= 2.9) fp32/bf16; CUDA bf16 on
     compute capability >= 9.0 (the CUTLASS kernel; other GPUs and dtypes take the loop path)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     device = torch.device(device)
-    if device.type == "cpu":
-        return dtype in (torch.float32, torch.bfloat16)
+    if device.type == "cpu":  # torch <= 2.8 has the op but no CPU kernel
+        version = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
+        return version >= (2, 9) and dtype in (torch.float32, torch.bfloat16)
     if device.type == "cuda":
         return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 9
     return False
