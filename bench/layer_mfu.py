@@ -46,6 +46,7 @@ PRESETS = {
 
 
 def make_config(preset: dict, dtype: torch.dtype, grouped: bool):
+    import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
@@ -55,7 +56,8 @@ def make_config(preset: dict, dtype: torch.dtype, grouped: bool):
         num_moe_experts=preset["num_moe_experts"], moe_router_topk=preset["moe_router_topk"],
         moe_ffn_hidden_size=preset["moe_ffn_hidden_size"], moe_token_dispatcher_type="alltoall",
         moe_grouped_gemm=grouped, moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
-        moe_router_dtype="fp32", normalization="RMSNorm", gated_linear_unit=True, add_bias_linear=False,
+        moe_router_dtype="fp32", normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
+        add_bias_linear=False,
         qk_layernorm=True, hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype,
         bf16=dtype == torch.bfloat16, pipeline_dtype=dtype, use_cpu_initialization=not torch.cuda.is_available(),
         apply_rope_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
@@ -205,7 +207,7 @@ def experts_agreement(preset, dev, dtype) -> dict:
     grad_out = torch.randn(x.shape, device=dev, generator=gen)
 
     def run(module, cast):
-        inp = x.to(cast).requires_grad_(True)
+        inp = x.detach().to(cast).clone().requires_grad_(True)
         out, _ = module(inp, counts, probs)
         out.backward(grad_out.to(out.dtype))
         grads = [p.grad.float().flatten() for _, p in sorted(module.named_parameters())]
@@ -236,7 +238,7 @@ def experts_agreement(preset, dev, dtype) -> dict:
 
 
 def _grouped_order_grads(sequential, grouped, dtype, x, counts, probs, grad_out):
-    inp = x.to(dtype).requires_grad_(True)
+    inp = x.detach().to(dtype).clone().requires_grad_(True)
     out, _ = sequential(inp, counts, probs)
     out.backward(grad_out.to(out.dtype))
     by_name = {}
