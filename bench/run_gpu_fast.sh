@@ -10,7 +10,7 @@
 #
 # Needs megatron-core (and pybase64) importable; on the lent machine carry the wheels in .whl (see
 # /work/.library/device/README.md): they are installed into /tmp/site here when megatron is not importable.
-# Parts run in priority order, each under a time limit; whatever does not fit in BENCH_GPU_BUDGET_S (default 450 s)
+# Parts run in priority order, each under a time limit; whatever does not fit in BENCH_GPU_BUDGET_S (default 430 s)
 # is reported as skipped. At most 3 files are written to $OUT (the lent machine returns at most 8).
 set -u
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/bench_gpu_fast.XXXXXX)
 MD=$OUT/bench_gpu_fast.md
 LOG=$OUT/bench_gpu_fast.log
-BUDGET=${BENCH_GPU_BUDGET_S:-450}
+BUDGET=${BENCH_GPU_BUDGET_S:-430}
 PY=${PYTHON:-python3}
 START=$(date +%s)
 : > "$MD"

@@ -2,7 +2,9 @@
 
 megatron-core builds an MoE layer from a spec: `submodules.mlp` is a `functools.partial(MoELayer,
 submodules=MoESubmodules(...))`. We rebuild that partial with `dataclasses.replace(submodules,
-router=ReplayTopKRouter)`; the rest of megatron-core is used as it is.
+router=ReplayTopKRouter)`; the rest of megatron-core is used as it is. Without TransformerEngine the same
+mechanism swaps the local spec's `experts` (`GroupedExperts`, when `config.moe_grouped_gemm`) and core attention
+(`ContextParallelDotProductAttention` or its SDPA subclass `FusedDotProductAttention`).
 """
 
 from __future__ import annotations
