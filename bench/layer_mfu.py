@@ -14,7 +14,8 @@ Parts
   3 experts   SequentialMLP vs GroupedExperts alone, same weights, bf16, the preset's token count x top-k routed rows
               (routing from a random router): relative L2 error of each against an fp32 evaluation of the same
               math; pass when the grouped error <= 2 x the sequential one + 1e-3 (both are bf16 roundings of one
-              computation; a wrong expert or a dropped gate weight gives errors of order 1).
+              computation; a wrong expert or a dropped gate weight gives errors of order 1). Each module's fwd+bwd
+              time alone, and core attention alone (megatron's unfused vs SDPA), with their TFLOP/s.
   4 replay    on the fast model: R3 replay of the model's own routes vs native routing, interleaved: step ratio,
               the loss replaying the model's own routes differs from native routing by no more than two native
               runs differ from each other (bitwise on deterministic kernels), replaying shifted routes changes the
@@ -234,7 +235,69 @@ def experts_agreement(preset, dev, dtype) -> dict:
         rows[label] = (rel(seq[index], truth[index]), rel(grp[index], truth[index]), rel(grp[index], seq[index]))
     rows["weight grads"] = (rel(seq_grads, truth[2]), rel(grp[2], truth[2]), rel(grp[2], seq_grads))
     ok = all(g <= 2 * s + 1e-3 for s, g, _ in rows.values())
-    return {"rows": rows, "pass": ok, "grouped_mm": grouped_mm_supported(dev, dtype), "routed_rows": int(ids.numel())}
+    flops = 3 * 2.0 * ids.numel() * preset["hidden_size"] * preset["moe_ffn_hidden_size"] * 3
+    timing = {}
+
+    def fwd_bwd(module):
+        inp = x.detach().to(dtype).clone().requires_grad_(True)
+        out, _ = module(inp, counts, probs)
+        out.backward(grad_out.to(out.dtype))
+        module.zero_grad(set_to_none=True)
+
+    for label, module, repeats in (("SequentialMLP", sequential, 2), ("GroupedExperts", grouped, 10)):
+        fwd_bwd(module)  # warm-up
+        seconds = []
+        for _ in range(repeats):
+            sync(dev)
+            start = time.perf_counter()
+            fwd_bwd(module)
+            sync(dev)
+            seconds.append(time.perf_counter() - start)
+        timing[label] = (statistics.median(seconds) * 1e3, flops / statistics.median(seconds) / 1e12)
+    return {"rows": rows, "pass": ok, "grouped_mm": grouped_mm_supported(dev, dtype), "routed_rows": int(ids.numel()),
+            "timing_ms_tflops": timing}
+
+
+def attention_timing(preset, dev, dtype) -> dict:
+    """Core attention alone, fwd+bwd, megatron's DotProductAttention vs FusedDotProductAttention (causal, GQA)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_r3.model.fused_attention import FusedDotProductAttention
+
+    config = make_config(preset, dtype, grouped=True)
+    seq, heads, groups, dim = (preset["seq_length"], preset["num_attention_heads"], preset["num_query_groups"],
+                               preset["kv_channels"])
+    gen = torch.Generator(device=dev).manual_seed(5)
+    q = torch.randn(seq, 1, heads, dim, device=dev, dtype=dtype, generator=gen)
+    k = torch.randn(seq, 1, groups, dim, device=dev, dtype=dtype, generator=gen)
+    v = torch.randn(seq, 1, groups, dim, device=dev, dtype=dtype, generator=gen)
+    grad = torch.randn(seq, 1, heads * dim, device=dev, dtype=dtype, generator=gen)
+    flops = 3 * 2.0 * 2 * heads * dim * seq * (seq + 1) / 2
+    out = {}
+    results = {}
+    for label, cls, repeats in (("megatron DotProductAttention (unfused)", DotProductAttention, 3),
+                                ("FusedDotProductAttention (SDPA)", FusedDotProductAttention, 10)):
+        module = cls(config, 1, AttnMaskType.causal, "self").to(dev)
+
+        def once():
+            inputs = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+            result = module(*inputs, None)
+            result.backward(grad)
+            return result.detach().float()
+
+        results[label] = once()
+        seconds = []
+        for _ in range(repeats):
+            sync(dev)
+            start = time.perf_counter()
+            once()
+            sync(dev)
+            seconds.append(time.perf_counter() - start)
+        out[label] = (statistics.median(seconds) * 1e3, flops / statistics.median(seconds) / 1e12)
+    a, b = results.values()
+    out["relative L2 difference of the outputs"] = float((a - b).norm() / a.norm())
+    return out
 
 
 def _grouped_order_grads(sequential, grouped, dtype, x, counts, probs, grad_out):
@@ -333,6 +396,15 @@ def main() -> None:
                 f"{'PASS' if agreement['pass'] else 'FAIL'} (grouped <= 2 x sequential + 1e-3)",
                 ["tensor", "SequentialMLP vs fp32", "GroupedExperts vs fp32", "grouped vs sequential"],
                 [(k, *v) for k, v in agreement["rows"].items()])
+
+    rows = [(label, *agreement["timing_ms_tflops"][label]) for label in ("SequentialMLP", "GroupedExperts")]
+    print_table(f"experts alone, fwd+bwd, {agreement['routed_rows']} routed rows", ["module", "ms", "TFLOP/s"], rows)
+    attention = attention_timing(preset, dev, dtype)
+    results["attention"] = attention
+    print_table(f"core attention alone, fwd+bwd, {preset['seq_length']} tokens causal, {preset['num_attention_heads']} "
+                f"heads / {preset['num_query_groups']} KV", ["module", "ms", "TFLOP/s"],
+                [(k, *v) for k, v in attention.items() if isinstance(v, tuple)]
+                + [("relative L2 difference of the outputs", attention["relative L2 difference of the outputs"], "")])
 
     # 4. replay on the fast path
     replay = replay_checks(fast_stepper, dev, args)
