@@ -16,10 +16,11 @@ Parts
               math; pass when the grouped error <= 2 x the sequential one + 1e-3 (both are bf16 roundings of one
               computation; a wrong expert or a dropped gate weight gives errors of order 1). Each module's fwd+bwd
               time alone, and core attention alone (megatron's unfused vs SDPA), with their TFLOP/s.
-  4 replay    on the fast model: R3 replay of the model's own routes vs native routing, interleaved: step ratio,
-              the loss replaying the model's own routes differs from native routing by no more than two native
-              runs differ from each other (bitwise on deterministic kernels), replaying shifted routes changes the
-              loss (replay is not a no-op), host syncs R3 - off with bench/sync_count.py's calibrated counter (CUDA only).
+  4 replay    on the fast model: R3 replay of the model's own routes vs native routing, interleaved: step ratio;
+              every router used exactly the installed ids (device counter), the replays' loss equals the recording
+              run's within 2 x the range of several native runs (kernel nondeterminism; 0 = bitwise on deterministic
+              kernels; see `replay_checks` for why), shifted routes move the loss by more than that (the check can
+              fail); host syncs R3 - off with bench/sync_count.py's calibrated counter (CUDA only).
 """
 
 from __future__ import annotations
@@ -133,12 +134,13 @@ class Stepper:
 
         return output, loss_func
 
-    def run(self, action=None, routes=None, forward_only=False):
+    def run(self, action=None, routes=None, forward_only=False, collect_agreement=False):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from megatron_r3.replay.schedule import run_schedule
 
         return run_schedule(get_forward_backward_func(), self.routers, action=action, routes=routes,
+                            collect_agreement=collect_agreement,
                             forward_step_func=self.forward_step, data_iterator=iter([None]), model=self.model,
                             num_microbatches=1, forward_only=forward_only, seq_length=self.seq, micro_batch_size=1)
 
@@ -153,7 +155,9 @@ class Stepper:
         return gather_recorded_routes(recorded, [self.layout], [self.slots], num_layers=len(self.routers.layer_numbers),
                                       topk=self.topk, dtype=torch.uint8)[0]
 
-    def step(self, sample_routes=None) -> float:
+    def step(self, sample_routes=None, local=None) -> float:
+        """One timed fwd+bwd step; `local`: routes already localized on the host (page-locked on CUDA), copied to
+        the device inside the timed region; `sample_routes`: per-sample routes, localized inside it too."""
         from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
         from megatron_r3.replay.microbatch import localize_routes
@@ -163,7 +167,9 @@ class Stepper:
         routes = None
         if sample_routes is not None:
             local = localize_routes(sample_routes, self.layout, self.slots, self.routers.layer_numbers, self.experts)
-            routes = [(local.pin_memory() if self.dev.type == "cuda" else local).to(self.dev, non_blocking=True)]
+            local = local.pin_memory() if self.dev.type == "cuda" else local
+        if local is not None:
+            routes = [local.to(self.dev, non_blocking=True)]
         self.run(RouterReplayAction.REPLAY_FORWARD if routes else None, routes)
         sync(self.dev)
         elapsed = time.perf_counter() - start
@@ -411,39 +417,86 @@ def main() -> None:
     results["replay"] = replay
     print_table("router replay on the fast path (own routes)", ["quantity", "value"], list(replay.items()))
     write_json(args.json, results)
-    if not agreement["pass"] or not replay["replay exact (R3 own-routes diff <= off-vs-off diff)"]:
+    if (not agreement["pass"] or not replay["replay exact (routing equal and R3 loss diff <= tol)"]
+            or not replay["shifted routes change the loss by > tol"]):
         raise SystemExit("a check failed (see the tables)")
 
 
 def replay_checks(stepper: Stepper, dev, args) -> dict:
+    """Router replay on the fast model, checked so that kernel nondeterminism alone cannot fail it.
+
+    Why not "R3 loss == off loss": on a GPU the fast path is not bitwise reproducible (the dispatcher's unpermute
+    sums the top-k expert outputs of a token with atomic adds, cuBLAS/SDPA may split reductions differently), so
+    two native runs of the same batch differ (4e-5 on the loss at the Qwen3-30B-A3B shape on an H200), and a near-tie
+    in a router's top-k can flip between runs, so a later native run may even route differently from the run whose
+    routes were recorded. Comparing one R3 sample with one off sample therefore tests the noise, not replay.
+
+    What is checked instead, all forward-only under the same conditions as the recording:
+      1. routing: every router *used* exactly the installed ids (the router's device counter `match` == `valid`
+         over all tokens, layers and repeats; counted on the device, read once at the end);
+      2. loss: each of `repeats` R3 replays of the recorded routes differs from the recording run's loss by no more
+         than tol = 2 x the range (max - min) of `repeats` native runs. The recording
+         and the replays use identical routes, so their difference is kernel nondeterminism at fixed routing, which
+         is inside the native spread (which also contains routing flips); the range of several samples, doubled,
+         bounds a new difference (one sample would not: the first GPU run compared one pair and failed on noise).
+         With deterministic kernels the range is 0 and this is bitwise equality (tests/gpu/gpu_checks.py's
+         replay_bf16 checks that under torch.use_deterministic_algorithms);
+      3. the check can fail: replaying shifted routes (expert id + 1) moves the loss by more than tol.
+    """
     from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
-    routes = stepper.own_routes()
+    from megatron_r3.replay.microbatch import localize_routes
+
+    repeats = 6
+    routes = stepper.own_routes()  # a RECORD pass; stepper.loss is the recording run's loss
+    recorded_loss = stepper.loss.clone()
     if dev.type == "cuda":
         routes = [r.pin_memory() for r in routes]
+
+    def local_routes(sample_routes):
+        local = localize_routes(sample_routes, stepper.layout, stepper.slots, stepper.routers.layer_numbers,
+                                stepper.experts)
+        return [local.to(dev)]
+
+    own_local = local_routes(routes)
+    shifted = [((r.long() + 1) % stepper.experts).to(r.dtype) for r in routes]
+    stepper.routers.statistics(reset=True)
+    native, replayed = [], []
     with torch.no_grad():
-        stepper.run(forward_only=True)
-        native = stepper.loss.clone()
-        stepper.run(forward_only=True)
-        native_again = stepper.loss.clone()
-        from megatron_r3.replay.microbatch import localize_routes
-
-        def replayed_loss(sample_routes):
-            local = localize_routes(sample_routes, stepper.layout, stepper.slots, stepper.routers.layer_numbers,
-                                    stepper.experts)
-            stepper.run(RouterReplayAction.REPLAY_FORWARD, [local.to(dev)], forward_only=True)
-            return stepper.loss.clone()
-
-        own = replayed_loss(routes)
-        shifted = [((r.long() + 1) % stepper.experts).to(r.dtype) for r in routes]
-        other = replayed_loss(shifted)
-    times = time_arms({"off": lambda: stepper.step(), "R3": lambda: stepper.step(routes)}, args.steps, args.warmup)
-    noise = float((native_again - native).abs())
+        for _ in range(repeats):
+            stepper.run(forward_only=True)
+            native.append(stepper.loss.clone())
+            stepper.run(RouterReplayAction.REPLAY_FORWARD, own_local, forward_only=True, collect_agreement=True)
+            replayed.append(stepper.loss.clone())
+        counters = stepper.routers.statistics(reset=True).layer_counters
+        stepper.run(RouterReplayAction.REPLAY_FORWARD, local_routes(shifted), forward_only=True)
+        shifted_loss = stepper.loss.clone()
+    native_t, replayed_t = torch.stack(native).double(), torch.stack(replayed).double()
+    spread = float(native_t.max() - native_t.min())
+    tol = 2 * spread
+    replay_diff = float((replayed_t - float(recorded_loss)).abs().max())
+    shifted_diff = float((shifted_loss.double() - float(recorded_loss)).abs())
+    valid = sum(int(c["valid"]) for c in counters.values())
+    match = sum(int(c["match"]) for c in counters.values())
+    agree = sum(int(c["agree"]) for c in counters.values())
+    compared = sum(int(c["compared"]) for c in counters.values())
+    routing_exact = valid > 0 and match == valid and len(counters) == len(stepper.routers.layer_numbers)
+    # the trainer localizes a batch's routes on the host while the previous micro-batch runs; here they are
+    # localized (into page-locked memory) once, and the timed R3 step includes their host-to-device copy
+    own_host = localize_routes(routes, stepper.layout, stepper.slots, stepper.routers.layer_numbers, stepper.experts)
+    own_host = own_host.pin_memory() if dev.type == "cuda" else own_host
+    times = time_arms({"off": lambda: stepper.step(), "R3": lambda: stepper.step(local=own_host)},
+                      args.steps, args.warmup)
     out = {
-        "loss off, run twice: abs diff (kernel nondeterminism)": noise,
-        "loss R3 own routes vs off: abs diff": float((own - native).abs()),
-        "replay exact (R3 own-routes diff <= off-vs-off diff)": float((own - native).abs()) <= noise,
-        "shifted routes change the loss": bool(not torch.equal(other, native)),
+        f"router rows used == installed (device counter, {repeats} replays x {len(counters)} layers)":
+            f"{match} / {valid}",
+        "native top-k == recorded ids in those replays (near-tie flips)": agree / max(compared, 1),
+        f"loss off, range of {repeats} runs (kernel nondeterminism)": spread,
+        "tolerance = 2 x range": tol,
+        f"loss R3 replays vs recording run: max abs diff ({repeats} runs)": replay_diff,
+        "loss shifted routes vs recording run: abs diff": shifted_diff,
+        "replay exact (routing equal and R3 loss diff <= tol)": routing_exact and replay_diff <= tol,
+        "shifted routes change the loss by > tol": shifted_diff > tol,
         "off step ms (median)": statistics.median(times["off"]) * 1e3,
         "R3 step ms (median)": statistics.median(times["R3"]) * 1e3,
         "R3 / off": statistics.median(times["R3"]) / statistics.median(times["off"]),
@@ -453,7 +506,7 @@ def replay_checks(stepper: Stepper, dev, args) -> dict:
 
         counter = SyncCounter()
         counts = {}
-        for name, fn in (("off", lambda: stepper.step()), ("R3", lambda: stepper.step(routes))):
+        for name, fn in (("off", lambda: stepper.step()), ("R3", lambda: stepper.step(local=own_host))):
             fn()
             with counter.region():
                 fn()
