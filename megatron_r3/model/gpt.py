@@ -40,8 +40,29 @@ def build_gpt_chunks(
             rotary_base=rotary_base,
             vp_stage=vp_stage,
         )
-        chunks.append(model.to(device()))
+        chunks.append(norms_in_params_dtype(model, config).to(device()))
     return chunks
+
+
+def norms_in_params_dtype(model: torch.nn.Module, config) -> torch.nn.Module:
+    """Cast the weights of the local spec's torch norms to `config.params_dtype` (bf16 trainer).
+
+    megatron's `WrappedTorchNorm` builds `torch.nn.RMSNorm` / `LayerNorm` without a dtype, so their weights stay
+    fp32 while every other parameter is bf16; megatron's training loop hides that by wrapping the model in
+    `Float16Module` (`module.bfloat16()`), which this trainer does not use. With an fp32 weight and a bf16 input
+    `torch.rms_norm` cannot use its fused kernel ("Mismatch dtype between input and weight ... Cannot dispatch to
+    fused implementation") and runs as ~5 elementwise kernels forward and ~10 backward per norm (4 norms per
+    layer with QK-norm). Only the norms' parameters are touched (the router's weight is already in params_dtype
+    and computes in `moe_router_dtype`); a no-op for an fp32 model."""
+    dtype = config.params_dtype
+    if dtype == torch.float32:
+        return model
+    for module in model.modules():
+        if isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
+            for param in module.parameters(recurse=False):
+                if param.dtype == torch.float32:
+                    param.data = param.data.to(dtype)
+    return model
 
 
 def count_parameters(chunks) -> int:

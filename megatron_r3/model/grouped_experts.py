@@ -30,8 +30,11 @@ No copy of the weights per step
   The local experts' weights of one projection are allocated as views of one `[E_local, out, in]` tensor; the
   forward reads them back as that stacked tensor (`as_strided` on their shared storage, checked by addresses on the
   host: no sync) through an autograd function whose backward hands each parameter its slice of the stacked gradient.
-  If something re-homed the parameters (megatron's DDP puts parameters into its own contiguous buffer, in reverse
-  registration order), the same function stacks them (one copy per forward), still correct.
+  Megatron's DDP re-homes parameters into its contiguous param buffer when the distributed optimizer is on, in
+  reverse registration order; the experts' weights are therefore registered last expert first, so they land there
+  back to back in expert order and the view survives (without the distributed optimizer DDP leaves parameters in
+  place). Anything else that re-homes them (padding between them, another order) makes the same function stack
+  them (one copy per forward), still correct.
 
 `torch._grouped_mm` backward needs a contiguous incoming gradient (an expanded one fails with "Invalid strides/sizes,
 got [0, 0]"); `_contiguous_grad` makes it so. Unsupported configs (biases, non-GLU activations other than megatron's
@@ -127,14 +130,20 @@ class ExpertWeights(torch.nn.Module):
         self.num_local_experts = num_local_experts
         device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
         storage = torch.empty(num_local_experts, out_features, in_features, dtype=config.params_dtype, device=device)
-        for index in range(num_local_experts):
+        weights = []
+        for index in range(num_local_experts):  # initialised in expert order (the RNG stream SequentialMLP uses)
             weight = torch.nn.Parameter(storage[index])
             set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=partition_dim, stride=1)
             setattr(weight, "allreduce", not use_expert_pgs)
             if config.perform_initialization:
                 with get_cuda_rng_tracker().fork(get_expert_parallel_rng_tracker_name()):
                     init_method(weight.data)
-            self.register_parameter(f"weight{index}", weight)
+            weights.append(weight)
+        # Registered last expert first: megatron's DDP lays parameters into its contiguous param buffer (distributed
+        # optimizer) in *reverse* registration order, so this order puts weight0 .. weight{n-1} back to back in
+        # ascending order there and `stacked` stays a view (no per-forward copy of the experts' weights).
+        for index in reversed(range(num_local_experts)):
+            self.register_parameter(f"weight{index}", weights[index])
 
     def weights(self) -> list[torch.nn.Parameter]:
         return [getattr(self, f"weight{index}") for index in range(self.num_local_experts)]

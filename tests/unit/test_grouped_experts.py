@@ -140,14 +140,38 @@ def test_weights_are_views_of_one_tensor_and_read_without_copy():
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in moved)
 
 
+def test_weights_stay_one_view_inside_megatron_ddp_param_buffer():
+    """With the distributed optimizer megatron's DDP moves every parameter into its contiguous param buffer (in
+    reverse registration order); the experts' weights must land there back to back in expert order, so the forward
+    reads them as one view instead of copying all experts' weights every step."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron_r3.model.grouped_experts import stacked
+
+    config = make_config()
+    _, grouped = build_pair(config)
+    tokens, counts, probs = inputs(config)
+    before = grouped(tokens, counts, probs)[0].detach()
+    old_ptrs = [w.data_ptr() for w in grouped.linear_fc1.weights()]
+    DistributedDataParallel(config=config, module=grouped, ddp_config=DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True))
+    for projection in (grouped.linear_fc1, grouped.linear_fc2):
+        weights = projection.weights()
+        assert weights[0].data_ptr() != old_ptrs[0] or projection is grouped.linear_fc2  # really re-homed
+        view = stacked(weights)
+        assert view.data_ptr() == weights[0].data_ptr()  # a view of the buffer, no copy
+        assert all(torch.equal(view[e], w) for e, w in enumerate(weights))
+    assert torch.equal(grouped(tokens, counts, probs)[0].detach(), before)
+
+
 def test_parameter_names_are_the_ones_the_hf_mapping_reads():
     from megatron_r3.model.hf_mapping import map_megatron_name
     from megatron_r3.model.qwen3_moe import ModelArch
 
     config = make_config()
     _, grouped = build_pair(config)
-    names = [name for name, _ in grouped.named_parameters()]
-    assert names == [f"linear_fc{p}.weight{e}" for p in (1, 2) for e in range(config.num_moe_experts)]
+    names = [name for name, _ in grouped.named_parameters()]  # last expert first: see the DDP test below
+    assert names == [f"linear_fc{p}.weight{e}" for p in (1, 2) for e in reversed(range(config.num_moe_experts))]
     arch = ModelArch.__new__(ModelArch)
     object.__setattr__(arch, "num_experts", 10)
     mapping = map_megatron_name("decoder.layers.1.mlp.experts.linear_fc1.weight3", arch, expert_offset=5)

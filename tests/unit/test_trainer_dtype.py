@@ -39,3 +39,30 @@ def test_fp32_and_explicit_flags():
     a = args(fp16=True)  # auto with an explicit --fp16: untouched
     apply_trainer_dtype(a)
     assert a.fp16 and not a.bf16 and a.moe_router_dtype is None
+
+
+def test_bf16_model_has_bf16_norms_so_rms_norm_stays_fused():
+    """megatron's WrappedTorchNorm builds fp32 norm weights; build_gpt_chunks casts them to params_dtype (what
+    Float16Module would do), so a bf16 trainer has no fp32 parameter left (torch.rms_norm's fused kernel needs the
+    weight in the input's dtype). The raw GPTModel shows the problem the cast answers."""
+    import torch.nn.functional as F
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_r3.model.gpt import build_gpt_chunks
+    from megatron_r3.model.specs import replay_decoder_block_spec
+    from megatron_r3.platform.distributed import ParallelSizes, initialize_model_parallel
+
+    initialize_model_parallel(ParallelSizes())
+    config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                               num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=16, ffn_hidden_size=64,
+                               normalization="RMSNorm", qk_layernorm=True, gated_linear_unit=True,
+                               activation_func=F.silu, add_bias_linear=False, bias_activation_fusion=False,
+                               params_dtype=torch.bfloat16, bf16=True, pipeline_dtype=torch.bfloat16,
+                               moe_router_dtype="fp32", use_cpu_initialization=True, moe_token_dispatcher_type="alltoall")
+    raw = GPTModel(config=config, transformer_layer_spec=replay_decoder_block_spec(config), vocab_size=64,
+                   max_sequence_length=16, position_embedding_type="rope")
+    raw_fp32 = sorted(name for name, p in raw.named_parameters() if p.dtype == torch.float32)
+    assert raw_fp32 and all("layernorm" in name or "final_layernorm" in name for name in raw_fp32)
+    chunk = build_gpt_chunks(config, vocab_size=64, max_sequence_length=16)[0]
+    assert {p.dtype for p in chunk.parameters()} == {torch.bfloat16}
