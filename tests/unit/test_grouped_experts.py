@@ -162,6 +162,13 @@ def test_weights_stay_one_view_inside_megatron_ddp_param_buffer():
         assert view.data_ptr() == weights[0].data_ptr()  # a view of the buffer, no copy
         assert all(torch.equal(view[e], w) for e, w in enumerate(weights))
     assert torch.equal(grouped(tokens, counts, probs)[0].detach(), before)
+    # the forward before DDP cached the old layout; the one after must read the live (re-homed) weights
+    fc2 = grouped.linear_fc2.weights()
+    assert grouped.linear_fc2.layout_cache["key"][1:3] == (fc2[0].data_ptr(), fc2[-1].data_ptr())
+    with torch.no_grad():
+        for weight in grouped.linear_fc2.weights():
+            weight.zero_()
+    assert not grouped(tokens, counts, probs)[0].any()
 
 
 def test_parameter_names_are_the_ones_the_hf_mapping_reads():
