@@ -5,7 +5,7 @@
 #
 # Parts: (1) bench/layer_mfu.py at Qwen3-30B-A3B layer shape: SequentialMLP + unfused attention vs GroupedExperts +
 # SDPA, step time / TFLOP/s / MFU, bf16 expert agreement, replay on the fast path (R3/off, host syncs);
-# (2) bench/profile_step.py: torch.profiler over 3 fast-path steps (GPU time by module, top kernels, top CPU ops,
+# (2) bench/profile_step.py: torch.profiler over 2 fast-path steps (GPU time by module, top kernels, top CPU ops,
 # the step inside megatron's DDP); (3) bench/grpo_throughput.py on configs/models/qwen3_moe_1b_bench.json, off vs
 # R3, bf16 trainer by default (--trainer-dtype auto), phases and TFLOP/s (each mode <= 90 s);
 # (4) the bf16 replay checks of tests/gpu/gpu_checks.py if time is left.
@@ -75,8 +75,8 @@ part() {
 # 1. layer fwd+bwd at Qwen3-30B-A3B shape: megatron local vs fast path, MFU, expert agreement, replay on it
 part layer_mfu 70 $PY bench/layer_mfu.py --device cuda --preset qwen3-30b-a3b-4l --steps 10 --warmup 2 \
   --slow-steps 2 --json "$WORK/layer_mfu.json"
-# 2. where the fast step's time goes (profiler, fast arm only, 3 steps)
-part profile_step 40 $PY bench/profile_step.py --device cuda --steps 3 --warmup 3 --top 25 \
+# 2. where the fast step's time goes (profiler, fast arm only, 2 steps; then the step inside DDP)
+part profile_step 40 $PY bench/profile_step.py --device cuda --steps 2 --warmup 3 --top 25 \
   --json "$WORK/profile_step.json"
 # 3. GRPO step throughput on the ~1B bench model, off vs R3, bf16 trainer with grouped experts + SDPA (auto)
 # (per-mode timeout: half of what is left, at most 90 s, so a slow mode cannot take the other one's tables with it)
