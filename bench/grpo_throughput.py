@@ -4,8 +4,8 @@ from its metrics.jsonl (`timing/*`, `throughput/tokens_per_s`).
     python bench/grpo_throughput.py --device cpu                     # tiny model (configs/models/qwen3_moe_tiny.json)
     python bench/grpo_throughput.py --device cuda --json out.json    # ~1B model (configs/models/qwen3_moe_1b_bench.json)
 
-Each mode is one `pretrain_grpo.py` process (embedded hf rollout engine in bf16 on the same device, fp32 megatron
-trainer unless --bf16, synthetic task `copy_last`, a randomly initialised model, so responses run to
+Each mode is one `pretrain_grpo.py` process (embedded hf rollout engine in bf16 on the same device, megatron trainer
+per --trainer-dtype (auto: bf16 on a GPU), synthetic task `copy_last`, a randomly initialised model, so responses run to
 --max-new-tokens). Step 0 includes lazy initialisation and is reported apart; the table gives medians over the
 other steps. Phases: rollout (generation + route capture + validation + rewards), old_logprob (the old-logprob pass;
 R3 replays there), update (all mini-batch forward/backward + optimizer steps), weight_sync (policy -> engine).
@@ -49,6 +49,8 @@ def run_mode(args, mode: str, work: str) -> dict:
         cmd += ["--max-tokens-per-microbatch", str(args.max_tokens_per_microbatch)]
     if args.bf16:
         cmd.append("--bf16")
+    else:
+        cmd += ["--trainer-dtype", args.trainer_dtype]
     if args.recompute:
         cmd += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
     env = {k: v for k, v in os.environ.items()
@@ -84,8 +86,9 @@ def summarise(run: dict) -> dict:
     for phase in PHASES:
         out[f"{phase}_s"] = median(f"timing/{phase}_s")
     for key in ("r3/rollout_train_k3_kl", "replay/routing_agreement", "replay/used_route_match",
-                "rollout/response_length_mean"):
-        out[key] = median(key)
+                "rollout/response_length_mean", "throughput/tflops_per_gpu", "throughput/mfu",
+                "throughput/train_tflops_per_gpu", "throughput/train_mfu"):
+        out[key] = median(key) if all(key in s for s in timed) else float("nan")
     return out
 
 
@@ -101,7 +104,9 @@ def main() -> None:
     parser.add_argument("--global-batch-size", type=int, default=None)
     parser.add_argument("--max-tokens-per-microbatch", type=int, default=None)
     parser.add_argument("--seq-length", type=int, default=None)
-    parser.add_argument("--bf16", action="store_true", help="bf16 megatron trainer (default fp32)")
+    parser.add_argument("--bf16", action="store_true", help="force megatron's --bf16")
+    parser.add_argument("--trainer-dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="pretrain_grpo.py --trainer-dtype (auto: bf16 + grouped-GEMM experts on a GPU, fp32 on CPU)")
     parser.add_argument("--recompute", action="store_true", help="full activation recompute")
     parser.add_argument("--modes", nargs="*", default=["R3", "off"])
     parser.add_argument("--timeout", type=int, default=1800, help="per mode, seconds")
@@ -132,14 +137,17 @@ def main() -> None:
             step = s["step_s"] or float("nan")
             rows.append((mode, round(s["tokens_per_step"]), round(s["tokens_per_s"], 1), round(s["step_s"], 3),
                          *(f"{s[f'{p}_s']:.3f} ({100 * s[f'{p}_s'] / step:.0f}%)" for p in PHASES),
-                         round(s["first_step_s"], 2), f"{runs[mode]['wall_s']:.0f}"))
+                         round(s["first_step_s"], 2), f"{runs[mode]['wall_s']:.0f}",
+                         s["throughput/tflops_per_gpu"], s["throughput/train_tflops_per_gpu"],
+                         s["throughput/train_mfu"]))
         model = os.path.basename(args.hf_config)
         print_table(f"GRPO step on {args.device}: {model}, {args.prompts} prompts x {args.group_size} samples, "
                     f"<= {args.max_new_tokens} new tokens, mini-batch {args.global_batch_size}, micro-batch "
-                    f"{args.micro_batch_size}, {'bf16' if args.bf16 else 'fp32'} trainer, bf16 hf engine; medians "
+                    f"{args.micro_batch_size}, {'bf16' if args.bf16 else args.trainer_dtype} trainer, bf16 hf engine; medians "
                     f"of steps 1..{args.steps - 1}",
                     ["mode", "tokens/step", "tokens/s", "step s", *(f"{p} s" for p in PHASES), "step 0 s",
-                     "process wall s"], rows)
+                     "process wall s", "TFLOP/s/GPU (step)", "TFLOP/s/GPU (trainer passes)", "MFU (trainer passes)"],
+                    rows)
         if "R3" in summaries and "off" in summaries:
             r3, off = summaries["R3"], summaries["off"]
             ratio_rows = [("step time R3 / off", round(r3["step_s"] / off["step_s"], 3)),

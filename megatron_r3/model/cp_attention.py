@@ -266,14 +266,16 @@ class ContextParallelDotProductAttention(DotProductAttention):
         return context.view(sq, batch, -1)
 
 
-def with_context_parallel_core_attention(layer_spec: ModuleSpec) -> ModuleSpec:
-    """`layer_spec` with megatron's local `DotProductAttention` replaced by `ContextParallelDotProductAttention`
-    (anything else, e.g. TE's attention or a layer without self-attention, is returned unchanged)."""
+def with_context_parallel_core_attention(layer_spec: ModuleSpec, core_attention=None) -> ModuleSpec:
+    """`layer_spec` with megatron's local `DotProductAttention` replaced by `core_attention` (default
+    `ContextParallelDotProductAttention`; `fused_attention.FusedDotProductAttention` is the SDPA subclass). Anything
+    else, e.g. TE's attention or a layer without self-attention, is returned unchanged."""
+    core_attention = core_attention or ContextParallelDotProductAttention
     attention = getattr(layer_spec.submodules, "self_attention", None)
     submodules = getattr(attention, "submodules", None)
     if submodules is None or getattr(submodules, "core_attention", None) is not DotProductAttention:
         return layer_spec
     attention = dataclasses.replace(
-        attention, submodules=dataclasses.replace(submodules, core_attention=ContextParallelDotProductAttention)
+        attention, submodules=dataclasses.replace(submodules, core_attention=core_attention)
     )
     return dataclasses.replace(layer_spec, submodules=dataclasses.replace(layer_spec.submodules, self_attention=attention))

@@ -2,7 +2,9 @@
 
 megatron-core builds an MoE layer from a spec: `submodules.mlp` is a `functools.partial(MoELayer,
 submodules=MoESubmodules(...))`. We rebuild that partial with `dataclasses.replace(submodules,
-router=ReplayTopKRouter)`; the rest of megatron-core is used as it is.
+router=ReplayTopKRouter)`; the rest of megatron-core is used as it is. Without TransformerEngine the same
+mechanism swaps the local spec's `experts` (`GroupedExperts`, when `config.moe_grouped_gemm`) and core attention
+(`ContextParallelDotProductAttention` or its SDPA subclass `FusedDotProductAttention`).
 """
 
 from __future__ import annotations
@@ -11,12 +13,16 @@ import dataclasses
 import functools
 import importlib.util
 
+import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from megatron_r3.model.cp_attention import with_context_parallel_core_attention
+from megatron_r3.model.cp_attention import ContextParallelDotProductAttention, with_context_parallel_core_attention
+from megatron_r3.model.fused_attention import FusedDotProductAttention
+from megatron_r3.model.grouped_experts import GroupedExperts
 from megatron_r3.model.norm import SequenceParallelNorm
 from megatron_r3.model.replay_router import ReplayTopKRouter
 
@@ -74,18 +80,64 @@ def with_sequence_parallel_norm(spec):
     return spec
 
 
+def with_grouped_experts(mlp_spec):
+    """`mlp_spec` with its routed experts replaced by `GroupedExperts` (dense MLP specs are returned unchanged)."""
+    if isinstance(mlp_spec, functools.partial):
+        submodules = mlp_spec.keywords.get("submodules")
+        if isinstance(submodules, MoESubmodules):
+            keywords = dict(mlp_spec.keywords, submodules=dataclasses.replace(submodules, experts=GroupedExperts))
+            return functools.partial(mlp_spec.func, *mlp_spec.args, **keywords)
+        return mlp_spec
+    if isinstance(mlp_spec, ModuleSpec) and isinstance(mlp_spec.submodules, MoESubmodules):
+        return dataclasses.replace(mlp_spec, submodules=dataclasses.replace(mlp_spec.submodules, experts=GroupedExperts))
+    return mlp_spec
+
+
+def fused_attention_selected(config) -> bool:
+    """Local spec core attention: SDPA (`FusedDotProductAttention`) for `attention_backend` flash / fused, megatron's
+    math (`ContextParallelDotProductAttention`) for unfused / local; `auto` (the default) = SDPA on a GPU, megatron's
+    math on the CPU (where its numerics are the reference the CPU tests compare against)."""
+    backend = getattr(config, "attention_backend", AttnBackend.auto)
+    if backend in (AttnBackend.flash, AttnBackend.fused):
+        return True
+    if backend in (AttnBackend.unfused, AttnBackend.local):
+        return False
+    return torch.cuda.is_available()
+
+
+def _layer_with_local_fast_modules(layer_spec: ModuleSpec, config, fused_attention: bool | None) -> ModuleSpec:
+    """Local spec: core attention per `fused_attention` (None: `fused_attention_selected`); experts
+    `GroupedExperts` when `config.moe_grouped_gemm` (megatron's own switch, which its local spec ignores)."""
+    if fused_attention is None:
+        fused_attention = fused_attention_selected(config)
+    core = FusedDotProductAttention if fused_attention else ContextParallelDotProductAttention
+    layer_spec = with_context_parallel_core_attention(layer_spec, core)
+    if getattr(config, "moe_grouped_gemm", False):
+        submodules = dataclasses.replace(layer_spec.submodules, mlp=with_grouped_experts(layer_spec.submodules.mlp))
+        layer_spec = dataclasses.replace(layer_spec, submodules=submodules)
+    return layer_spec
+
+
 def _layer_with_replay_router(layer_spec: ModuleSpec) -> ModuleSpec:
     submodules = dataclasses.replace(layer_spec.submodules, mlp=with_replay_router(layer_spec.submodules.mlp))
     return dataclasses.replace(layer_spec, submodules=submodules)
 
 
 def replay_decoder_block_spec(
-    config, *, use_transformer_engine: bool | None = None, vp_stage: int | None = None, pp_rank: int | None = None
+    config,
+    *,
+    use_transformer_engine: bool | None = None,
+    vp_stage: int | None = None,
+    pp_rank: int | None = None,
+    fused_attention: bool | None = None,
 ) -> TransformerBlockSubmodules:
     """Megatron's GPT decoder block spec for this stage/chunk (dense and MoE layers per `moe_layer_freq`), with every
     MoE layer's router replaced by `ReplayTopKRouter`. TransformerEngine modules when TE is importable (unchanged),
-    else local ones with `ContextParallelDotProductAttention` as core attention (CP and THD without TE) and
-    `SequenceParallelNorm` as every norm (sequence parallelism and `params_dtype` weights without TE or apex)."""
+    else local ones with `ContextParallelDotProductAttention` or its SDPA subclass as core attention (CP and THD
+    without TE), `SequenceParallelNorm` as every norm (sequence parallelism and `params_dtype` weights without TE
+    or apex) and `GroupedExperts` when `config.moe_grouped_gemm`. `fused_attention` forces the SDPA core
+    attention on or off (megatron's `attention_backend` also sets TE environment variables when a model is built,
+    so processes that build several models pick the attention here rather than through the config)."""
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available()
     block = get_gpt_decoder_block_spec(
@@ -97,7 +149,12 @@ def replay_decoder_block_spec(
     )
     layer_specs = [_layer_with_replay_router(spec) for spec in block.layer_specs]
     if not use_transformer_engine:
-        # Local spec: megatron's DotProductAttention refuses CP and packed (THD) batches; see model/cp_attention.py.
-        layer_specs = [with_sequence_parallel_norm(with_context_parallel_core_attention(spec)) for spec in layer_specs]
+        # Local spec: megatron's DotProductAttention refuses CP and packed (THD) batches (model/cp_attention.py);
+        # fused SDPA attention and grouped-GEMM experts make it fast (model/fused_attention.py, grouped_experts.py);
+        # SequenceParallelNorm supports SP on any device (model/norm.py).
+        layer_specs = [
+            with_sequence_parallel_norm(_layer_with_local_fast_modules(spec, config, fused_attention))
+            for spec in layer_specs
+        ]
         return dataclasses.replace(block, layer_specs=layer_specs, layer_norm=with_sequence_parallel_norm(block.layer_norm))
     return dataclasses.replace(block, layer_specs=layer_specs)

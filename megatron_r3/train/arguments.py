@@ -111,6 +111,12 @@ def add_grpo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                                                                   "checkpoints); default runs/<time>.")
     group.add_argument("--no-progress", action="store_true", help="No progress bar during rollout.")
     group.add_argument("--verbose", action="store_true", help="Keep megatron-core's INFO logging.")
+    group.add_argument("--peak-tflops", type=float, default=None,
+                       help="Peak dense TFLOP/s per GPU for throughput/mfu (default: the bf16 data-sheet figure "
+                            "of the GPU, model/flops.py; no MFU on the CPU).")
+    group.add_argument("--trainer-dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                       help="auto: bf16 with fp32 master weights and grouped-GEMM experts on a GPU (unless --fp16/"
+                            "--bf16 is given), fp32 on the CPU.")
     parser.set_defaults(**GRPO_DEFAULTS)
     return parser
 
@@ -361,6 +367,7 @@ def finish_args(
     check_replay_config(args, args.router_replay)  # before the TE-less fallbacks switch fusions off silently
     check_layout(args, transformer_engine_available())
     disable_fusions_without_transformer_engine(args)
+    apply_trainer_dtype(args)
     run_validate_args(args, run_log)
     check_replay_config(args, args.router_replay)
     return args
@@ -389,6 +396,25 @@ def check_training_values(args: argparse.Namespace, min_group_size: int = 2) -> 
         raise ValueError(f"--max-fallback-fraction {args.max_fallback_fraction}: a fraction in [0, 1]")
     if args.min_routing_agreement is not None and not 0 <= args.min_routing_agreement <= 1:
         raise ValueError(f"--min-routing-agreement {args.min_routing_agreement}: a fraction in [0, 1]")
+
+
+def apply_trainer_dtype(args: argparse.Namespace) -> None:
+    """`--trainer-dtype`: bf16 by default on a GPU (megatron's mixed precision: fp32 master weights in the
+    optimizer, fp32 router via --moe-router-dtype fp32 unless set) plus grouped-GEMM experts; fp32 on the CPU."""
+    import torch
+
+    choice = getattr(args, "trainer_dtype", "auto")
+    if choice == "auto":
+        if args.fp16 or args.bf16 or not torch.cuda.is_available():
+            return
+        choice = "bf16"
+    args.bf16 = choice == "bf16"
+    if args.bf16:
+        args.fp16 = False
+        if getattr(args, "moe_router_dtype", None) is None:
+            args.moe_router_dtype = "fp32"
+        if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
+            args.moe_grouped_gemm = True  # model/grouped_experts.py without TE (torch._grouped_mm, bf16, Hopper+)
 
 
 def disable_fusions_without_transformer_engine(args: argparse.Namespace) -> None:

@@ -67,6 +67,8 @@ TIMING_OLD_LOGPROB_S = "timing/old_logprob_s"
 TIMING_UPDATE_S = "timing/update_s"
 TIMING_WEIGHT_SYNC_S = "timing/weight_sync_s"
 THROUGHPUT_TOKENS_PER_S = "throughput/tokens_per_s"
+THROUGHPUT_TFLOPS_PER_GPU = "throughput/tflops_per_gpu"  # model FLOPs of the trainer's passes / step time / GPUs
+THROUGHPUT_MFU = "throughput/mfu"  # tflops_per_gpu / peak (model/flops.py); absent when the peak is unknown
 ROLLOUT_RESPONSE_LENGTH_MEAN = "rollout/response_length_mean"
 
 
@@ -99,6 +101,8 @@ _HEADLINE = (
     (TRAIN_GRAD_NORM, "grad norm", "f3"),
     (TRAIN_SKIPPED_STEPS, "number of skipped iterations", "d"),
     (THROUGHPUT_TOKENS_PER_S, THROUGHPUT_TOKENS_PER_S, "f1"),
+    (THROUGHPUT_TFLOPS_PER_GPU, "TFLOP/s/GPU", "f1"),
+    (THROUGHPUT_MFU, "MFU", "f4"),
 )
 HEADLINE_KEYS = tuple(k for k, _, _ in _HEADLINE)
 

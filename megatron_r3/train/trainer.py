@@ -26,6 +26,7 @@ from megatron.core.transformer.moe.router_replay import RouterReplayAction
 from megatron_r3.grpo.losses import PolicyLossConfig
 from megatron_r3.grpo.mismatch import MetricAccumulator
 from megatron_r3.model.config_checks import check_replay_config, replay_bypass_reasons
+from megatron_r3.model.flops import grpo_throughput_metrics, peak_tflops, shape_from_config
 from megatron_r3.platform.distributed import device, host_group
 from megatron_r3.replay.layout import sequence_pad_multiple
 from megatron_r3.replay.microbatch import routes_from_recorded
@@ -76,6 +77,10 @@ class GRPOTrainer:
             kl_coef=args.grpo_kl_beta,
         )
         self.is_logger = dist.get_rank() == 0 if dist.is_initialized() else True
+        self._peak_tflops = peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                                        getattr(args, "peak_tflops", None))
+        self._flops_shape = shape_from_config(
+            self.setup.config, getattr(args, "padded_vocab_size", None) or args.hf_model_config.vocab_size)
         # what every global rank replays (its data-parallel rank, its routers' layers): rank 0 ships each rank only
         # those routes
         self._route_shares = None
@@ -216,6 +221,10 @@ class GRPOTrainer:
         step_metrics["timing/step_s"] = time.perf_counter() - step_start
         tokens = sum(int(s.tokens.shape[0]) for s in samples)
         step_metrics["throughput/tokens_per_s"] = tokens / step_metrics["timing/step_s"]
+        step_metrics.update(grpo_throughput_metrics(  # model FLOPs, TFLOP/s per GPU and MFU (model/flops.py)
+            self._flops_shape, [int(s.tokens.shape[0]) for s in samples], step_metrics,
+            world_size=args.world_size, grpo_iterations=args.grpo_iterations,
+            reference_pass=self.loss_config.kl_coef > 0, peak=self._peak_tflops))
         self._check_gates(step_metrics)
         self.logger.log(self.step, step_metrics)
         if self.is_logger and self.step % max(1, args.log_interval) == 0:

@@ -122,6 +122,13 @@ LAYOUTS = {
         dict(sequence_parallel=True),
         ("saved_dir",),
     ),
+    # GroupedExperts (model/grouped_experts.py, TE GroupedMLP parameter names) under expert TP2 x EP2
+    "tp2ep2_grouped": (
+        "qwen3",
+        dict(tensor_model_parallel_size=2, expert_model_parallel_size=2),
+        dict(sequence_parallel=True, moe_grouped_gemm=True),
+        ("saved_dir", "replay_sensitive"),
+    ),
 }
 
 

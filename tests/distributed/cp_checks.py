@@ -86,15 +86,22 @@ LAYOUTS = {
         ParallelSizes(context_parallel_size=2),
         dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
     ),
+    # the fast local modules: SDPA core attention (model/fused_attention.py) and grouped-GEMM experts, under EP2
+    "cp2ep2_fast": (
+        ParallelSizes(expert_model_parallel_size=2),
+        ParallelSizes(expert_model_parallel_size=2, context_parallel_size=2),
+        dict(moe_grouped_gemm=True, fused_attention=True),
+    ),
 }
 FORMATS = ("bshd", "thd")
 
 
 def make_config(sizes: ParallelSizes, overrides: dict) -> TransformerConfig:
+    overrides = dict(dict(moe_grouped_gemm=False), **overrides)
     return TransformerConfig(
         num_layers=NUM_LAYERS, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
         num_moe_experts=EXPERTS, moe_router_topk=TOPK, moe_ffn_hidden_size=64, moe_layer_freq=MOE_LAYER_FREQ,
-        moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False, moe_router_load_balancing_type="aux_loss",
+        moe_token_dispatcher_type="alltoall", moe_router_load_balancing_type="aux_loss",
         moe_aux_loss_coeff=1e-2, use_cpu_initialization=True, params_dtype=torch.float32, hidden_dropout=0.0,
         attention_dropout=0.0, add_bias_linear=False, normalization="RMSNorm", gated_linear_unit=True,
         qk_layernorm=True,
@@ -148,9 +155,11 @@ def reduced_grads(chunks, config) -> list[torch.Tensor]:
 
 def build(sizes: ParallelSizes, overrides: dict):
     initialize_model_parallel(sizes)
+    overrides = dict(overrides)
+    fused_attention = overrides.pop("fused_attention", False)  # megatron's math unless the layout asks for SDPA
     config = make_config(sizes, overrides)
     torch.manual_seed(1234)
-    return config, build_gpt_chunks(config, vocab_size=VOCAB, max_sequence_length=64)
+    return config, build_gpt_chunks(config, vocab_size=VOCAB, max_sequence_length=64, fused_attention=fused_attention)
 
 
 def run_format(config, chunks, fmt: str) -> dict:

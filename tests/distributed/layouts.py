@@ -33,6 +33,13 @@ LAYOUTS = {
     ),
     "cp2ep2": (ParallelSizes(context_parallel_size=2, expert_model_parallel_size=2), {}),
     "cp2pp2": (ParallelSizes(context_parallel_size=2, pipeline_model_parallel_size=2), F32),
+    # grouped-GEMM experts (model/grouped_experts.py): data parallel (also run in bf16 by tests/gpu/gpu_checks.py)
+    # and under expert TP2 x EP2
+    "dp4_grouped": (ParallelSizes(), dict(moe_grouped_gemm=True)),
+    "tp2ep2_grouped": (
+        ParallelSizes(tensor_model_parallel_size=2, expert_model_parallel_size=2),
+        dict(sequence_parallel=True, moe_token_dispatcher_type="alltoall", moe_grouped_gemm=True),
+    ),
 }
 RECOMPUTE = {
     "none": {},

@@ -63,7 +63,8 @@ def make_config(sizes: ParallelSizes, overrides: dict, recompute: dict, dtype=to
     return TransformerConfig(
         num_layers=NUM_LAYERS, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
         num_moe_experts=EXPERTS, moe_router_topk=TOPK, moe_ffn_hidden_size=64, moe_layer_freq=MOE_LAYER_FREQ,
-        moe_token_dispatcher_type=overrides.get("moe_token_dispatcher_type", "alltoall"), moe_grouped_gemm=False,
+        moe_token_dispatcher_type=overrides.get("moe_token_dispatcher_type", "alltoall"),
+        moe_grouped_gemm=overrides.get("moe_grouped_gemm", False),
         moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2, use_cpu_initialization=True,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=False,
         normalization="RMSNorm", gated_linear_unit=True, qk_layernorm=True,
@@ -71,7 +72,8 @@ def make_config(sizes: ParallelSizes, overrides: dict, recompute: dict, dtype=to
         pipeline_model_parallel_size=sizes.pipeline_model_parallel_size,
         expert_model_parallel_size=sizes.expert_model_parallel_size,
         context_parallel_size=sizes.context_parallel_size,
-        **{k: v for k, v in overrides.items() if k != "moe_token_dispatcher_type"}, **recompute,
+        **{k: v for k, v in overrides.items() if k not in ("moe_token_dispatcher_type", "moe_grouped_gemm")},
+        **recompute,
     )
 
 

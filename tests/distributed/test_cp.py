@@ -1,6 +1,7 @@
 """Context parallelism without TransformerEngine on 4 gloo ranks, in one torchrun launch of `cp_checks.py`.
 
-Per CP layout (CP2, CP2+TP2(SP), CP2+PP2, CP2+EP2, CP4, CP2 with full recompute) and batch format (padded BSHD,
+Per CP layout (CP2, CP2+TP2(SP), CP2+PP2, CP2+EP2, CP4, CP2 with full recompute, CP2+EP2 with the
+fast local modules: SDPA attention and grouped-GEMM experts) and batch format (padded BSHD,
 packed THD, uneven lengths, GQA): weights are bitwise those of the CP1 reference with the same TP/PP/EP, and the
 logits (gathered to global order), loss and DDP-reduced gradients match it within fp32 tolerance. Plus the
 bad-length batch / packed document errors (exact messages). See `cp_checks.py` for the details.
@@ -10,7 +11,7 @@ import pytest
 
 from tests.distributed.launch import run_torchrun
 
-LAYOUTS = ["cp2", "cp2tp2sp", "cp2pp2", "cp2ep2", "cp4", "cp2_recompute"]
+LAYOUTS = ["cp2", "cp2tp2sp", "cp2pp2", "cp2ep2", "cp4", "cp2_recompute", "cp2ep2_fast"]
 FORMATS = ["bshd", "thd"]
 CHECKS = ["weights_equal", "logits", "loss", "grads", "pad_multiple"]
 TOLERANCE = 2e-5  # fp32; measured differences are ~1e-7 (logits, loss) and ~2e-8 (grads)

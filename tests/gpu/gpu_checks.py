@@ -58,6 +58,9 @@ def replay_bf16() -> dict:
         for recompute in ("none", "full", "moe"):
             out[recompute] = replay_checks.check_layout("dp4", recompute, with_errors=recompute == "none",
                                                         dtype=torch.bfloat16)
+            # the same with grouped-GEMM experts (torch._grouped_mm in bf16)
+            out[f"grouped_{recompute}"] = replay_checks.check_layout("dp4_grouped", recompute, with_errors=False,
+                                                                     dtype=torch.bfloat16)
         out["all_passed"] = all(all(v.values()) for v in out.values() if isinstance(v, dict))
         return out
     finally:
