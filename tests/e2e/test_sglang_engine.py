@@ -388,7 +388,7 @@ def sync_check_main(address_dir: str, run_dir: str, disk_dir: str, out: str) -> 
     trainer.step += 1
     records.append({"stage": "step1-disk", "servers": on_servers(), "export": from_export()})
     if rank == 0:
-        versions = [requests.get(url + "/get_weight_version", timeout=10).json()["weight_version"]
+        versions = [requests.get(url + "/model_info", timeout=10).json()["weight_version"]
                     for url in engine.urls]
     setup.close()
     if rank == 0:

@@ -7,15 +7,23 @@ SGLang's format (REFERENCE §3) and generates through the embedded :class:`~mega
     POST /generate                      input_ids (single or batch form), sampling_params (dict or list; n), return_logprob,
                                         return_routed_experts, routed_experts_start_len -> text/output_ids/meta_info
     GET  /health, /health_generate      200
-    GET  /get_model_info, /get_server_info
-    GET|POST /flush_cache               "Cache flushed."
+    GET  /model_info (alias /get_model_info)     weight_version among SGLang's fields
+    GET  /server_info (alias /get_server_info)   flat ServerArgs fields (tp_size, enable_return_routed_experts, ...)
+    GET|POST /flush_cache               "Cache flushed." (HTTP 400 while a /generate runs, as SGLang)
     POST /pause_generation, /continue_generation   (paused: new /generate requests wait)
     POST /init_weights_update_group     joins the trainer's group (blocks until every rank joined, like SGLang)
-    POST /update_weights_from_distributed   receives each tensor by broadcast from rank 0, in order, and loads them
+    POST /begin_weight_update, /end_weight_update   the weight-update session (SGLang's own state machine)
+    POST /update_weights_from_distributed   inside a session: receives each tensor by broadcast from rank 0, in order,
+                                        and loads them; outside one: 400 without receiving (SGLang 0.5.23)
     POST /destroy_weights_update_group
     POST /update_weights_from_disk      loads the safetensors of model_path
-    GET  /get_weight_version            {"weight_version": ...}  ("default" until an update names one)
-    POST /standin/faults, GET /standin/stats   test control (not SGLang)
+    POST /standin/faults, /standin/weight_version, GET /standin/stats   test control (not SGLang)
+
+SGLang's own code where it runs on a CPU (``sglang_code.py``; when SGLang is installed): every weight-update
+request body is validated by its request struct, and begin/update/end/disk go through the scheduler's
+``SchedulerWeightUpdaterManager`` (session rules and messages); without SGLang a mirror of those rules is used.
+An abort whose ``finish_reason`` has ``status_code >= 400`` is an HTTP error of that status, not a reply
+(``TokenizerManager._handle_abort_finish_reason``).
 
 Faithful details: routes are base64 of flat row-major int32 (or the announced ``routed_experts_dtype``) of shape
 ``[seqlen - 1 - start_len, num_hidden_layers, top_k]``, dense layers zero; without ``--enable-return-routed-experts``
@@ -104,6 +112,8 @@ class StandinConfig:
     max_running_requests: int = 1024  # the embedded engine's batch size
     routed_experts_dtype: Optional[str] = None  # None: int32 without announcing it (releases before the field)
     tp_size: int = 1
+    enable_deterministic_inference: bool = False
+    disable_radix_cache: bool = False
     faults: Faults = field(default_factory=Faults)
 
 
@@ -161,6 +171,13 @@ class StandinServer:
         self.stats = {"generate_requests": 0, "samples": 0, "weight_updates": 0, "pauses": 0, "flushes": 0}
         self._samples_seen = 0
         self._requests_seen = 0
+        self._active = 0  # /generate requests running or waiting (flush refusal)
+        from tests.sglang_standin.sglang_code import SessionManager, load
+
+        hooks = dict(receive=self._receive, load_received=self._load_received, load_from_disk=self._load_from_disk,
+                     flush=self._flush, set_version=self._set_version)
+        sglang, _ = load()
+        self.session = SessionManager(sglang, **hooks) if sglang is not None else _MirrorSession(**hooks)
         self.httpd = ThreadingHTTPServer((config.host, config.port), _make_handler(self))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
@@ -196,27 +213,37 @@ class StandinServer:
         path = path.split("?", 1)[0]
         if path in ("/health", "/health_generate"):
             return 200, None
-        if path == "/get_model_info":
+        if path in ("/model_info", "/get_model_info"):
             return 200, {"model_path": self.config.model_path, "tokenizer_path": None, "is_generation": True,
                          "preferred_sampling_params": None, "weight_version": self.weight_version,
                          "model_type": self.hf_config.model_type}
-        if path == "/get_server_info":
+        if path in ("/server_info", "/get_server_info"):
             return 200, {"model_path": self.config.model_path, "tp_size": self.config.tp_size, "dp_size": 1,
                          "pp_size": 1, "dtype": self.config.dtype, "random_seed": self.config.random_seed,
                          "enable_return_routed_experts": self.config.enable_return_routed_experts,
-                         "max_running_requests": self.config.max_running_requests, "version": "standin"}
-        if path == "/get_weight_version":
-            return 200, {"weight_version": self.weight_version}
+                         "max_running_requests": self.config.max_running_requests, "version": "standin",
+                         "enable_deterministic_inference": self.config.enable_deterministic_inference,
+                         "disable_radix_cache": self.config.disable_radix_cache}
         if path == "/flush_cache":
+            if not self._flush():  # http_server.flush_cache: 400 with the scheduler's refusal
+                raise _HTTPError(400, "Flush cache failed.\n")
             self.stats["flushes"] += 1
             return 200, "Cache flushed.\nPlease check backend logs for more details. (When there are running or " \
                         "waiting requests, the operation will not be performed.)\n"
         if path == "/standin/stats":
-            return 200, dict(self.stats, weight_version=self.weight_version, paused=not self.resume.is_set())
+            return 200, dict(self.stats, weight_version=self.weight_version, paused=not self.resume.is_set(),
+                             session=f"{type(getattr(self.session, 'manager', self.session)).__module__}."
+                                     f"{type(getattr(self.session, 'manager', self.session)).__name__}")
         if method != "POST":
             raise _HTTPError(404 if path not in _POST_PATHS else 405, f"{method} {path} not found")
         if path == "/generate":
-            return self.generate(body or {}, handler)
+            with self.counter_lock:
+                self._active += 1
+            try:
+                return self.generate(body or {}, handler)
+            finally:
+                with self.counter_lock:
+                    self._active -= 1
         if path == "/pause_generation":
             self.resume.clear()
             self.stats["pauses"] += 1
@@ -226,15 +253,23 @@ class StandinServer:
             return 200, {"message": "Generation continued successfully.", "status": "ok"}
         if path == "/init_weights_update_group":
             return self.init_group(body or {})
-        if path == "/update_weights_from_distributed":
-            return self.update_from_distributed(body or {})
+        if path in ("/begin_weight_update", "/end_weight_update", "/update_weights_from_distributed"):
+            success, message = self.session.call(path[1:], body or {})
+            return (200 if success else 400), {"success": success, "message": message}
         if path == "/destroy_weights_update_group":
             group = self.groups.pop((body or {}).get("group_name", "weight_update_group"), None)
             if group is not None:
                 _destroy(group)
             return 200, {"success": True, "message": "Succeeded to destroy custom process group."}
         if path == "/update_weights_from_disk":
-            return self.update_from_disk(body or {})
+            path_ = (body or {}).get("model_path")
+            if self.faults.fail_weight_update:
+                return 400, {"success": False, "message": "injected fault: failed to update weights"}
+            success, message = self.session.call("update_weights_from_disk", body or {})
+            return (200 if success else 400), {"success": success, "message": message, "num_paused_requests": 0}
+        if path == "/standin/weight_version":  # test control: a server that missed a sync
+            self.weight_version = str((body or {})["weight_version"])
+            return 200, {"weight_version": self.weight_version}
         if path == "/standin/faults":
             self.set_faults(body or {})
             return 200, {"faults": dataclasses.asdict(self.faults)}
@@ -297,6 +332,11 @@ class StandinServer:
         for (prompt, sp, start_len), sample in zip(entries, results):
             outputs.append(self._reply_entry(prompt, sp, start_len, sample, routes_wanted,
                                              bool(body.get("return_logprob")), latency))
+        for output in outputs:  # TokenizerManager._handle_abort_finish_reason: status_code >= 400 -> HTTP error
+            finish = output["meta_info"]["finish_reason"]
+            code = finish.get("status_code")
+            if finish.get("type") == "abort" and isinstance(code, int) and 400 <= code < 600:
+                raise _HTTPError(code, finish["message"])
         return 200, outputs if batch or len(outputs) > 1 else outputs[0]
 
     def _generate_run(self, run, routes_wanted: bool):
@@ -377,51 +417,100 @@ class StandinServer:
         self.groups[name] = group
         return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
 
-    def update_from_distributed(self, body: dict) -> tuple[int, Any]:
+    # the model side of SGLang's weight-update manager (``SessionManager`` / ``_MirrorSession`` call these)
+    def _receive(self, names, dtypes, shapes, group_name):
         import torch.distributed as dist
 
-        name = body.get("group_name", "weight_update_group")
-        group = self.groups.get(name)
+        group = self.groups.get(group_name)
         if group is None:
-            return 400, {"success": False, "message": f"no weight update group {name!r}; call "
-                                                       f"/init_weights_update_group first"}
-        names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
+            raise RuntimeError(f"no weight update group {group_name!r}; call /init_weights_update_group first")
         received = []
         for tensor_name, dtype, shape in zip(names, dtypes, shapes):
             tensor = torch.empty(shape, dtype=getattr(torch, dtype))
             dist.broadcast(tensor, src=0, group=group)
             received.append((tensor_name, tensor))
-        if self.faults.fail_weight_update:
-            return 400, {"success": False, "message": "injected fault: failed to update weights"}
-        return self._load(received, body.get("weight_version"), "Succeeded to update parameter online.")
+        return received
 
-    def update_from_disk(self, body: dict) -> tuple[int, Any]:
-        path = body.get("model_path")
-        if not path or not os.path.isdir(path):
-            return 400, {"success": False, "message": f"model_path {path!r} is not a directory"}
+    def _load_received(self, tensors) -> tuple[bool, str]:
         if self.faults.fail_weight_update:
-            return 400, {"success": False, "message": "injected fault: failed to update weights"}
+            return False, "injected fault: failed to update weights"
+        return self._load(tensors)
+
+    def _load_from_disk(self, path) -> tuple[bool, str]:
+        if not path or not os.path.isdir(path):
+            return False, f"model_path {path!r} is not a directory"
         try:
             tensors = read_safetensors_dir(path)
         except Exception as error:  # noqa: BLE001 - reported to the client
-            return 400, {"success": False, "message": f"Failed to load weights from {path}: {error}"}
-        return self._load(tensors, body.get("weight_version"), "Succeeded to update model weights.")
+            return False, f"Failed to load weights from {path}: {error}"
+        success, message = self._load(tensors)
+        return success, ("Succeeded to update model weights." if success else message)
 
-    def _load(self, tensors, version, message) -> tuple[int, Any]:
+    def _set_version(self, version) -> None:
+        if version is not None:
+            self.weight_version = str(version)
+        self.stats["weight_updates"] += 1
+
+    def _flush(self) -> bool:
+        """SGLang's scheduler refuses to flush while requests run or wait."""
+        with self.counter_lock:
+            return self._active == 0
+
+    def _load(self, tensors) -> tuple[bool, str]:
         with self.lock:
             try:
                 self.engine.update_weights(tensors)
             except Exception as error:  # noqa: BLE001 - reported to the client
-                return 400, {"success": False, "message": f"Failed to load weights: {error}"}
-            if version is not None:
-                self.weight_version = str(version)
-            self.stats["weight_updates"] += 1
-        return 200, {"success": True, "message": message, "num_paused_requests": 0}
+                return False, f"Failed to load weights: {error}"
+        return True, "Succeeded to update parameter online."
+
+
+class _MirrorSession:
+    """Without SGLang installed: the rules of 0.5.23's ``SchedulerWeightUpdaterManager`` (same messages), checked
+    against the real one by tests/sglang_contract when SGLang is present."""
+
+    def __init__(self, *, receive, load_received, load_from_disk, flush, set_version):
+        self.receive, self.load_received, self.load_from_disk = receive, load_received, load_from_disk
+        self.flush, self.set_version = flush, set_version
+        self.open = False
+
+    def call(self, method: str, body: dict) -> tuple[bool, str]:
+        if method == "begin_weight_update":
+            if self.open:
+                return False, "a weight-update session is already open; call end_weight_update() first"
+            self.open = True
+            return True, "Success"
+        if method == "end_weight_update":
+            if not self.open:
+                return False, "no weight-update session is open; call begin_weight_update() first"
+            self.open = False
+            return True, "Success"
+        if method == "update_weights_from_disk":
+            success, message = self.load_from_disk(body.get("model_path"))
+            if success:
+                self.set_version(body.get("weight_version"))
+            return success, message
+        if not self.open:
+            return False, ("update_weights_from_distributed must run between begin_weight_update() and "
+                           "end_weight_update()")
+        try:
+            weights = self.receive(body["names"], body["dtypes"], body["shapes"],
+                                   body.get("group_name", "weight_update_group"))
+        except Exception as error:  # noqa: BLE001 - SGLang's wording
+            return False, f"Failed to receive weights: {error}"
+        success, message = self.load_received(weights)
+        if success:
+            self.set_version(body.get("weight_version"))
+            if body.get("flush_cache", True) and not self.flush():
+                return False, ("Weights were updated, but the cache was not flushed because requests are still "
+                               "running or queued. Retract or finish them, then call /flush_cache.")
+        return success, message
 
 
 _POST_PATHS = {"/generate", "/pause_generation", "/continue_generation", "/init_weights_update_group",
+               "/begin_weight_update", "/end_weight_update",
                "/update_weights_from_distributed", "/destroy_weights_update_group", "/update_weights_from_disk",
-               "/standin/faults"}
+               "/standin/faults", "/standin/weight_version"}
 
 
 class _DropConnection(Exception):
@@ -556,6 +645,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     # SGLang launch flags the launcher passes; accepted and ignored here
     parser.add_argument("--mem-fraction-static", type=float, default=None)
     parser.add_argument("--disable-radix-cache", action="store_true")
+    parser.add_argument("--chunked-prefill-size", type=int, default=None)
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--skip-tokenizer-init", action="store_true")
     parser.add_argument("--enable-deterministic-inference", action="store_true")
@@ -570,6 +660,8 @@ def main(argv=None) -> None:
         enable_return_routed_experts=args.enable_return_routed_experts, dtype=args.dtype,
         random_seed=args.random_seed, max_running_requests=args.max_running_requests,
         routed_experts_dtype=args.routed_experts_dtype, tp_size=args.tp_size, faults=Faults.parse(args.fault),
+        enable_deterministic_inference=args.enable_deterministic_inference,
+        disable_radix_cache=args.disable_radix_cache,
     )
     server = StandinServer(config)
     if args.port_file:
