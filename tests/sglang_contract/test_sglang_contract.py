@@ -238,3 +238,67 @@ def test_sglang_importable_in_ci():
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         ns, why = load()
         assert ns is not None, why
+
+
+# ------------------------------------------------------------------------------------------------ radix cache
+def test_a_shared_cached_prefix_returns_the_routes_that_computed_its_kv():
+    """SGLang's own capture path (``state_capturer.base``: device buffer -> host buffer indexed by KV slot ->
+    ``get_topk`` through the request's ``req_to_token`` row) with a radix-cache hit: request B reuses the KV slots of
+    request A's prompt prefix and prefills only its own tail. B's routes are A's routes for the cached rows (the
+    forward that computed the KV B attends to) and B's own for the rest: exactly what the engine ran, so replay is
+    right with the radix cache on. The payload (int32 ``numpy().tobytes()`` in base64, the encoding of
+    ``DetokenizerManager._b64_encode_per_request``) decodes with SGLang's ``extract_routed_experts_from_meta_info``
+    and with our decoder to the same array, and ``parse_sample`` accepts it (T-1 rows)."""
+    import types
+
+    from megatron_r3.replay.routes import encode_sglang_routed_experts
+    from megatron_r3.rollout.sglang_protocol import parse_sample
+
+    require()
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+    from sglang.srt.state_capturer.base import BaseDeviceCache, BaseTopkCapturer
+    from sglang.srt.state_capturer.routed_experts import extract_routed_experts_from_meta_info
+
+    layers, topk, experts = LAYERS, TOPK, EXPERTS
+    capturer = BaseTopkCapturer.__new__(BaseTopkCapturer)  # its host cache pins memory (CUDA): a plain one here
+    capturer.num_layers, capturer.topk_size = layers, topk
+    capturer.host_cache = types.SimpleNamespace(buffer=torch.zeros(64, layers, topk, dtype=torch.int32))
+    capturer.device_cache = BaseDeviceCache(16, layers, topk, "cpu", name="routed_experts")
+    pool = ReqToTokenPool(size=4, max_context_len=32, device="cpu", enable_memory_saver=False)
+    generator = torch.Generator().manual_seed(0)
+
+    def forward(slots):
+        """One forward over tokens written to KV ``slots``: every layer's top-k captured, then stored by slot."""
+        routes = torch.stack([torch.randperm(experts, generator=generator)[:topk] for _ in range(len(slots) * layers)])
+        routes = routes.view(len(slots), layers, topk).to(torch.int32)
+        for layer in range(layers):
+            capturer.capture(layer, routes[:, layer, :])
+        batch = types.SimpleNamespace(out_cache_loc=torch.tensor(slots), out_cache_loc_virtual=None)
+        capturer.on_forward_end(batch, can_run_graph=False, cuda_graph_batch=None)
+        return routes
+
+    # request A: prompt of 6 tokens in slots 1..6, then 3 decode steps (the last sampled token is never fed)
+    a_row, a_slots = 1, list(range(1, 10))
+    pool.write((a_row, slice(0, 9)), torch.tensor(a_slots, dtype=torch.int32))
+    a_routes = torch.cat([forward(a_slots[:6]), forward([7]), forward([8]), forward([9])])
+    # request B: same first 4 prompt tokens (radix hit on A's slots 1..4), own tail of 3 prompt tokens + 2 decodes
+    b_row, b_slots = 2, [1, 2, 3, 4, 20, 21, 22, 23, 24]
+    pool.write((b_row, slice(0, 9)), torch.tensor(b_slots, dtype=torch.int32))
+    b_own = torch.cat([forward([20, 21, 22]), forward([23]), forward([24])])
+    seqlen = 10  # 7 prompt + 3 sampled; rows = seqlen - 1
+    got = capturer.get_topk(b_row, seqlen, pool)
+    engine_ran = torch.cat([a_routes[:4], b_own])  # the forwards that computed the KV at each of B's positions
+    assert torch.equal(got, engine_ran)
+    assert torch.equal(capturer.get_topk(a_row, 10, pool), a_routes)  # A is untouched by B
+
+    payload = encode_sglang_routed_experts(got.to(torch.int64))
+    meta = {"routed_experts": payload, "finish_reason": {"type": "length", "length": 3},
+            "output_token_logprobs": [[-1.0, 5, None], [-1.0, 6, None], [-1.0, 7, None]], "weight_version": "1"}
+    assert torch.equal(torch.from_numpy(extract_routed_experts_from_meta_info({"meta_info": meta}).copy()),
+                       got.flatten())
+    sample = parse_sample({"output_ids": [5, 6, 7], "meta_info": meta}, prompt_ids=[1, 2, 3, 4, 9, 10, 11],
+                          prompt_index=0, return_routes=True, num_layers=layers, topk=topk, num_experts=experts,
+                          vocab_size=VOCAB, sample_id="B")
+    assert torch.equal(sample.routes.expert_ids.to(torch.int32), engine_ran)
+    # a planted bug is caught: a recompute of the prefix (fresh routes) is not what the engine ran
+    assert not torch.equal(torch.cat([forward([30, 31, 32, 33]), b_own]), engine_ran)

@@ -11,9 +11,16 @@ What cannot be imported on a CPU, and why:
   does not load and ``import torchvision`` fails ("operator torchvision::nms does not exist"). When no working
   torchvision is installed, :func:`load` registers inert placeholder modules for it *after* transformers has decided
   torchvision is unavailable; any use of them raises. None of the classes used here touch image code.
-- ``srt/managers/scheduler.py``, ``tokenizer_manager.py``, ``model_executor/*``, ``state_capturer`` device buffers and
-  the HTTP server itself need CUDA kernels (sgl-kernel, flashinfer) or a running scheduler: the stand-in reproduces
-  their HTTP behaviour (abort -> HTTP error, flush refusal) from their source, named at each place.
+- ``managers/detokenizer_manager.py`` and ``tokenizer_manager.py`` import ``fastapi``, whose telemetry needs
+  ``opentelemetry`` (a heavy tree): not installed. The route encoding (``_b64_encode_per_request``: base64 of the
+  int32 tensor's ``numpy().tobytes()``) is mirrored and checked with SGLang's own decoder
+  ``state_capturer.routed_experts.extract_routed_experts_from_meta_info``; abort -> HTTP error
+  (``_handle_abort_finish_reason``) and the flush refusal are reproduced from their source, named at each place.
+- ``state_capturer.base.BaseHostCache`` pins host memory (CUDA): the contract test gives the capturer a plain host
+  buffer and runs the rest of SGLang's capture path (device buffer, ``on_forward_end``, ``get_topk`` through
+  ``ReqToTokenPool``) as is.
+- the scheduler, the model runner and the HTTP server need CUDA kernels (sgl-kernel, flashinfer) or a running
+  scheduler; the stand-in serves HTTP itself.
 """
 
 from __future__ import annotations
