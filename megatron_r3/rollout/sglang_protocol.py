@@ -34,8 +34,9 @@ configuration error (:class:`MissingRoutesError`), since SGLang silently omits r
 
 Seeds: SGLang's per-request ``sampling_params["sampling_seed"]`` is honoured **only** by a server started with
 ``--enable-deterministic-inference`` (0.5.23 ignores it silently otherwise; the engine reads the flag from
-``/server_info`` and warns once, or refuses with ``require_deterministic``). The same seed on two requests with the same prompt gives the same sample
-there, so every sample gets its own seed ``base + flat sample index`` (:func:`sample_seed`).
+``/server_info`` and warns once, or refuses with ``require_deterministic``). The same seed on two requests with the
+same prompt gives the same sample there, so every sample gets its own seed ``base + flat sample index``
+(:func:`sample_seed`).
 """
 
 from __future__ import annotations

@@ -174,6 +174,8 @@ class DistributedWeightSender:
         self.engine, self.settings = engine, settings
         self.backend = settings.resolved_backend()
         self.group = None
+        self.group_name = settings.group_name
+        self.generation = 0  # groups built so far: each gets its own name (a dropped one may linger on a server)
         self.world_size = 0
         self.version: Optional[str] = None
         self.session_open = False
@@ -183,6 +185,8 @@ class DistributedWeightSender:
         if self.group is not None:
             return
         engine, s = self.engine, self.settings
+        self.group_name = s.group_name if self.generation == 0 else f"{s.group_name}_{self.generation}"
+        self.generation += 1
         address = s.master_address or local_address_towards(engine.urls[0])
         port = s.master_port or _free_port()
         replicated = [url for url, facts in zip(engine.urls, engine.facts) if facts.dp_size > 1]
@@ -202,7 +206,7 @@ class DistributedWeightSender:
         offsets = [1 + sum(ranks[:i]) for i in range(len(ranks))]
         payloads = [
             init_weights_update_group_payload(master_address=address, master_port=port, rank_offset=offset,
-                                              world_size=self.world_size, group_name=s.group_name,
+                                              world_size=self.world_size, group_name=self.group_name,
                                               backend=self.backend)
             for offset in offsets
         ]
@@ -211,7 +215,7 @@ class DistributedWeightSender:
                                                            timeout=s.timeout_s, retries=0))
         try:
             group = init_custom_process_group(backend=self.backend, init_method=f"tcp://{address}:{port}",
-                                              world_size=self.world_size, rank=0, group_name=s.group_name,
+                                              world_size=self.world_size, rank=0, group_name=self.group_name,
                                               timeout_s=s.timeout_s)
         except Exception as error:
             request.wait(5)
@@ -225,11 +229,14 @@ class DistributedWeightSender:
         for url, body in zip(engine.urls, request.bodies):
             check_success(body, f"{url} /init_weights_update_group")
         self.group = group
-        logger.info("weight update group %s: %d ranks via %s:%d (%s)", s.group_name, self.world_size, address, port,
+        logger.info("weight update group %s: %d ranks via %s:%d (%s)", self.group_name, self.world_size, address, port,
                     self.backend)
 
     # -- one update
     def begin(self, version: str) -> None:
+        dead = self.engine.drop_dead_servers()
+        if dead and self.group is not None:  # the group holds ranks of a dead server: build one without them
+            self._drop_group()
         self.ensure_group()
         self.version = version
         self.engine.on_all("POST", "/pause_generation", json={})
@@ -251,8 +258,8 @@ class DistributedWeightSender:
             tensors.append(tensor.detach().to(device=device, dtype=s.dtype).contiguous())
         if not names:
             return
-        payload = update_weights_from_distributed_payload(names, tensors, group_name=s.group_name, flush_cache=False,
-                                                          weight_version=self.version)
+        payload = update_weights_from_distributed_payload(names, tensors, group_name=self.group_name,
+                                                          flush_cache=False, weight_version=self.version)
         # the servers receive the broadcast while their request is open
         request = _BackgroundRequest(lambda: engine.on_all("POST", "/update_weights_from_distributed", json=payload,
                                                            timeout=s.timeout_s, retries=0))
@@ -308,7 +315,7 @@ class DistributedWeightSender:
                 logger.info("dropping the weight update group: %s", error)
             try:
                 self.engine.on_all("POST", "/destroy_weights_update_group",
-                                   json={"group_name": self.settings.group_name}, timeout=10.0, retries=0)
+                                   json={"group_name": self.group_name}, timeout=10.0, retries=0)
             except Exception as error:  # noqa: BLE001 - best effort
                 logger.info("destroy_weights_update_group: %s", error)
 
@@ -343,7 +350,7 @@ class DistributedWeightSender:
         if self.group is None:
             return
         try:
-            self.engine.on_all("POST", "/destroy_weights_update_group", json={"group_name": self.settings.group_name},
+            self.engine.on_all("POST", "/destroy_weights_update_group", json={"group_name": self.group_name},
                                timeout=10.0, retries=0)
         except Exception as error:  # noqa: BLE001 - older servers lack the endpoint; the group dies with us
             logger.info("destroy_weights_update_group: %s", error)
@@ -424,6 +431,7 @@ class DiskWeightPublisher:
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(incoming, final)  # atomic: a server never sees a half-written version
+        self.engine.drop_dead_servers()
         payload = update_weights_from_disk_payload(final, load_format=self.settings.load_format,
                                                    weight_version=version)
         bodies = self.engine.on_all("POST", "/update_weights_from_disk", json=payload, timeout=self.settings.timeout_s,

@@ -302,3 +302,44 @@ def test_a_shared_cached_prefix_returns_the_routes_that_computed_its_kv():
     assert torch.equal(sample.routes.expert_ids.to(torch.int32), engine_ran)
     # a planted bug is caught: a recompute of the prefix (fresh routes) is not what the engine ran
     assert not torch.equal(torch.cat([forward([30, 31, 32, 33]), b_own]), engine_ran)
+
+
+# ------------------------------------------------------------------------------------------------ faults (issue 14)
+def test_a_server_that_accepts_and_never_answers_hits_the_rollout_deadline(server):
+    """The deadline comes from the work (base + tokens / floor rate); the error names the silent server."""
+    server.set_faults({"delay_first": 100, "delay_s": 30.0})
+    try:
+        config = SGLangClientConfig(**{**FAST, "request_timeout_s": 600.0, "max_retries": 3},
+                                    deadline_base_s=2.0, deadline_min_tokens_per_s=4.0, progress_log_s=1.0)
+        with SGLangEngine([server.url], num_layers=LAYERS, topk=TOPK, num_experts=EXPERTS, config=config) as engine:
+            assert engine.rollout_deadline(2, 4) == 2.0 + 2 * 4 / 4.0
+            start = time.monotonic()
+            with pytest.raises(SGLangConfigError, match=r"did not finish within its deadline of 4 s \(derived: 2 s \+ "
+                                                        r"2 samples x 4 tokens / 4 tokens/s\): 2 of 2 requests "
+                                                        rf"unanswered; no reply from {server.url} \(2 requests"):
+                engine.generate([[1, 2]], SamplingParams(max_new_tokens=4), samples_per_prompt=2)
+            assert time.monotonic() - start < 10  # not 600 s x 4 attempts
+    finally:
+        server.set_faults({})
+
+
+def test_a_dead_server_is_dropped_at_the_weight_sync_and_counted(server, tmp_path):
+    """One of two servers dies: the rollout fails over (retries counted), the next weight sync removes it and
+    updates the live one instead of stopping the run."""
+    proc, url = start_subprocess(["--model-path", TINY, "--enable-return-routed-experts"])
+    try:
+        with SGLangEngine([url, server.url], num_layers=LAYERS, topk=TOPK, num_experts=EXPERTS,
+                          config=SGLangClientConfig(**{**FAST, "max_retries": 2}),
+                          weight_sync=WeightSyncSettings(mode="distributed", timeout_s=60)) as engine:
+            engine.update_weights(tiny_tensors(server))  # both servers in the group
+            proc.kill()
+            proc.wait(timeout=30)
+            result = engine.generate([[1, 2], [3, 4]], SamplingParams(max_new_tokens=2), samples_per_prompt=2)
+            assert not result.failures and engine.last_stats["retries"] >= 1
+            engine.update_weights(tiny_tensors(server))
+            assert engine.urls == [server.url] and engine.dropped_servers == 1
+            assert requests.get(server.url + "/model_info", timeout=10).json()["weight_version"] == "2"
+            assert engine.generate([[1, 2]], SamplingParams(max_new_tokens=2)).samples
+            assert engine.last_stats["dropped_servers"] == 1.0
+    finally:
+        proc.kill()

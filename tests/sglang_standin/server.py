@@ -171,7 +171,7 @@ class StandinServer:
         self.stats = {"generate_requests": 0, "samples": 0, "weight_updates": 0, "pauses": 0, "flushes": 0}
         self._samples_seen = 0
         self._requests_seen = 0
-        self._active = 0  # /generate requests running or waiting (flush refusal)
+        self._running: set = set()  # /generate requests running or waiting (flush refusal)
         from tests.sglang_standin.sglang_code import SessionManager, load
 
         hooks = dict(receive=self._receive, load_received=self._load_received, load_from_disk=self._load_from_disk,
@@ -237,14 +237,26 @@ class StandinServer:
         if method != "POST":
             raise _HTTPError(404 if path not in _POST_PATHS else 405, f"{method} {path} not found")
         if path == "/generate":
+            token = object()
             with self.counter_lock:
-                self._active += 1
+                self._running.add(token)
             try:
-                return self.generate(body or {}, handler)
+                status, reply = self.generate(body or {}, handler)
             finally:
                 with self.counter_lock:
-                    self._active -= 1
+                    aborted = token not in self._running
+                    self._running.discard(token)
+            if aborted:  # pause_generation (mode "abort") aborted it while it ran
+                for entry in reply if isinstance(reply, list) else [reply]:
+                    entry["meta_info"]["finish_reason"] = {"type": "abort", "message": "Abort by pause_generation."}
+            return status, reply
         if path == "/pause_generation":
+            mode = (body or {}).get("mode", "abort")
+            if mode not in ("abort", "retract", "in_place"):
+                raise _HTTPError(400, f"unknown pause mode {mode!r}")
+            if mode != "in_place":  # abort: running requests end as aborted; retract: back to waiting (flushable)
+                with self.counter_lock:
+                    self._running.clear()
             self.resume.clear()
             self.stats["pauses"] += 1
             return 200, {"message": "Generation paused successfully.", "status": "ok"}
@@ -454,7 +466,7 @@ class StandinServer:
     def _flush(self) -> bool:
         """SGLang's scheduler refuses to flush while requests run or wait."""
         with self.counter_lock:
-            return self._active == 0
+            return not self._running
 
     def _load(self, tensors) -> tuple[bool, str]:
         with self.lock:
