@@ -25,7 +25,8 @@ request body is validated by its request struct, and begin/update/end/disk go th
 An abort whose ``finish_reason`` has ``status_code >= 400`` is an HTTP error of that status, not a reply
 (``TokenizerManager._handle_abort_finish_reason``).
 
-Faithful details: routes are base64 of flat row-major int32 (or the announced ``routed_experts_dtype``) of shape
+Faithful details: routes are base64 of flat row-major int32 (SGLang 0.5.23 sends no dtype or start-len field;
+``--routed-experts-dtype`` announces another dtype only to exercise the decoder's tolerance) of shape
 ``[seqlen - 1 - start_len, num_hidden_layers, top_k]``, dense layers zero; without ``--enable-return-routed-experts``
 the routes are silently omitted, as SGLang does; unknown sampling parameters are a 400; generation also stops at the
 model config's ``eos_token_id`` unless ``ignore_eos``. Not faithful: sampling. A request (or a run of consecutive
@@ -404,10 +405,8 @@ class StandinServer:
             if number < faults.truncate_routes_first:
                 payload = payload[: max(0, len(payload) // 2 - 1)]
             meta["routed_experts"] = payload
-            if self.config.routed_experts_dtype:
+            if self.config.routed_experts_dtype:  # not SGLang 0.5.23 (int32, no dtype field): the decoder's tolerance
                 meta["routed_experts_dtype"] = self.config.routed_experts_dtype
-            if start_len:
-                meta["routed_experts_start_len"] = start_len
         return {"text": "", "output_ids": response, "meta_info": meta}
 
     # -- weights
