@@ -412,7 +412,11 @@ class SGLangEngine:
 
     def _check_seeds_honoured(self) -> None:
         """SGLang 0.5.23 honours ``sampling_seed`` only with --enable-deterministic-inference (else ignores it)."""
-        off = [url for url, facts in zip(self.urls, self.facts) if facts.deterministic is not True]
+        try:
+            facts = self.facts
+        except SGLangHTTPError:  # no server answers /server_info: the requests below fail and say why
+            return
+        off = [url for url, fact in zip(self.urls, facts) if fact.deterministic is not True]
         if not off:
             return
         message = (f"{', '.join(off)} run without --enable-deterministic-inference (per /server_info): SGLang "
