@@ -116,12 +116,18 @@ def test_weight_sync_bodies_pass_sglangs_own_request_structs():
             ["a", "b"], tensors, group_name="g", flush_cache=False, weight_version="7"),
         "UpdateWeightFromDiskReqInput": update_weights_from_disk_payload("/x/weights-v7", weight_version="7"),
         "BeginWeightUpdateReqInput": {}, "EndWeightUpdateReqInput": {},
+        "PauseGenerationReqInput": {}, "ContinueGenerationReqInput": {},
         "DestroyWeightsUpdateGroupReqInput": {"group_name": "g"},
     }
     for name, body in bodies.items():
         request = validate(sgl, name, body)
         for key, value in body.items():
             assert getattr(request, key) == value, (name, key)
+    assert validate(sgl, "PauseGenerationReqInput", {}).mode == "abort"  # running requests end: flush then succeeds
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):  # the oracle is strict: a wrong type is caught
+        validate(sgl, "InitWeightsUpdateGroupReqInput", {**bodies["InitWeightsUpdateGroupReqInput"], "world_size": "x"})
     update = validate(sgl, "UpdateWeightsFromDistributedReqInput", bodies["UpdateWeightsFromDistributedReqInput"])
     assert [getattr(torch, d) for d in update.dtypes] == [torch.bfloat16, torch.float32]  # how SGLang reads them
 

@@ -210,8 +210,37 @@ class StandinServer:
             self.stats["generate_requests"] = self.stats["samples"] = 0
 
     # ------------------------------------------------------------------ endpoints
+    def _validate(self, path: str, body: Any) -> None:
+        """With SGLang installed: the body must pass the request class FastAPI validates it with (422 otherwise)."""
+        from tests.sglang_standin.sglang_code import load, validate
+
+        sglang, _ = load()
+        if sglang is None:
+            return
+        if path == "/generate":
+            try:
+                request = sglang.io_struct.GenerateReqInput(**(body or {}))
+                request.normalize_batch_and_arguments()
+                params = request.sampling_params if isinstance(request.sampling_params, list) else [
+                    request.sampling_params or {}]
+                for sp in params:
+                    sglang.sampling_params.SamplingParams(**sp).verify(self.hf_config.vocab_size)
+            except (TypeError, ValueError) as error:
+                raise _HTTPError(400, f"{type(error).__name__}: {error}")
+            return
+        name = _REQUEST_CLASSES.get(path)
+        if name is not None:
+            from pydantic import ValidationError
+
+            try:
+                validate(sglang, name, body or {})
+            except ValidationError as error:
+                raise _HTTPError(422, str(error))
+
     def route(self, method: str, path: str, body: Any, handler) -> tuple[int, Any]:
         path = path.split("?", 1)[0]
+        if method == "POST":
+            self._validate(path, body)
         if path in ("/health", "/health_generate"):
             return 200, None
         if path in ("/model_info", "/get_model_info"):
@@ -522,6 +551,16 @@ _POST_PATHS = {"/generate", "/pause_generation", "/continue_generation", "/init_
                "/begin_weight_update", "/end_weight_update",
                "/update_weights_from_distributed", "/destroy_weights_update_group", "/update_weights_from_disk",
                "/standin/faults", "/standin/weight_version"}
+
+
+_REQUEST_CLASSES = {  # http_server.py: the body class of each endpoint
+    "/pause_generation": "PauseGenerationReqInput", "/continue_generation": "ContinueGenerationReqInput",
+    "/init_weights_update_group": "InitWeightsUpdateGroupReqInput",
+    "/destroy_weights_update_group": "DestroyWeightsUpdateGroupReqInput",
+    "/begin_weight_update": "BeginWeightUpdateReqInput", "/end_weight_update": "EndWeightUpdateReqInput",
+    "/update_weights_from_distributed": "UpdateWeightsFromDistributedReqInput",
+    "/update_weights_from_disk": "UpdateWeightFromDiskReqInput",
+}
 
 
 class _DropConnection(Exception):
