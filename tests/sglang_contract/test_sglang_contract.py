@@ -152,6 +152,16 @@ def test_launcher_commands_parse_with_sglangs_server_args():
         assert args.enable_deterministic_inference is deterministic
 
 
+def test_launcher_defaults_keep_the_radix_cache_and_honour_seeds():
+    from tools.launch_sglang import build_parser, server_command
+
+    cmd = server_command(build_parser().parse_args(["--model-path", "/m", "--gpus", "1"]), 30000)
+    assert "--enable-deterministic-inference" in cmd and "--disable-radix-cache" not in cmd
+    cmd = server_command(build_parser().parse_args(["--model-path", "/m", "--gpus", "1", "--radix-cache", "off",
+                                                    "--no-deterministic"]), 30000)
+    assert "--enable-deterministic-inference" not in cmd and "--disable-radix-cache" in cmd
+
+
 # ------------------------------------------------------------------------------------------------ weight session
 def test_standin_runs_sglangs_session_manager(server):
     sgl = require()
