@@ -359,3 +359,26 @@ def test_a_dead_server_is_dropped_at_the_weight_sync_and_counted(server, tmp_pat
             assert engine.last_stats["dropped_servers"] == 1.0
     finally:
         proc.kill()
+
+
+def test_flush_is_refused_while_a_request_runs_and_pause_aborts_it(server):
+    """SGLang answers /flush_cache with 400 while requests run or wait; pause_generation's default mode ("abort")
+    ends them, so the trainer's pause -> flush order works."""
+    import threading
+
+    server.set_faults({"delay_first": 1, "delay_s": 4.0})
+    replies = []
+    thread = threading.Thread(target=lambda: replies.append(server.post(
+        "/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 1}})))
+    try:
+        thread.start()
+        time.sleep(1.0)
+        assert requests.get(server.url + "/flush_cache", timeout=10).status_code == 400
+        assert server.post("/pause_generation", {}).status_code == 200
+        assert requests.get(server.url + "/flush_cache", timeout=10).status_code == 200
+        assert server.post("/continue_generation", {}).status_code == 200
+        thread.join(timeout=30)
+        assert replies[0].json()["meta_info"]["finish_reason"]["type"] == "abort"
+    finally:
+        thread.join(timeout=30)
+        server.set_faults({})
