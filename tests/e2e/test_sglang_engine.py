@@ -223,9 +223,15 @@ def test_skip_policy_trains_on_the_rest(standin, capsys):
     with make_engine(standin.url, max_concurrency=1) as engine:
         payload = generate_batch(engine, prompt_ids, records, tokenizer, get_reward_fn("synthetic"), settings)
     assert payload.error is None
+    # counted in metrics.jsonl: a 4xx is not retried; no server was dropped
+    assert payload.metrics["rollout/http_retries"] == 0.0 and payload.metrics["rollout/dropped_servers"] == 0.0
     assert payload.metrics["rollout/failed_prompts"] == 1.0 and payload.metrics["rollout/trimmed_prompts"] == 1.0
     assert len(payload.samples) == 4 and payload.metrics["rollout/samples"] == 4.0
     assert "1 of 4 prompts failed and were skipped" in capsys.readouterr().out
+    standin.set_faults({"http_500_first": 1})  # one 5xx, retried: counted in metrics.jsonl
+    with make_engine(standin.url, max_concurrency=1) as engine:
+        payload = generate_batch(engine, prompt_ids, records, tokenizer, get_reward_fn("synthetic"), settings)
+    assert payload.error is None and payload.metrics["rollout/http_retries"] == 1.0
     standin.set_faults({"http_400_first": 1})
     with make_engine(standin.url, max_concurrency=1) as engine:  # the default policy raises (on every rank)
         settings.failure_policy = "raise"
