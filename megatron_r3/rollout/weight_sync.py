@@ -508,10 +508,10 @@ def push_named_tensors(engine, named_tensors: Iterable[tuple[str, torch.Tensor]]
             bucket.append((name, tensor))
             size += nbytes
         sender.send_bucket(bucket)
+        sender.finish()
     except BaseException:
         sender.abort()
         raise
-    sender.finish()
     return version
 
 
@@ -542,7 +542,7 @@ def sync_policy_weights(engine, chunks, arch, hf_config, settings: Optional[Weig
         if sender is not None:
             if error is None:
                 guarded(sender.finish)
-            else:
+            if error is not None:  # also when finish itself failed: close the session, resume generation
                 sender.abort()
     else:
         publisher = incoming = None
