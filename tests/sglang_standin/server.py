@@ -56,6 +56,8 @@ from typing import Any, Optional
 
 import torch
 
+from tests.sglang_standin.faults import Faults
+
 SAMPLING_FIELDS = {
     "temperature", "top_p", "top_k", "min_p", "max_new_tokens", "min_new_tokens", "stop", "stop_token_ids",
     "sampling_seed", "n", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
@@ -64,42 +66,6 @@ SAMPLING_FIELDS = {
 }
 UNSUPPORTED_NONDEFAULT = {"min_p": 0.0, "min_new_tokens": 0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
                           "repetition_penalty": 1.0}
-
-
-@dataclass
-class Faults:
-    http_500_first: int = 0  # the first N /generate requests answer HTTP 500
-    http_400_first: int = 0  # ... answer HTTP 400
-    drop_connection_first: int = 0  # ... close the connection without a reply
-    delay_first: int = 0  # ... are answered only after delay_s
-    delay_s: float = 0.0
-    abort_first: int = 0  # the first N samples finish with reason "abort"
-    truncate_routes_first: int = 0  # ... carry base64 routes cut short
-    wrong_rows_first: int = 0  # ... carry routes with one row missing
-    omit_routes_first: int = 0  # ... carry no routed_experts at all
-    fail_weight_update: bool = False  # /update_weights_* receive the tensors but answer success=false
-
-    def update(self, values: dict) -> None:
-        names = {f.name: f for f in dataclasses.fields(self)}
-        for key, value in values.items():
-            if key not in names:
-                raise ValueError(f"unknown fault {key!r}; known: {sorted(names)}")
-            kind = type(getattr(self, key))
-            setattr(self, key, value if kind is not bool else bool(value))
-
-    @classmethod
-    def parse(cls, items) -> "Faults":
-        faults = cls()
-        for item in items or []:
-            key, _, value = item.partition("=")
-            kind = type(getattr(faults, key, None))
-            if kind is bool:
-                faults.update({key: value.lower() in ("1", "true", "yes")})
-            elif kind in (int, float):
-                faults.update({key: kind(value)})
-            else:
-                raise ValueError(f"unknown fault {key!r}")
-        return faults
 
 
 @dataclass
@@ -173,12 +139,12 @@ class StandinServer:
         self._samples_seen = 0
         self._requests_seen = 0
         self._running: set = set()  # /generate requests running or waiting (flush refusal)
-        from tests.sglang_standin.sglang_code import SessionManager, load
+        from tests.sglang_standin.sglang_code import MirrorSession, SessionManager, load
 
         hooks = dict(receive=self._receive, load_received=self._load_received, load_from_disk=self._load_from_disk,
                      flush=self._flush, set_version=self._set_version)
         sglang, _ = load()
-        self.session = SessionManager(sglang, **hooks) if sglang is not None else _MirrorSession(**hooks)
+        self.session = SessionManager(sglang, **hooks) if sglang is not None else MirrorSession(**hooks)
         self.httpd = ThreadingHTTPServer((config.host, config.port), _make_handler(self))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
@@ -503,48 +469,6 @@ class StandinServer:
             except Exception as error:  # noqa: BLE001 - reported to the client
                 return False, f"Failed to load weights: {error}"
         return True, "Succeeded to update parameter online."
-
-
-class _MirrorSession:
-    """Without SGLang installed: the rules of 0.5.23's ``SchedulerWeightUpdaterManager`` (same messages), checked
-    against the real one by tests/sglang_contract when SGLang is present."""
-
-    def __init__(self, *, receive, load_received, load_from_disk, flush, set_version):
-        self.receive, self.load_received, self.load_from_disk = receive, load_received, load_from_disk
-        self.flush, self.set_version = flush, set_version
-        self.open = False
-
-    def call(self, method: str, body: dict) -> tuple[bool, str]:
-        if method == "begin_weight_update":
-            if self.open:
-                return False, "a weight-update session is already open; call end_weight_update() first"
-            self.open = True
-            return True, "Success"
-        if method == "end_weight_update":
-            if not self.open:
-                return False, "no weight-update session is open; call begin_weight_update() first"
-            self.open = False
-            return True, "Success"
-        if method == "update_weights_from_disk":
-            success, message = self.load_from_disk(body.get("model_path"))
-            if success:
-                self.set_version(body.get("weight_version"))
-            return success, message
-        if not self.open:
-            return False, ("update_weights_from_distributed must run between begin_weight_update() and "
-                           "end_weight_update()")
-        try:
-            weights = self.receive(body["names"], body["dtypes"], body["shapes"],
-                                   body.get("group_name", "weight_update_group"))
-        except Exception as error:  # noqa: BLE001 - SGLang's wording
-            return False, f"Failed to receive weights: {error}"
-        success, message = self.load_received(weights)
-        if success:
-            self.set_version(body.get("weight_version"))
-            if body.get("flush_cache", True) and not self.flush():
-                return False, ("Weights were updated, but the cache was not flushed because requests are still "
-                               "running or queued. Retract or finish them, then call /flush_cache.")
-        return success, message
 
 
 _POST_PATHS = {"/generate", "/pause_generation", "/continue_generation", "/init_weights_update_group",

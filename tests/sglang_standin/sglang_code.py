@@ -160,3 +160,45 @@ class SessionManager:
         request = validate(self.ns, classes[method], body)
         out = getattr(self.manager, method)(request)
         return bool(out.success), str(out.message)
+
+
+class MirrorSession:
+    """Without SGLang installed: the rules of 0.5.23's ``SchedulerWeightUpdaterManager`` (same messages), checked
+    against the real one by tests/sglang_contract when SGLang is present."""
+
+    def __init__(self, *, receive, load_received, load_from_disk, flush, set_version):
+        self.receive, self.load_received, self.load_from_disk = receive, load_received, load_from_disk
+        self.flush, self.set_version = flush, set_version
+        self.open = False
+
+    def call(self, method: str, body: dict) -> tuple[bool, str]:
+        if method == "begin_weight_update":
+            if self.open:
+                return False, "a weight-update session is already open; call end_weight_update() first"
+            self.open = True
+            return True, "Success"
+        if method == "end_weight_update":
+            if not self.open:
+                return False, "no weight-update session is open; call begin_weight_update() first"
+            self.open = False
+            return True, "Success"
+        if method == "update_weights_from_disk":
+            success, message = self.load_from_disk(body.get("model_path"))
+            if success:
+                self.set_version(body.get("weight_version"))
+            return success, message
+        if not self.open:
+            return False, ("update_weights_from_distributed must run between begin_weight_update() and "
+                           "end_weight_update()")
+        try:
+            weights = self.receive(body["names"], body["dtypes"], body["shapes"],
+                                   body.get("group_name", "weight_update_group"))
+        except Exception as error:  # noqa: BLE001 - SGLang's wording
+            return False, f"Failed to receive weights: {error}"
+        success, message = self.load_received(weights)
+        if success:
+            self.set_version(body.get("weight_version"))
+            if body.get("flush_cache", True) and not self.flush():
+                return False, ("Weights were updated, but the cache was not flushed because requests are still "
+                               "running or queued. Retract or finish them, then call /flush_cache.")
+        return success, message
