@@ -5,6 +5,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MEGATRON_CORE := megatron-core==0.19.2
 TORCH := torch==2.13.0
+# SGLang's own code for tests/sglang_contract only (never a runtime requirement): its wheel without dependencies,
+# plus the pure-Python packages its request classes, CLI parser and weight updater import (~300 MB, ~1 min)
+SGLANG_CONTRACT := sglang==0.5.23 orjson==3.13.0 starlette==1.10.0 msgspec==0.23.0 pyzmq==27.3.0 ipython==9.18.1 \
+	traitlets==5.16.1 aiohttp==3.14.5 multidict==7.2.1 attrs==26.1.0 yarl==1.25.1 propcache==0.5.4 \
+	aiohappyeyeballs==2.7.1 aiosignal==1.4.0 frozenlist==1.8.0 dill==0.4.1 apache-tvm-ffi==0.1.15.post2 \
+	sentencepiece==0.2.3 compressed-tensors==0.20.1 loguru==0.7.3 gguf==0.19.0 openai==3.57.0 sniffio==1.3.1 \
+	partial-json-parser==0.2.1.1.post7
 STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 
 .PHONY: install test test-unit test-distributed test-e2e demo bench clean
@@ -17,6 +24,7 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q numpy 'packaging>=24.2'
 	$(PY) -m pip install -q --no-deps --ignore-requires-python $(MEGATRON_CORE)
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps $(SGLANG_CONTRACT)
 	rm -f $(VENV)/.installed-*; touch $@
 
 test: install

@@ -5,7 +5,7 @@ throughput of SGLang's base64 int32 payload on the CPU.
     python bench/route_transport.py --device cuda        # adds the pinned host-to-device copy rate
 
 Hops (Qwen3-30B-A3B routes: 48 MoE layers, top-8 of 128 experts):
-  wire       SGLang `meta_info["routed_experts"]`: base64 of int32 (default) or of uint8 (`routed_experts_dtype`)
+  wire       SGLang `meta_info["routed_experts"]`: base64 of int32 (SGLang 0.5.23); uint8 for comparison only
   host       `Routes.expert_ids` after `decode_sglang_routed_experts`: compact dtype (uint8 up to 256 experts)
   scatter    rank 0 -> every rank (`share_from_rank0`: a pickled payload per rank over the gloo host group; each
              rank gets the routes of its data-parallel share and its routers' layers), measured as the pickled size
@@ -119,7 +119,7 @@ def main() -> None:
                                                    advantage=0.0)]))
     hops = [
         ("wire: SGLang base64 int32 (default)", len(wire_int32) / ids, "all decoder layers, every rank's tokens"),
-        ("wire: SGLang base64 uint8 (routed_experts_dtype)", len(wire_uint8) / ids, "newer SGLang versions"),
+        ("wire: base64 uint8 (hypothetical)", len(wire_uint8) / ids, "not sent by SGLang 0.5.23"),
         ("host: Routes after decode (uint8)", decoded.nbytes() / ids, "rank 0"),
         ("scatter: rank 0 -> each rank (pickled TrainSample)", (pickled - without_routes) / ids,
          "a rank receives its data-parallel share and its routers' layers, see below"),

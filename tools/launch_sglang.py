@@ -9,14 +9,18 @@ Each server ``i`` gets GPUs ``i*tp .. (i+1)*tp - 1`` of this node (``CUDA_VISIBL
 ``base_port + i`` and runs ``python -m sglang.launch_server`` with the flags R3 needs:
 
 * ``--enable-return-routed-experts``: without it SGLang silently returns no routes;
-* ``--disable-radix-cache``: a prefix-cache hit returns the routes of the *first* prefill of that prefix, and GRPO
-  groups share their prompt, so cached prompt rows would be wrong (REFERENCE §3 known issues);
+* ``--enable-deterministic-inference`` by default (``--no-deterministic`` to drop it): SGLang 0.5.23 honours the
+  per-sample ``sampling_seed`` the trainer sends *only* with it and otherwise ignores it silently;
 * ``--dtype`` (bf16 by default; the trainer sends weights in ``--rollout-dtype``), ``--mem-fraction-static``,
-  ``--random-seed``, optionally ``--enable-deterministic-inference`` (seeded, batch-invariant sampling: honours the
-  client's per-sample ``sampling_seed``).
+  ``--random-seed``.
+
+The radix (prefix) cache stays on unless ``--radix-cache off``: SGLang stores routes per KV slot, so a prefix-cache
+hit returns the routes recorded when that cached KV was computed -- the routes that produced the KV the sample
+attended to, the right ones for R3 (tests/sglang_contract shows it with SGLang's own capture code).
 
 Refused extra flags (known to break routes, REFERENCE §3): ``--chunked-prefill-size -1`` (crashes on long prompts),
-``--enable-eplb`` / ``--ep-num-redundant-experts`` (physical instead of logical expert ids on older versions),
+``--enable-eplb`` / ``--ep-num-redundant-experts`` (untested with route capture here; 0.5.23 captures logical ids
+before the EPLB remap, so this is caution, not a known break),
 ``--disaggregation-mode`` (wrong prompt rows under prefill/decode disaggregation), ``--pp-size`` > 1 (no routes with
 pipeline parallelism). Do not put sgl-router in front of the servers (it drops ``return_routed_experts``): the
 trainer balances over the listed servers itself.
@@ -45,7 +49,8 @@ from typing import Optional, Sequence
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 REFUSED = {
-    "--enable-eplb": "EPLB rebalancing reports physical expert ids (keep it off for R3)",
+    "--enable-eplb": ("EPLB is untested with route capture here (0.5.23 captures logical ids before the "
+                      "logical->physical remap, so this is caution, not a known break)"),
     "--disaggregation-mode": "prefill/decode disaggregation returns wrong prompt rows",
 }
 
@@ -61,7 +66,8 @@ def refuse_bad_extra(extra: Sequence[str]) -> None:
         if flag == "--chunked-prefill-size" and value.strip() == "-1":
             raise ValueError("refusing --chunked-prefill-size -1: routed-experts capture crashes on long prompts")
         if flag == "--ep-num-redundant-experts" and value.strip() not in ("", "0"):
-            raise ValueError("refusing --ep-num-redundant-experts: redundant experts make routes physical ids")
+            raise ValueError("refusing --ep-num-redundant-experts: untested with route capture here (0.5.23 captures "
+                             "logical ids before the EPLB remap, so this is caution, not a known break)")
         if flag in ("--pp-size", "--pipeline-parallel-size") and value.strip() not in ("", "1"):
             raise ValueError(f"refusing {flag} {value}: SGLang returns no routed experts with pipeline parallelism")
         if flag == "--enable-return-routed-experts":
@@ -100,7 +106,9 @@ def server_command(opts, port: int) -> list[str]:
     cmd = [opts.python, "-m", "sglang.launch_server", "--model-path", opts.model_path, "--host", opts.host,
            "--port", str(port), "--tp-size", str(opts.tp_size), "--dtype", opts.dtype,
            "--mem-fraction-static", str(opts.mem_fraction_static), "--random-seed", str(opts.random_seed),
-           "--enable-return-routed-experts", "--disable-radix-cache"]
+           "--enable-return-routed-experts"]
+    if opts.radix_cache == "off":
+        cmd.append("--disable-radix-cache")
     if opts.trust_remote_code:
         cmd.append("--trust-remote-code")
     if opts.deterministic:
@@ -257,7 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mem-fraction-static", type=float, default=0.8)
     parser.add_argument("--random-seed", type=int, default=1234)
     parser.add_argument("--max-running-requests", type=int, default=None)
-    parser.add_argument("--deterministic", action="store_true", help="--enable-deterministic-inference")
+    parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
+                        help="--enable-deterministic-inference (default on: SGLang ignores sampling_seed without it)")
+    parser.add_argument("--radix-cache", choices=("on", "off"), default="on",
+                        help="off: --disable-radix-cache (not needed for correct routes; costs prefix reuse)")
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--python", default=sys.executable, help="interpreter with SGLang installed")
     parser.add_argument("--wait-timeout", type=float, default=1800.0, help="seconds to wait for /health")

@@ -6,8 +6,9 @@ them) and the ids are logical expert ids in ``[0, num_experts)``.
 
 Sources:
 
-* SGLang: :func:`decode_sglang_routed_experts` on ``meta_info["routed_experts"]`` (base64 of flat row-major ints,
-  dtype from ``meta_info["routed_experts_dtype"]``, int32 when absent; ``rows = seqlen - 1 - start_len``).
+* SGLang: :func:`decode_sglang_routed_experts` on ``meta_info["routed_experts"]`` (base64 of flat row-major int32
+  in SGLang 0.5.23, which sends no dtype field; a ``routed_experts_dtype`` is still honoured if a server sends one;
+  ``rows = seqlen - 1 - start_len``, ``start_len`` the request's ``routed_experts_start_len``).
 * Our embedded HF engine and any array: :func:`routes_from_array` (numpy or torch, any integer dtype).
 * R2 records, the routes the trainer itself recorded in its old-logprob pass: ``routes_from_array(ids,
   source="r2", ...)``. They go through the same range check and validation so that a recording bug is caught
@@ -36,7 +37,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 ROUTE_SOURCES = frozenset({"sglang", "hf", "array", "r2"})
 
-# Wire dtypes SGLang may announce in meta_info["routed_experts_dtype"], as explicit little-endian numpy dtypes
+# Wire dtypes a server could announce in meta_info["routed_experts_dtype"] (0.5.23 sends none: int32), as explicit
+# little-endian numpy dtypes
 # (SGLang writes ndarray.tobytes() on little-endian hosts; being explicit keeps a big-endian reader correct).
 _WIRE_DTYPES = {
     "int32": np.dtype("<i4"), "uint8": np.dtype("u1"), "uint16": np.dtype("<u2"), "int16": np.dtype("<i2"),
@@ -199,7 +201,7 @@ def decode_sglang_routed_experts(
     """Decode SGLang's ``meta_info["routed_experts"]`` into :class:`Routes`.
 
     ``payload`` is base64 of a flat row-major array ``[seqlen - 1 - start_len, num_layers, topk]`` in ``dtype``
-    (``meta_info["routed_experts_dtype"]``; None means int32, the format of releases that do not send it).
+    (None means int32, what SGLang 0.5.23 sends, with no ``routed_experts_dtype`` field; other names are tolerated).
     ``num_layers`` counts all decoder layers (``num_hidden_layers``), ``topk`` is ``num_experts_per_tok``.
     The bytes are viewed zero-copy with numpy, range-checked, then converted once to the compact dtype.
     """

@@ -21,17 +21,19 @@ Failures
     :class:`~megatron_r3.rollout.base.RolloutFailure`; every prompt of a call ends up either with all its samples
     or as a failure, never neither (checked). A reply without routes when routes were requested means the server
     was started without ``--enable-return-routed-experts``: :class:`SGLangConfigError`, raised at once (and at
-    start-up when ``/get_server_info`` says so). Every HTTP call has a timeout.
+    start-up when ``/server_info`` says so). Every HTTP call has a timeout (transport: :mod:`sglang_http`). The whole
+    call has a deadline derived from the work (``rollout_deadline``), with progress logs naming the servers waited
+    on; past it, :class:`RolloutDeadlineError` names them. After a weight sync every reply's
+    ``meta_info["weight_version"]`` must be the synced one (:class:`StaleWeightsError` otherwise).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -42,7 +44,6 @@ from megatron_r3.rollout.sglang_protocol import (
     AbortedError,
     MissingRoutesError,
     ProtocolError,
-    ServerFacts,
     generate_payload,
     normalize_url,
     parse_sample,
@@ -50,47 +51,19 @@ from megatron_r3.rollout.sglang_protocol import (
     read_address_file,
     reply_entries,
     sampling_params_payload,
-    server_facts,
     split_requests,
+    weight_version_of,
+)
+from megatron_r3.rollout.sglang_http import (  # noqa: F401 - re-exported: the engine's public errors and settings
+    RolloutDeadlineError,
+    SGLangClientConfig,
+    SGLangConfigError,
+    SGLangHTTP,
+    SGLangHTTPError,
+    StaleWeightsError,
 )
 
 logger = logging.getLogger("megatron_r3.rollout.sglang")
-
-
-class SGLangConfigError(RuntimeError):
-    """The servers are not set up the way the trainer needs (e.g. no --enable-return-routed-experts)."""
-
-
-class SGLangHTTPError(RuntimeError):
-    """One failed HTTP call; ``retryable`` for connection errors, timeouts and 5xx."""
-
-    def __init__(self, url: str, message: str, *, status: Optional[int] = None, retryable: bool):
-        self.url, self.status, self.retryable = url, status, retryable
-        super().__init__(f"{url}: {message}")
-
-
-@dataclass
-class SGLangClientConfig:
-    max_concurrency: int = 64  # /generate requests in flight, over all servers
-    request_size: int = 1  # samples per /generate request; 0 = the whole call in one request
-    request_timeout_s: float = 600.0  # read timeout of a /generate request
-    connect_timeout_s: float = 10.0
-    control_timeout_s: float = 120.0  # pause/flush/continue/health/info/version
-    max_retries: int = 3
-    retry_backoff_s: float = 1.0
-    retry_backoff_max_s: float = 30.0
-    startup_timeout_s: float = 300.0  # waiting for the address file and /health
-
-    def __post_init__(self):
-        if self.max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
-        if self.request_size < 0:
-            raise ValueError(f"request_size must be >= 0 (0 = one request per call), got {self.request_size}")
-        if self.max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
-        for name in ("request_timeout_s", "connect_timeout_s", "control_timeout_s", "startup_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0 (every HTTP call has a timeout), got {getattr(self, name)}")
 
 
 @dataclass
@@ -100,7 +73,7 @@ class _Outcome:
     retries: int = 0
 
 
-class SGLangEngine:
+class SGLangEngine(SGLangHTTP):
     """Client for SGLang servers, implementing :class:`~megatron_r3.rollout.base.RolloutEngine`.
 
     Args:
@@ -130,37 +103,24 @@ class SGLangEngine:
         hf_config=None,
         wait_for_health: bool = True,
     ):
-        import requests
-        from requests.adapters import HTTPAdapter
-
-        self.urls = [normalize_url(url) for url in urls]
-        if not self.urls:
-            raise ValueError("SGLangEngine needs at least one server URL")
-        duplicates = sorted({url for url in self.urls if self.urls.count(url) > 1})
-        if duplicates:
-            raise ValueError(f"SGLang server URLs listed twice: {duplicates}")
-        self.config = config or SGLangClientConfig()
+        super().__init__(urls, config)
         self.num_layers, self.topk, self.num_experts = int(num_layers), int(topk), int(num_experts)
         self.vocab_size = vocab_size
         self.hf_config = hf_config
-        self._requests = requests
-        self.session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=len(self.urls), pool_maxsize=max(8, self.config.max_concurrency),
-                              max_retries=0)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
-        self._stop = threading.Event()
         self._closed = False
         self.weight_version = 0
+        self.synced_weight_version: Optional[str] = None  # the version every reply must carry after a sync
+        self._in_flight: dict[int, str] = {}
+        self._deadline = float("inf")
         self.last_stats: dict[str, float] = {}
         from megatron_r3.rollout.weight_sync import WeightSyncSettings
 
         self.weight_sync = weight_sync or WeightSyncSettings()
         self._weight_sender = None
-        self._facts: Optional[list[ServerFacts]] = None
         if wait_for_health:
             self.wait_healthy()
             _ = self.facts
+        self._warned_seeds = False
         if require_routes:
             off = [url for url, facts in zip(self.urls, self.facts) if facts.routes_enabled is False]
             if off:
@@ -168,105 +128,6 @@ class SGLangEngine:
                     f"routes are needed (--router-replay R3 or --collect-routing-agreement) but {', '.join(off)} "
                     f"report enable_return_routed_experts=false: {ROUTES_HINT}"
                 )
-
-    # ------------------------------------------------------------------ HTTP
-    def call(self, url: str, method: str, path: str, *, json: Any = None, timeout: Optional[float] = None,
-             retries: Optional[int] = None) -> Any:
-        """One endpoint of one server, with retries on connection errors, timeouts and 5xx (not on 4xx).
-        Returns the decoded JSON reply, the text when it is not JSON, or None when empty."""
-        retries = self.config.max_retries if retries is None else retries
-        for attempt in range(retries + 1):
-            try:
-                return self._once(url, method, path, json=json, timeout=timeout)
-            except SGLangHTTPError as error:
-                if not error.retryable or attempt == retries or self._stop.is_set():
-                    raise
-                logger.warning("SGLang %s %s failed (%s); retry %d/%d", method, path, error, attempt + 1, retries)
-                self._backoff(attempt)
-        raise AssertionError("unreachable")
-
-    def _once(self, url: str, method: str, path: str, *, json: Any = None, timeout: Optional[float] = None) -> Any:
-        requests = self._requests
-        read = self.config.control_timeout_s if timeout is None else timeout
-        try:
-            reply = self.session.request(method, url + path, json=json, timeout=(self.config.connect_timeout_s, read))
-        except requests.Timeout as error:
-            raise SGLangHTTPError(url, f"{method} {path} timed out after {read:g} s ({error})", retryable=True)
-        except requests.RequestException as error:  # connection refused/reset, truncated body, ...
-            raise SGLangHTTPError(url, f"{method} {path}: {type(error).__name__}: {error}", retryable=True)
-        if reply.status_code >= 400:
-            text = reply.text.strip()[:500]
-            raise SGLangHTTPError(url, f"{method} {path} -> HTTP {reply.status_code}: {text}",
-                                  status=reply.status_code, retryable=reply.status_code >= 500)
-        if not reply.content:
-            return None
-        try:
-            return reply.json()
-        except ValueError:
-            return reply.text
-
-    def _backoff(self, attempt: int) -> None:
-        delay = min(self.config.retry_backoff_max_s, self.config.retry_backoff_s * (2 ** attempt))
-        self._stop.wait(delay)
-
-    def on_all(self, method: str, path: str, *, json: Any = None, timeout: Optional[float] = None,
-               retries: Optional[int] = None, payloads: Optional[Sequence[Any]] = None) -> list[Any]:
-        """The same call on every server, in parallel; raises the first error after all have finished."""
-        bodies: list[Any] = [None] * len(self.urls)
-        errors: list[Optional[BaseException]] = [None] * len(self.urls)
-
-        def run(i: int) -> None:
-            try:
-                body = json if payloads is None else payloads[i]
-                bodies[i] = self.call(self.urls[i], method, path, json=body, timeout=timeout, retries=retries)
-            except BaseException as error:  # noqa: BLE001 - re-raised below
-                errors[i] = error
-
-        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(self.urls))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        for error in errors:
-            if error is not None:
-                raise error
-        return bodies
-
-    def wait_healthy(self, timeout_s: Optional[float] = None) -> None:
-        """Poll ``GET /health`` of every server until it answers 200 (or raise after ``startup_timeout_s``)."""
-        deadline = time.monotonic() + (self.config.startup_timeout_s if timeout_s is None else timeout_s)
-        pending = list(self.urls)
-        last: dict[str, str] = {}
-        while pending:
-            for url in list(pending):
-                try:
-                    self._once(url, "GET", "/health", timeout=min(10.0, self.config.control_timeout_s))
-                    pending.remove(url)
-                except SGLangHTTPError as error:
-                    last[url] = str(error)
-            if not pending:
-                break
-            if time.monotonic() > deadline:
-                raise SGLangConfigError(
-                    "SGLang servers not healthy after "
-                    f"{self.config.startup_timeout_s:g} s: " + "; ".join(last.get(url, url) for url in pending)
-                )
-            time.sleep(0.5)
-
-    @property
-    def facts(self) -> list[ServerFacts]:
-        """Per server, what ``GET /get_server_info`` says (TP size for the weight-update group, routes flag)."""
-        if self._facts is None:
-            self._facts = [self._server_facts(url) for url in self.urls]
-        return self._facts
-
-    def _server_facts(self, url: str) -> ServerFacts:
-        try:
-            return server_facts(self.call(url, "GET", "/get_server_info", retries=1))
-        except SGLangHTTPError as error:
-            if error.status is not None and error.status < 500:
-                return ServerFacts()  # endpoint missing: assume one rank, routes unknown
-            raise
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -285,29 +146,49 @@ class SGLangEngine:
         if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt must be a positive int, got {samples_per_prompt!r}")
         checked = [self._check_prompt(index, prompt) for index, prompt in enumerate(prompts)]
+        if sampling.seed is not None:
+            self._check_seeds_honoured()
         start = time.perf_counter()
         specs = plan_samples(len(checked), samples_per_prompt, sampling.seed)
         requests = split_requests(specs, self.config.request_size)
         outcome = _Outcome()
         self._stop.clear()
+        deadline_s = self.rollout_deadline(len(specs), sampling.max_new_tokens)
+        self._deadline = time.monotonic() + deadline_s
+        self._in_flight = {}
         if requests:
             workers = min(self.config.max_concurrency, len(requests))
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sglang") as pool:
-                futures = [
-                    pool.submit(self._serve, index, request, checked, sampling, return_routes)
-                    for index, request in enumerate(requests)
-                ]
-                try:
-                    for future in as_completed(futures):
+            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sglang")
+            futures = [
+                pool.submit(self._serve, index, request, checked, sampling, return_routes)
+                for index, request in enumerate(requests)
+            ]
+            last_log = time.monotonic()
+            try:
+                pending = set(futures)
+                while pending:
+                    remaining = self._deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise RolloutDeadlineError(self._deadline_message(deadline_s, len(pending), len(futures),
+                                                                          len(specs), sampling.max_new_tokens))
+                    done, pending = wait(pending, timeout=min(remaining, self.config.progress_log_s),
+                                         return_when=FIRST_COMPLETED)
+                    for future in done:
                         part = future.result()
                         outcome.samples.update(part.samples)
                         outcome.errors.update(part.errors)
                         outcome.retries += part.retries
-                except BaseException:
-                    self._stop.set()  # running requests stop retrying; queued ones are cancelled
-                    for future in futures:
-                        future.cancel()
-                    raise
+                    if pending and time.monotonic() - last_log >= self.config.progress_log_s:
+                        last_log = time.monotonic()
+                        logger.warning("rollout: %d of %d requests answered after %.0f s (deadline %.0f s); waiting on "
+                                       "%s", len(futures) - len(pending), len(futures),
+                                       deadline_s - (self._deadline - time.monotonic()), deadline_s,
+                                       self._waiting_on() or "queued requests")
+            except BaseException:
+                self._stop.set()  # running requests stop retrying; queued ones are cancelled
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            pool.shutdown(wait=True)
         result = self._assemble(outcome, len(checked), samples_per_prompt)
         seconds = time.perf_counter() - start
         new_tokens = sum(sample.response_length for sample in result.samples)
@@ -318,9 +199,48 @@ class SGLangEngine:
             "tokens_per_s": new_tokens / seconds if seconds > 0 else 0.0,
             "requests": float(len(requests)),
             "retries": float(outcome.retries),
+            "dropped_servers": float(self.dropped_servers),
             "failed_prompts": float(len(result.failures)),
         }
         return result
+
+    def rollout_deadline(self, num_samples: int, max_new_tokens: int) -> float:
+        """Seconds one generate() call may take: the configured value, or derived from the tokens to generate."""
+        if self.config.rollout_deadline_s is not None:
+            return float(self.config.rollout_deadline_s)
+        return self.config.deadline_base_s + num_samples * max_new_tokens / self.config.deadline_min_tokens_per_s
+
+    def _waiting_on(self) -> str:
+        counts: dict[str, int] = {}
+        for url in list(self._in_flight.values()):
+            counts[url] = counts.get(url, 0) + 1
+        return ", ".join(f"{url} ({n} request{'s' if n > 1 else ''} unanswered)" for url, n in sorted(counts.items()))
+
+    def _deadline_message(self, deadline_s, pending, total, samples, max_new_tokens) -> str:
+        how = ("rollout_deadline_s" if self.config.rollout_deadline_s is not None else
+               f"derived: {self.config.deadline_base_s:g} s + {samples} samples x {max_new_tokens} tokens / "
+               f"{self.config.deadline_min_tokens_per_s:g} tokens/s")
+        return (f"the rollout did not finish within its deadline of {deadline_s:.0f} s ({how}): {pending} of {total} "
+                f"requests unanswered; no reply from {self._waiting_on() or 'any server (requests still queued)'}. "
+                "A server that accepts requests and never answers is hung: restart it or remove it from the list")
+
+    def _check_seeds_honoured(self) -> None:
+        """SGLang 0.5.23 honours ``sampling_seed`` only with --enable-deterministic-inference (else ignores it)."""
+        try:
+            facts = self.facts
+        except SGLangHTTPError:  # no server answers /server_info: the requests below fail and say why
+            return
+        off = [url for url, fact in zip(self.urls, facts) if fact.deterministic is not True]
+        if not off:
+            return
+        message = (f"{', '.join(off)} run without --enable-deterministic-inference (per /server_info): SGLang "
+                   "ignores the per-sample sampling_seed there, so rollouts are not reproducible from the seed")
+        if self.config.require_deterministic:
+            raise SGLangConfigError(message + "; start them with --enable-deterministic-inference "
+                                    "(tools/launch_sglang.py does by default)")
+        if not self._warned_seeds:
+            self._warned_seeds = True
+            logger.warning(message)
 
     def _check_prompt(self, index: int, prompt) -> list[int]:
         tokens = torch.as_tensor(prompt)
@@ -350,10 +270,15 @@ class SGLangEngine:
             if self._stop.is_set():
                 last = last or "cancelled"
                 break
-            url = self.urls[(index + attempt) % len(self.urls)]
+            urls = self.urls
+            url = urls[(index + attempt) % len(urls)]
+            left = getattr(self, "_deadline", float("inf")) - time.monotonic()
+            self._in_flight[index] = url
             try:
-                body = self._once(url, "POST", "/generate", json=payload, timeout=self.config.request_timeout_s)
+                body = self._once(url, "POST", "/generate", json=payload,
+                                  timeout=max(1.0, min(self.config.request_timeout_s, left + 1.0)))
                 entries = reply_entries(body, len(specs))
+                self._check_reply_version(url, entries)
             except SGLangHTTPError as error:
                 last = str(error)
                 if not error.retryable:  # 4xx: the request itself is wrong; report at once
@@ -385,6 +310,8 @@ class SGLangEngine:
                             outcome.errors[flat] = value
                     return outcome
                 last = aborted
+            finally:
+                self._in_flight.pop(index, None)
             if attempt < retries and not self._stop.is_set():
                 outcome.retries += 1
                 logger.warning("SGLang request %d failed (%s); retry %d/%d", index, last, attempt + 1, retries)
@@ -424,6 +351,23 @@ class SGLangEngine:
         from megatron_r3.rollout.weight_sync import push_named_tensors
 
         push_named_tensors(self, named_tensors)
+
+    def record_weight_version(self, version: Optional[str]) -> None:
+        """After a successful sync: every later reply's ``meta_info["weight_version"]`` must equal ``version``."""
+        self.synced_weight_version = None if version is None else str(version)
+
+    def _check_reply_version(self, url: str, entries: list) -> None:
+        expected = self.synced_weight_version
+        if expected is None:
+            return
+        for entry in entries:
+            meta = entry.get("meta_info") if isinstance(entry, dict) else None
+            reported = weight_version_of(meta)
+            if reported != expected:
+                raise StaleWeightsError(
+                    f"{url} answered /generate with weight_version {reported!r} in meta_info, but the trainer's last "
+                    f"weight sync set {expected!r}: the rollout was produced by stale weights (a server that missed "
+                    "the sync, or one restarted since); restart it or remove it from --sglang-url")
 
     def next_weight_version(self) -> str:
         self.weight_version += 1
@@ -497,6 +441,7 @@ def client_config_from_args(args) -> SGLangClientConfig:
         max_retries=args.sglang_max_retries,
         retry_backoff_s=args.sglang_retry_backoff,
         startup_timeout_s=args.sglang_startup_timeout,
+        rollout_deadline_s=args.sglang_rollout_deadline,  # None: derived from the work
     )
 
 

@@ -1,7 +1,8 @@
 """SGLang's HTTP wire format: request building and response parsing, as pure functions (no I/O).
 
-Everything here follows the facts in REFERENCE §3 (SGLang itself cannot be installed on the development machines;
-the protocol is tested against the stand-in server in ``tests/sglang_standin``).
+Everything here follows the facts in REFERENCE §3, checked against SGLang 0.5.23's own code: tests/sglang_contract
+validates every body built here with SGLang's request classes (its wheel installed without dependencies; it runs
+on a CPU only that far), and the stand-in server in ``tests/sglang_standin`` runs its weight-update session code.
 
 ``POST /generate`` (token ids in, token ids out; the trainer never needs SGLang's tokenizer)::
 
@@ -16,13 +17,13 @@ Reply (a dict, or a list of dicts in the batch form, in request order)::
     {"text": ..., "output_ids": [...],
      "meta_info": {"finish_reason": {"type": "stop"|"length"|"abort", ...},
                    "output_token_logprobs": [[logprob, token_id, text_or_null], ...],
-                   "routed_experts": "<base64>", "routed_experts_dtype": "int32"?, "routed_experts_start_len": 0?,
+                   "routed_experts": "<base64>",     # int32; 0.5.23 sends no dtype or start_len field
                    "weight_version": ..., ...}}
 
 The response tokens are read from ``output_token_logprobs`` (one entry per sampled token, the stop token included),
 which also gives the rollout logprobs. SGLang's default logprob is ``log_softmax(logits / T)`` of the sampled token,
 before top-k/top-p renormalisation, the same convention as the embedded engine and the trainer (do not run the
-server with ``RETURN_ORIGINAL_LOGPROB``, which reports logprobs before temperature scaling).
+server with ``SGLANG_RETURN_ORIGINAL_LOGPROB``, which reports logprobs before temperature scaling).
 
 ``routed_experts`` is base64 of flat row-major ints ``[seqlen - 1 - start_len, num_hidden_layers, top_k]``:
 one row per position fed through the model (every prompt token and every generated token except the last), all
@@ -31,9 +32,11 @@ decoder layers (dense layers zero). A wrong row count or undecodable payload fai
 configuration error (:class:`MissingRoutesError`), since SGLang silently omits routes when it was started without
 ``--enable-return-routed-experts``.
 
-Seeds: SGLang's per-request ``sampling_params["sampling_seed"]`` (honoured by its seeded sampler, e.g. with
-``--enable-deterministic-inference``). The same seed on two requests with the same prompt gives the same sample
-there, so every sample gets its own seed ``base + flat sample index`` (:func:`sample_seed`).
+Seeds: SGLang's per-request ``sampling_params["sampling_seed"]`` is honoured **only** by a server started with
+``--enable-deterministic-inference`` (0.5.23 ignores it silently otherwise; the engine reads the flag from
+``/server_info`` and warns once, or refuses with ``require_deterministic``). The same seed on two requests with the
+same prompt gives the same sample there, so every sample gets its own seed ``base + flat sample index``
+(:func:`sample_seed`).
 """
 
 from __future__ import annotations
@@ -345,12 +348,10 @@ def check_success(body: Any, what: str) -> str:
 
 
 def weight_version_of(body: Any) -> Optional[str]:
-    """``GET /get_weight_version`` -> the version string (None when the reply has none)."""
+    """``weight_version`` of a ``GET /model_info`` reply or of a reply's ``meta_info`` (None when it has none)."""
     if isinstance(body, dict):
         value = body.get("weight_version")
         return None if value is None else str(value)
-    if isinstance(body, str) and body.strip():
-        return body.strip().strip('"')
     return None
 
 
@@ -363,11 +364,12 @@ class ServerFacts:
     pp_size: int = 1
     routes_enabled: Optional[bool] = None
     version: Optional[str] = None
+    deterministic: Optional[bool] = None  # enable_deterministic_inference: sampling_seed honoured only then
 
     @property
     def weight_sync_ranks(self) -> int:
         """Ranks this server contributes to a weight update group (one per GPU worker)."""
-        return self.tp_size * self.pp_size
+        return self.tp_size  # SGLang 0.5.23 joins ranks rank_offset + tp_rank (no PP term; pp > 1 is refused)
 
 
 def server_facts(body: Any) -> ServerFacts:
@@ -380,7 +382,9 @@ def server_facts(body: Any) -> ServerFacts:
         return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
 
     routes = args.get("enable_return_routed_experts")
+    deterministic = args.get("enable_deterministic_inference")
     return ServerFacts(
+        deterministic=deterministic if isinstance(deterministic, bool) else None,
         tp_size=_int("tp_size"), dp_size=_int("dp_size"), pp_size=_int("pp_size"),
         routes_enabled=routes if isinstance(routes, bool) else None,
         version=str(body["version"]) if "version" in body else None,

@@ -6,16 +6,21 @@ Distributed (``--weight-sync distributed``, servers and trainer share a NCCL fab
     rendezvous at ``master_address:master_port``). The group is *not* the trainer's default group: it is created
     the way SGLang creates its side (``rendezvous`` + ``PrefixStore(group_name)`` + a new process group), so both
     ends agree on the store keys. Ranks: trainer 0, server i's workers ``rank_offset_i .. + tp_size_i - 1``.
-    Per update: ``POST /pause_generation`` -> ``GET /flush_cache`` -> for each bucket ``POST
-    /update_weights_from_distributed {names, dtypes, shapes, group_name, flush_cache, weight_version}`` (in
-    background threads: the server answers only once it has received the tensors) and a broadcast of each tensor
-    from trainer rank 0 in the same order -> ``GET /flush_cache`` -> ``POST /continue_generation`` -> ``GET
-    /get_weight_version`` must report the new version (when the server has that endpoint).
+    Per update: ``POST /pause_generation`` -> ``GET /flush_cache`` -> ``POST /begin_weight_update`` -> for each
+    bucket ``POST /update_weights_from_distributed {names, dtypes, shapes, group_name, flush_cache, weight_version}``
+    (in background threads: the server answers only once it has received the tensors) and a broadcast of each tensor
+    from trainer rank 0 in the same order -> ``POST /end_weight_update`` -> ``GET /flush_cache`` -> ``POST
+    /continue_generation`` -> ``GET /model_info`` must report the new ``weight_version``. SGLang 0.5.23 refuses
+    ``/update_weights_from_distributed`` outside a begin/end session (HTTP 400, "must run between
+    begin_weight_update() and end_weight_update()") *without* entering the receive, so rank 0 never blocks on a
+    broadcast the server refused: it polls its asynchronous broadcast and the server's reply together and fails
+    with the server's message at once (the abandoned group is torn down and rebuilt at the next sync). The session
+    is closed on failure too (``end_weight_update``, then ``continue_generation``), best effort.
 
 Disk (``--weight-sync disk``, no shared fabric; ``--weight-sync-dir`` on storage the servers can read)
     ``save_hf_checkpoint`` into ``DIR/.incoming-<pid>`` (safetensors + config.json), renamed atomically to
     ``DIR/weights-v<version>``, then ``POST /update_weights_from_disk {model_path, load_format, weight_version}``
-    on every server, then the version check; older ``weights-v*`` directories are removed.
+    on every server (no session needed), then the version check; older ``weights-v*`` directories are removed.
 
 Every trainer rank walks the export (it drives the TP/EP/PP gathers); only rank 0 talks to servers. An error on
 rank 0 does not stop the walk (the other ranks are inside its collectives); at the end rank 0's error is broadcast
@@ -32,6 +37,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
@@ -168,14 +174,19 @@ class DistributedWeightSender:
         self.engine, self.settings = engine, settings
         self.backend = settings.resolved_backend()
         self.group = None
+        self.group_name = settings.group_name
+        self.generation = 0  # groups built so far: each gets its own name (a dropped one may linger on a server)
         self.world_size = 0
         self.version: Optional[str] = None
+        self.session_open = False
 
     # -- set-up
     def ensure_group(self) -> None:
         if self.group is not None:
             return
         engine, s = self.engine, self.settings
+        self.group_name = s.group_name if self.generation == 0 else f"{s.group_name}_{self.generation}"
+        self.generation += 1
         address = s.master_address or local_address_towards(engine.urls[0])
         port = s.master_port or _free_port()
         replicated = [url for url, facts in zip(engine.urls, engine.facts) if facts.dp_size > 1]
@@ -184,12 +195,18 @@ class DistributedWeightSender:
                 f"{', '.join(replicated)} run with --dp-size > 1: the weight update group is laid out per "
                 "tensor-parallel worker; start one server per replica instead (tools/launch_sglang.py does)"
             )
+        staged = [url for url, facts in zip(engine.urls, engine.facts) if facts.pp_size > 1]
+        if staged:
+            raise WeightSyncError(
+                f"{', '.join(staged)} run with --pp-size > 1: SGLang 0.5.23 numbers weight-update ranks rank_offset + "
+                "tp_rank (no pipeline term) and fills only each stage's layers with routes; use --pp-size 1"
+            )
         ranks = [facts.weight_sync_ranks for facts in engine.facts]
         self.world_size = 1 + sum(ranks)
         offsets = [1 + sum(ranks[:i]) for i in range(len(ranks))]
         payloads = [
             init_weights_update_group_payload(master_address=address, master_port=port, rank_offset=offset,
-                                              world_size=self.world_size, group_name=s.group_name,
+                                              world_size=self.world_size, group_name=self.group_name,
                                               backend=self.backend)
             for offset in offsets
         ]
@@ -198,7 +215,7 @@ class DistributedWeightSender:
                                                            timeout=s.timeout_s, retries=0))
         try:
             group = init_custom_process_group(backend=self.backend, init_method=f"tcp://{address}:{port}",
-                                              world_size=self.world_size, rank=0, group_name=s.group_name,
+                                              world_size=self.world_size, rank=0, group_name=self.group_name,
                                               timeout_s=s.timeout_s)
         except Exception as error:
             request.wait(5)
@@ -212,15 +229,25 @@ class DistributedWeightSender:
         for url, body in zip(engine.urls, request.bodies):
             check_success(body, f"{url} /init_weights_update_group")
         self.group = group
-        logger.info("weight update group %s: %d ranks via %s:%d (%s)", s.group_name, self.world_size, address, port,
+        logger.info("weight update group %s: %d ranks via %s:%d (%s)", self.group_name, self.world_size, address, port,
                     self.backend)
 
     # -- one update
     def begin(self, version: str) -> None:
+        dead = self.engine.drop_dead_servers()
+        if dead and self.group is not None:  # the group holds ranks of a dead server: build one without them
+            self._drop_group()
         self.ensure_group()
         self.version = version
         self.engine.on_all("POST", "/pause_generation", json={})
         self.engine.on_all("GET", "/flush_cache")
+        self.session_open = True  # from here on, a failure closes it (on every server, best effort)
+        try:
+            bodies = self.engine.on_all("POST", "/begin_weight_update", json={}, retries=0)
+        except Exception as error:  # noqa: BLE001 - one message naming the server
+            raise WeightSyncError(f"/begin_weight_update refused: {error}") from error
+        for url, body in zip(self.engine.urls, bodies):
+            check_success(body, f"{url} /begin_weight_update")
 
     def send_bucket(self, bucket: Iterable[tuple[str, torch.Tensor]]) -> None:
         engine, s = self.engine, self.settings
@@ -231,16 +258,18 @@ class DistributedWeightSender:
             tensors.append(tensor.detach().to(device=device, dtype=s.dtype).contiguous())
         if not names:
             return
-        payload = update_weights_from_distributed_payload(names, tensors, group_name=s.group_name, flush_cache=False,
-                                                          weight_version=self.version)
+        payload = update_weights_from_distributed_payload(names, tensors, group_name=self.group_name,
+                                                          flush_cache=False, weight_version=self.version)
         # the servers receive the broadcast while their request is open
         request = _BackgroundRequest(lambda: engine.on_all("POST", "/update_weights_from_distributed", json=payload,
                                                            timeout=s.timeout_s, retries=0))
         try:
-            for tensor in tensors:
-                dist.broadcast(tensor, src=0, group=self.group)
+            works = [dist.broadcast(tensor, src=0, group=self.group, async_op=True) for tensor in tensors]
+            self._await_broadcast(works, request, names)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+        except WeightSyncError:
+            raise
         except Exception as error:
             request.wait(5)
             raise WeightSyncError(
@@ -254,14 +283,64 @@ class DistributedWeightSender:
         for url, body in zip(engine.urls, request.bodies):
             check_success(body, f"{url} /update_weights_from_distributed")
 
+    def _await_broadcast(self, works, request: "_BackgroundRequest", names: list) -> None:
+        """Wait for rank 0's broadcasts, but give up at once when a server answers before receiving them (a
+        refusal: SGLang answers 400 without entering the receive, so the broadcast would wait for the group's
+        timeout). The group is then unusable (a half-done collective): it is dropped and rebuilt next sync."""
+        deadline = time.monotonic() + self.settings.timeout_s
+        while not all(work.is_completed() for work in works):
+            if request.wait(0.02):
+                refused = request.error is not None or any(
+                    not (isinstance(body, dict) and body.get("success", True)) for body in request.bodies or [])
+                if not refused:
+                    break  # every server received the tensors: our side of the broadcast completes
+                self._drop_group()
+                said = request.error if request.error is not None else request.bodies
+                raise WeightSyncError(
+                    f"/update_weights_from_distributed refused by the servers before receiving the {len(names)} "
+                    f"tensors ({names[0]} ...): {said}")
+            if time.monotonic() > deadline:
+                self._drop_group()
+                raise WeightSyncError(f"broadcast of {len(names)} tensors ({names[0]} ...) not received within "
+                                      f"{self.settings.timeout_s:g} s; servers said: {request.said()}")
+        for work in works:
+            work.wait()
+
+    def _drop_group(self) -> None:
+        group, self.group = self.group, None
+        if group is not None:
+            try:
+                dist.destroy_process_group(group)
+            except Exception as error:  # noqa: BLE001 - best effort: the group is abandoned anyway
+                logger.info("dropping the weight update group: %s", error)
+            try:
+                self.engine.on_all("POST", "/destroy_weights_update_group",
+                                   json={"group_name": self.group_name}, timeout=10.0, retries=0)
+            except Exception as error:  # noqa: BLE001 - best effort
+                logger.info("destroy_weights_update_group: %s", error)
+
     def finish(self) -> None:
+        try:
+            bodies = self.engine.on_all("POST", "/end_weight_update", json={}, retries=0)
+        except Exception as error:  # noqa: BLE001 - one message naming the server
+            raise WeightSyncError(f"/end_weight_update refused: {error}") from error
+        self.session_open = False
+        for url, body in zip(self.engine.urls, bodies):
+            check_success(body, f"{url} /end_weight_update")
         self.engine.on_all("GET", "/flush_cache")
         self.engine.on_all("POST", "/continue_generation", json={})
+        self.engine.record_weight_version(self.version)
         if self.settings.verify_version:
             verify_weight_version(self.engine, self.version)
 
     def abort(self) -> None:
-        """After a failed update: do not leave the servers paused (best effort)."""
+        """After a failed update: close the session and do not leave the servers paused (best effort)."""
+        if self.session_open:
+            self.session_open = False
+            try:
+                self.engine.on_all("POST", "/end_weight_update", json={}, retries=0, timeout=30.0)
+            except Exception as error:  # noqa: BLE001 - best effort
+                logger.warning("end_weight_update after a failed weight update: %s", error)
         try:
             self.engine.on_all("POST", "/continue_generation", json={}, retries=0)
         except Exception as error:  # noqa: BLE001 - best effort
@@ -271,7 +350,7 @@ class DistributedWeightSender:
         if self.group is None:
             return
         try:
-            self.engine.on_all("POST", "/destroy_weights_update_group", json={"group_name": self.settings.group_name},
+            self.engine.on_all("POST", "/destroy_weights_update_group", json={"group_name": self.group_name},
                                timeout=10.0, retries=0)
         except Exception as error:  # noqa: BLE001 - older servers lack the endpoint; the group dies with us
             logger.info("destroy_weights_update_group: %s", error)
@@ -308,20 +387,25 @@ class _BackgroundRequest:
 
 
 def verify_weight_version(engine, version: Optional[str]) -> None:
-    """Every server must report ``version`` on ``GET /get_weight_version`` (skipped where it has no endpoint)."""
+    """Every server must report ``version`` as ``weight_version`` on ``GET /model_info`` (SGLang 0.5.23; the alias
+    ``/get_model_info`` is tried when ``/model_info`` is missing). A server that reports no version fails: a missing
+    endpoint never skips the check."""
     if version is None:
         return
     from megatron_r3.rollout.sglang_engine import SGLangHTTPError
 
     for url in engine.urls:
         try:
-            body = engine.call(url, "GET", "/get_weight_version")
+            body = engine.call(url, "GET", "/model_info")
         except SGLangHTTPError as error:
-            if error.status in (404, 405):
-                continue
-            raise
+            if error.status not in (404, 405):
+                raise
+            body = engine.call(url, "GET", "/get_model_info")
         reported = weight_version_of(body)
-        if reported is not None and reported != version:
+        if reported is None:
+            raise WeightSyncError(f"{url} /model_info reports no weight_version (reply {str(body)[:200]}); cannot "
+                                  f"verify the update to {version!r}")
+        if reported != version:
             raise WeightSyncError(f"{url} reports weight version {reported!r} after the update to {version!r}")
 
 
@@ -347,12 +431,14 @@ class DiskWeightPublisher:
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(incoming, final)  # atomic: a server never sees a half-written version
+        self.engine.drop_dead_servers()
         payload = update_weights_from_disk_payload(final, load_format=self.settings.load_format,
                                                    weight_version=version)
         bodies = self.engine.on_all("POST", "/update_weights_from_disk", json=payload, timeout=self.settings.timeout_s,
                                     retries=0)
         for url, body in zip(self.engine.urls, bodies):
             check_success(body, f"{url} /update_weights_from_disk {final}")
+        self.engine.record_weight_version(version)
         if self.settings.verify_version:
             verify_weight_version(self.engine, version)
         for name in os.listdir(self.root):
@@ -411,8 +497,8 @@ def push_named_tensors(engine, named_tensors: Iterable[tuple[str, torch.Tensor]]
         publisher.publish(incoming, version)
         return version
     sender = engine.weight_sender()
-    sender.begin(version)
     try:
+        sender.begin(version)
         bucket, size = [], 0
         for name, tensor in named_tensors:
             nbytes = tensor.numel() * torch.empty((), dtype=settings.dtype).element_size()
@@ -422,10 +508,10 @@ def push_named_tensors(engine, named_tensors: Iterable[tuple[str, torch.Tensor]]
             bucket.append((name, tensor))
             size += nbytes
         sender.send_bucket(bucket)
+        sender.finish()
     except BaseException:
         sender.abort()
         raise
-    sender.finish()
     return version
 
 
@@ -456,7 +542,7 @@ def sync_policy_weights(engine, chunks, arch, hf_config, settings: Optional[Weig
         if sender is not None:
             if error is None:
                 guarded(sender.finish)
-            else:
+            if error is not None:  # also when finish itself failed: close the session, resume generation
                 sender.abort()
     else:
         publisher = incoming = None

@@ -135,6 +135,10 @@ def add_sglang_arguments(group) -> None:
     group.add_argument("--sglang-request-timeout", type=float, default=600.0,
                        help="Read timeout (s) of a /generate request; a timeout is retried.")
     group.add_argument("--sglang-connect-timeout", type=float, default=10.0, help="Connect timeout (s) of any call.")
+    group.add_argument("--sglang-rollout-deadline", type=float, default=None,
+                       help="Seconds one rollout (all its /generate requests) may take; default derived from the work: "
+                            "300 s + samples x max new tokens / 100 tokens/s. Past it the run fails naming the servers "
+                            "still owing replies.")
     group.add_argument("--sglang-max-retries", type=int, default=3,
                        help="Retries of a request after a connection error, timeout, HTTP 5xx or abort (never 4xx).")
     group.add_argument("--sglang-retry-backoff", type=float, default=1.0,

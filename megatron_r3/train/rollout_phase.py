@@ -127,6 +127,10 @@ def generate_batch(
         "rollout/trimmed_prompts": float(len(trimmed)),
         "timing/rollout_s": rollout_s,
     }
+    stats = getattr(engine, "last_stats", None) or {}
+    for key, name in (("retries", "rollout/http_retries"), ("dropped_servers", "rollout/dropped_servers")):
+        if key in stats:  # the SGLang engine: retried HTTP requests, dead servers removed so far
+            metrics[name] = float(stats[key])
     return RolloutPayload(samples=train_samples, metrics=metrics, failures=failed)
 
 

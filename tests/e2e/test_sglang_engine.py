@@ -223,9 +223,15 @@ def test_skip_policy_trains_on_the_rest(standin, capsys):
     with make_engine(standin.url, max_concurrency=1) as engine:
         payload = generate_batch(engine, prompt_ids, records, tokenizer, get_reward_fn("synthetic"), settings)
     assert payload.error is None
+    # counted in metrics.jsonl: a 4xx is not retried; no server was dropped
+    assert payload.metrics["rollout/http_retries"] == 0.0 and payload.metrics["rollout/dropped_servers"] == 0.0
     assert payload.metrics["rollout/failed_prompts"] == 1.0 and payload.metrics["rollout/trimmed_prompts"] == 1.0
     assert len(payload.samples) == 4 and payload.metrics["rollout/samples"] == 4.0
     assert "1 of 4 prompts failed and were skipped" in capsys.readouterr().out
+    standin.set_faults({"http_500_first": 1})  # one 5xx, retried: counted in metrics.jsonl
+    with make_engine(standin.url, max_concurrency=1) as engine:
+        payload = generate_batch(engine, prompt_ids, records, tokenizer, get_reward_fn("synthetic"), settings)
+    assert payload.error is None and payload.metrics["rollout/http_retries"] == 1.0
     standin.set_faults({"http_400_first": 1})
     with make_engine(standin.url, max_concurrency=1) as engine:  # the default policy raises (on every rank)
         settings.failure_policy = "raise"
@@ -388,12 +394,31 @@ def sync_check_main(address_dir: str, run_dir: str, disk_dir: str, out: str) -> 
     trainer.step += 1
     records.append({"stage": "step1-disk", "servers": on_servers(), "export": from_export()})
     if rank == 0:
-        versions = [requests.get(url + "/get_weight_version", timeout=10).json()["weight_version"]
+        versions = [requests.get(url + "/model_info", timeout=10).json()["weight_version"]
                     for url in engine.urls]
+    # a server that refuses the update (here: a weight-update session is already open on server 0): every trainer
+    # rank fails promptly with the server's message, never after the group timeout (60 s)
+    from megatron_r3.rollout.weight_sync import WeightSyncError
+
+    if engine is not None:
+        engine.weight_sync = dataclasses.replace(engine.weight_sync, mode="distributed")
+        requests.post(engine.urls[0] + "/begin_weight_update", json={}, timeout=10).raise_for_status()
+    args.weight_sync = "distributed"
+    start = time.monotonic()
+    try:
+        setup.sync_weights_to_engine()
+        refused = None
+    except WeightSyncError as error:
+        refused = str(error)
+    refusals: list = [None] * dist.get_world_size()
+    dist.all_gather_object(refusals, {"seconds": time.monotonic() - start, "error": refused})
+    if engine is not None:
+        requests.post(engine.urls[0] + "/end_weight_update", json={}, timeout=10)
     setup.close()
     if rank == 0:
         with open(out, "w") as handle:
-            json.dump({"records": records, "versions": versions, "disk": sorted(os.listdir(disk_dir))}, handle)
+            json.dump({"records": records, "versions": versions, "disk": sorted(os.listdir(disk_dir)),
+                       "refusals": refusals}, handle)
     dist.barrier()
 
 
@@ -412,6 +437,9 @@ def test_servers_use_the_weights_pushed_after_each_step(launched, tmp_path):
     assert records[0]["export"] != records[1]["export"] != records[2]["export"]  # every step changed the weights
     assert result["versions"] == ["3", "3"]  # initial sync, after step 0, after step 1
     assert result["disk"] == ["weights-v3"]  # atomic versioned directory, older ones removed
+    for refusal in result["refusals"]:  # every rank, promptly, with the server's message
+        assert refusal["error"] and "a weight-update session is already open" in refusal["error"], refusal
+        assert refusal["seconds"] < 30, refusal
 
 
 def test_update_weights_from_this_process(launched, tmp_path):

@@ -7,17 +7,26 @@ SGLang's format (REFERENCE §3) and generates through the embedded :class:`~mega
     POST /generate                      input_ids (single or batch form), sampling_params (dict or list; n), return_logprob,
                                         return_routed_experts, routed_experts_start_len -> text/output_ids/meta_info
     GET  /health, /health_generate      200
-    GET  /get_model_info, /get_server_info
-    GET|POST /flush_cache               "Cache flushed."
+    GET  /model_info (alias /get_model_info)     weight_version among SGLang's fields
+    GET  /server_info (alias /get_server_info)   flat ServerArgs fields (tp_size, enable_return_routed_experts, ...)
+    GET|POST /flush_cache               "Cache flushed." (HTTP 400 while a /generate runs, as SGLang)
     POST /pause_generation, /continue_generation   (paused: new /generate requests wait)
     POST /init_weights_update_group     joins the trainer's group (blocks until every rank joined, like SGLang)
-    POST /update_weights_from_distributed   receives each tensor by broadcast from rank 0, in order, and loads them
+    POST /begin_weight_update, /end_weight_update   the weight-update session (SGLang's own state machine)
+    POST /update_weights_from_distributed   inside a session: receives each tensor by broadcast from rank 0, in order,
+                                        and loads them; outside one: 400 without receiving (SGLang 0.5.23)
     POST /destroy_weights_update_group
     POST /update_weights_from_disk      loads the safetensors of model_path
-    GET  /get_weight_version            {"weight_version": ...}  ("default" until an update names one)
-    POST /standin/faults, GET /standin/stats   test control (not SGLang)
+    POST /standin/faults, /standin/weight_version, GET /standin/stats   test control (not SGLang)
 
-Faithful details: routes are base64 of flat row-major int32 (or the announced ``routed_experts_dtype``) of shape
+SGLang's own code where it runs on a CPU (``sglang_code.py``; when SGLang is installed): every weight-update
+request body is validated by its request struct, and begin/update/end/disk go through the scheduler's
+``SchedulerWeightUpdaterManager`` (session rules and messages); without SGLang a mirror of those rules is used.
+An abort whose ``finish_reason`` has ``status_code >= 400`` is an HTTP error of that status, not a reply
+(``TokenizerManager._handle_abort_finish_reason``).
+
+Faithful details: routes are base64 of flat row-major int32 (SGLang 0.5.23 sends no dtype or start-len field;
+``--routed-experts-dtype`` announces another dtype only to exercise the decoder's tolerance) of shape
 ``[seqlen - 1 - start_len, num_hidden_layers, top_k]``, dense layers zero; without ``--enable-return-routed-experts``
 the routes are silently omitted, as SGLang does; unknown sampling parameters are a 400; generation also stops at the
 model config's ``eos_token_id`` unless ``ignore_eos``. Not faithful: sampling. A request (or a run of consecutive
@@ -47,6 +56,8 @@ from typing import Any, Optional
 
 import torch
 
+from tests.sglang_standin.faults import Faults
+
 SAMPLING_FIELDS = {
     "temperature", "top_p", "top_k", "min_p", "max_new_tokens", "min_new_tokens", "stop", "stop_token_ids",
     "sampling_seed", "n", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
@@ -55,46 +66,6 @@ SAMPLING_FIELDS = {
 }
 UNSUPPORTED_NONDEFAULT = {"min_p": 0.0, "min_new_tokens": 0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
                           "repetition_penalty": 1.0}
-
-
-@dataclass
-class Faults:
-    http_500_first: int = 0  # the first N /generate requests answer HTTP 500
-    http_400_first: int = 0  # ... answer HTTP 400
-    drop_connection_first: int = 0  # ... close the connection without a reply
-    delay_first: int = 0  # ... are answered only after delay_s
-    delay_s: float = 0.0
-    abort_first: int = 0  # the first N samples finish with reason "abort"
-    truncate_routes_first: int = 0  # ... carry base64 routes cut short
-    wrong_rows_first: int = 0  # ... carry routes with one row missing
-    omit_routes_first: int = 0  # ... carry no routed_experts at all
-    duplicate_ids_first: int = 0  # ... carry routes whose every row repeats one expert id (unusable rows)
-    shift_routes_first: int = 0  # ... carry routes shifted by one row (right count, valid ids, wrong tokens)
-    routes_as_int_first: int = 0  # ... carry routed_experts as a JSON integer instead of base64
-    neginf_logprob_first: int = 0  # ... carry -inf as the logprob of their first generated token
-    fail_weight_update: bool = False  # /update_weights_* receive the tensors but answer success=false
-
-    def update(self, values: dict) -> None:
-        names = {f.name: f for f in dataclasses.fields(self)}
-        for key, value in values.items():
-            if key not in names:
-                raise ValueError(f"unknown fault {key!r}; known: {sorted(names)}")
-            kind = type(getattr(self, key))
-            setattr(self, key, value if kind is not bool else bool(value))
-
-    @classmethod
-    def parse(cls, items) -> "Faults":
-        faults = cls()
-        for item in items or []:
-            key, _, value = item.partition("=")
-            kind = type(getattr(faults, key, None))
-            if kind is bool:
-                faults.update({key: value.lower() in ("1", "true", "yes")})
-            elif kind in (int, float):
-                faults.update({key: kind(value)})
-            else:
-                raise ValueError(f"unknown fault {key!r}")
-        return faults
 
 
 @dataclass
@@ -108,6 +79,8 @@ class StandinConfig:
     max_running_requests: int = 1024  # the embedded engine's batch size
     routed_experts_dtype: Optional[str] = None  # None: int32 without announcing it (releases before the field)
     tp_size: int = 1
+    enable_deterministic_inference: bool = False
+    disable_radix_cache: bool = False
     faults: Faults = field(default_factory=Faults)
 
 
@@ -165,6 +138,13 @@ class StandinServer:
         self.stats = {"generate_requests": 0, "samples": 0, "weight_updates": 0, "pauses": 0, "flushes": 0}
         self._samples_seen = 0
         self._requests_seen = 0
+        self._running: set = set()  # /generate requests running or waiting (flush refusal)
+        from tests.sglang_standin.sglang_code import MirrorSession, SessionManager, load
+
+        hooks = dict(receive=self._receive, load_received=self._load_received, load_from_disk=self._load_from_disk,
+                     flush=self._flush, set_version=self._set_version)
+        sglang, _ = load()
+        self.session = SessionManager(sglang, **hooks) if sglang is not None else MirrorSession(**hooks)
         self.httpd = ThreadingHTTPServer((config.host, config.port), _make_handler(self))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
@@ -196,32 +176,83 @@ class StandinServer:
             self.stats["generate_requests"] = self.stats["samples"] = 0
 
     # ------------------------------------------------------------------ endpoints
+    def _validate(self, path: str, body: Any) -> None:
+        """With SGLang installed: the body must pass the request class FastAPI validates it with (422 otherwise)."""
+        from tests.sglang_standin.sglang_code import load, validate
+
+        sglang, _ = load()
+        if sglang is None:
+            return
+        if path == "/generate":
+            try:
+                request = sglang.io_struct.GenerateReqInput(**(body or {}))
+                request.normalize_batch_and_arguments()
+                params = request.sampling_params if isinstance(request.sampling_params, list) else [
+                    request.sampling_params or {}]
+                for sp in params:
+                    sglang.sampling_params.SamplingParams(**sp).verify(self.hf_config.vocab_size)
+            except (TypeError, ValueError) as error:
+                raise _HTTPError(400, f"{type(error).__name__}: {error}")
+            return
+        name = _REQUEST_CLASSES.get(path)
+        if name is not None:
+            from pydantic import ValidationError
+
+            try:
+                validate(sglang, name, body or {})
+            except ValidationError as error:
+                raise _HTTPError(422, str(error))
+
     def route(self, method: str, path: str, body: Any, handler) -> tuple[int, Any]:
         path = path.split("?", 1)[0]
+        if method == "POST":
+            self._validate(path, body)
         if path in ("/health", "/health_generate"):
             return 200, None
-        if path == "/get_model_info":
+        if path in ("/model_info", "/get_model_info"):
             return 200, {"model_path": self.config.model_path, "tokenizer_path": None, "is_generation": True,
                          "preferred_sampling_params": None, "weight_version": self.weight_version,
                          "model_type": self.hf_config.model_type}
-        if path == "/get_server_info":
+        if path in ("/server_info", "/get_server_info"):
             return 200, {"model_path": self.config.model_path, "tp_size": self.config.tp_size, "dp_size": 1,
                          "pp_size": 1, "dtype": self.config.dtype, "random_seed": self.config.random_seed,
                          "enable_return_routed_experts": self.config.enable_return_routed_experts,
-                         "max_running_requests": self.config.max_running_requests, "version": "standin"}
-        if path == "/get_weight_version":
-            return 200, {"weight_version": self.weight_version}
+                         "max_running_requests": self.config.max_running_requests, "version": "standin",
+                         "enable_deterministic_inference": self.config.enable_deterministic_inference,
+                         "disable_radix_cache": self.config.disable_radix_cache}
         if path == "/flush_cache":
+            if not self._flush():  # http_server.flush_cache: 400 with the scheduler's refusal
+                raise _HTTPError(400, "Flush cache failed.\n")
             self.stats["flushes"] += 1
             return 200, "Cache flushed.\nPlease check backend logs for more details. (When there are running or " \
                         "waiting requests, the operation will not be performed.)\n"
         if path == "/standin/stats":
-            return 200, dict(self.stats, weight_version=self.weight_version, paused=not self.resume.is_set())
+            return 200, dict(self.stats, weight_version=self.weight_version, paused=not self.resume.is_set(),
+                             session=f"{type(getattr(self.session, 'manager', self.session)).__module__}."
+                                     f"{type(getattr(self.session, 'manager', self.session)).__name__}")
         if method != "POST":
             raise _HTTPError(404 if path not in _POST_PATHS else 405, f"{method} {path} not found")
         if path == "/generate":
-            return self.generate(body or {}, handler)
+            token = object()
+            with self.counter_lock:
+                self._running.add(token)
+            try:
+                status, reply = self.generate(body or {}, handler)
+            finally:
+                with self.counter_lock:
+                    aborted = token not in self._running
+                    self._running.discard(token)
+            if aborted:  # pause_generation (mode "abort") aborted it while it ran
+                for entry in reply if isinstance(reply, list) else [reply]:
+                    entry["meta_info"]["finish_reason"] = {"type": "abort", "message": "Abort by pause_generation."}
+            return status, reply
         if path == "/pause_generation":
+            mode = (body or {}).get("mode", "abort")
+            if mode not in ("abort", "retract", "in_place"):
+                raise _HTTPError(400, f"unknown pause mode {mode!r}")
+            if mode != "in_place":  # abort: running requests end as aborted; retract: back to waiting (flushable)
+                with self.counter_lock:
+                    self._running.clear()
             self.resume.clear()
             self.stats["pauses"] += 1
             return 200, {"message": "Generation paused successfully.", "status": "ok"}
@@ -230,15 +261,23 @@ class StandinServer:
             return 200, {"message": "Generation continued successfully.", "status": "ok"}
         if path == "/init_weights_update_group":
             return self.init_group(body or {})
-        if path == "/update_weights_from_distributed":
-            return self.update_from_distributed(body or {})
+        if path in ("/begin_weight_update", "/end_weight_update", "/update_weights_from_distributed"):
+            success, message = self.session.call(path[1:], body or {})
+            return (200 if success else 400), {"success": success, "message": message}
         if path == "/destroy_weights_update_group":
             group = self.groups.pop((body or {}).get("group_name", "weight_update_group"), None)
             if group is not None:
                 _destroy(group)
             return 200, {"success": True, "message": "Succeeded to destroy custom process group."}
         if path == "/update_weights_from_disk":
-            return self.update_from_disk(body or {})
+            path_ = (body or {}).get("model_path")
+            if self.faults.fail_weight_update:
+                return 400, {"success": False, "message": "injected fault: failed to update weights"}
+            success, message = self.session.call("update_weights_from_disk", body or {})
+            return (200 if success else 400), {"success": success, "message": message, "num_paused_requests": 0}
+        if path == "/standin/weight_version":  # test control: a server that missed a sync
+            self.weight_version = str((body or {})["weight_version"])
+            return 200, {"weight_version": self.weight_version}
         if path == "/standin/faults":
             self.set_faults(body or {})
             return 200, {"faults": dataclasses.asdict(self.faults)}
@@ -301,6 +340,11 @@ class StandinServer:
         for (prompt, sp, start_len), sample in zip(entries, results):
             outputs.append(self._reply_entry(prompt, sp, start_len, sample, routes_wanted,
                                              bool(body.get("return_logprob")), latency))
+        for output in outputs:  # TokenizerManager._handle_abort_finish_reason: status_code >= 400 -> HTTP error
+            finish = output["meta_info"]["finish_reason"]
+            code = finish.get("status_code")
+            if finish.get("type") == "abort" and isinstance(code, int) and 400 <= code < 600:
+                raise _HTTPError(code, finish["message"])
         return 200, outputs if batch or len(outputs) > 1 else outputs[0]
 
     def _generate_run(self, run, routes_wanted: bool):
@@ -362,10 +406,8 @@ class StandinServer:
             if number < faults.truncate_routes_first:
                 payload = payload[: max(0, len(payload) // 2 - 1)]
             meta["routed_experts"] = payload if number >= faults.routes_as_int_first else 12345
-            if self.config.routed_experts_dtype:
+            if self.config.routed_experts_dtype:  # not SGLang 0.5.23 (int32, no dtype field): the decoder's tolerance
                 meta["routed_experts_dtype"] = self.config.routed_experts_dtype
-            if start_len:
-                meta["routed_experts_start_len"] = start_len
         return {"text": "", "output_ids": response, "meta_info": meta}
 
     # -- weights
@@ -387,51 +429,68 @@ class StandinServer:
         self.groups[name] = group
         return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
 
-    def update_from_distributed(self, body: dict) -> tuple[int, Any]:
+    # the model side of SGLang's weight-update manager (``SessionManager`` / ``_MirrorSession`` call these)
+    def _receive(self, names, dtypes, shapes, group_name):
         import torch.distributed as dist
 
-        name = body.get("group_name", "weight_update_group")
-        group = self.groups.get(name)
+        group = self.groups.get(group_name)
         if group is None:
-            return 400, {"success": False, "message": f"no weight update group {name!r}; call "
-                                                       f"/init_weights_update_group first"}
-        names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
+            raise RuntimeError(f"no weight update group {group_name!r}; call /init_weights_update_group first")
         received = []
         for tensor_name, dtype, shape in zip(names, dtypes, shapes):
             tensor = torch.empty(shape, dtype=getattr(torch, dtype))
             dist.broadcast(tensor, src=0, group=group)
             received.append((tensor_name, tensor))
-        if self.faults.fail_weight_update:
-            return 400, {"success": False, "message": "injected fault: failed to update weights"}
-        return self._load(received, body.get("weight_version"), "Succeeded to update parameter online.")
+        return received
 
-    def update_from_disk(self, body: dict) -> tuple[int, Any]:
-        path = body.get("model_path")
-        if not path or not os.path.isdir(path):
-            return 400, {"success": False, "message": f"model_path {path!r} is not a directory"}
+    def _load_received(self, tensors) -> tuple[bool, str]:
         if self.faults.fail_weight_update:
-            return 400, {"success": False, "message": "injected fault: failed to update weights"}
+            return False, "injected fault: failed to update weights"
+        return self._load(tensors)
+
+    def _load_from_disk(self, path) -> tuple[bool, str]:
+        if not path or not os.path.isdir(path):
+            return False, f"model_path {path!r} is not a directory"
         try:
             tensors = read_safetensors_dir(path)
         except Exception as error:  # noqa: BLE001 - reported to the client
-            return 400, {"success": False, "message": f"Failed to load weights from {path}: {error}"}
-        return self._load(tensors, body.get("weight_version"), "Succeeded to update model weights.")
+            return False, f"Failed to load weights from {path}: {error}"
+        success, message = self._load(tensors)
+        return success, ("Succeeded to update model weights." if success else message)
 
-    def _load(self, tensors, version, message) -> tuple[int, Any]:
+    def _set_version(self, version) -> None:
+        if version is not None:
+            self.weight_version = str(version)
+        self.stats["weight_updates"] += 1
+
+    def _flush(self) -> bool:
+        """SGLang's scheduler refuses to flush while requests run or wait."""
+        with self.counter_lock:
+            return not self._running
+
+    def _load(self, tensors) -> tuple[bool, str]:
         with self.lock:
             try:
                 self.engine.update_weights(tensors)
             except Exception as error:  # noqa: BLE001 - reported to the client
-                return 400, {"success": False, "message": f"Failed to load weights: {error}"}
-            if version is not None:
-                self.weight_version = str(version)
-            self.stats["weight_updates"] += 1
-        return 200, {"success": True, "message": message, "num_paused_requests": 0}
+                return False, f"Failed to load weights: {error}"
+        return True, "Succeeded to update parameter online."
 
 
 _POST_PATHS = {"/generate", "/pause_generation", "/continue_generation", "/init_weights_update_group",
+               "/begin_weight_update", "/end_weight_update",
                "/update_weights_from_distributed", "/destroy_weights_update_group", "/update_weights_from_disk",
-               "/standin/faults"}
+               "/standin/faults", "/standin/weight_version"}
+
+
+_REQUEST_CLASSES = {  # http_server.py: the body class of each endpoint
+    "/pause_generation": "PauseGenerationReqInput", "/continue_generation": "ContinueGenerationReqInput",
+    "/init_weights_update_group": "InitWeightsUpdateGroupReqInput",
+    "/destroy_weights_update_group": "DestroyWeightsUpdateGroupReqInput",
+    "/begin_weight_update": "BeginWeightUpdateReqInput", "/end_weight_update": "EndWeightUpdateReqInput",
+    "/update_weights_from_distributed": "UpdateWeightsFromDistributedReqInput",
+    "/update_weights_from_disk": "UpdateWeightFromDiskReqInput",
+}
 
 
 class _DropConnection(Exception):
@@ -566,6 +625,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     # SGLang launch flags the launcher passes; accepted and ignored here
     parser.add_argument("--mem-fraction-static", type=float, default=None)
     parser.add_argument("--disable-radix-cache", action="store_true")
+    parser.add_argument("--chunked-prefill-size", type=int, default=None)
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--skip-tokenizer-init", action="store_true")
     parser.add_argument("--enable-deterministic-inference", action="store_true")
@@ -580,6 +640,8 @@ def main(argv=None) -> None:
         enable_return_routed_experts=args.enable_return_routed_experts, dtype=args.dtype,
         random_seed=args.random_seed, max_running_requests=args.max_running_requests,
         routed_experts_dtype=args.routed_experts_dtype, tp_size=args.tp_size, faults=Faults.parse(args.fault),
+        enable_deterministic_inference=args.enable_deterministic_inference,
+        disable_radix_cache=args.disable_radix_cache,
     )
     server = StandinServer(config)
     if args.port_file:

@@ -183,6 +183,10 @@ def test_weight_sync_payloads():
     facts = server_facts({"tp_size": 4, "dp_size": 1, "enable_return_routed_experts": False, "version": "0.5.7"})
     assert facts.weight_sync_ranks == 4 and facts.routes_enabled is False and facts.version == "0.5.7"
     assert server_facts("not a dict").routes_enabled is None
+    # SGLang 0.5.23 numbers weight-update ranks rank_offset + tp_rank: no pipeline term (pp > 1 is refused)
+    staged = server_facts({"tp_size": 2, "pp_size": 2, "enable_deterministic_inference": True})
+    assert staged.weight_sync_ranks == 2 and staged.pp_size == 2 and staged.deterministic is True
+    assert server_facts({"tp_size": 2}).deterministic is None
 
 
 def test_address_files(tmp_path):
