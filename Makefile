@@ -12,13 +12,13 @@ SGLANG_CONTRACT := sglang==0.5.23 orjson==3.13.0 starlette==1.10.0 msgspec==0.23
 	aiohappyeyeballs==2.7.1 aiosignal==1.4.0 frozenlist==1.8.0 dill==0.4.1 apache-tvm-ffi==0.1.15.post2 \
 	sentencepiece==0.2.3 compressed-tensors==0.20.1 loguru==0.7.3 gguf==0.19.0 openai==3.57.0 sniffio==1.3.1 \
 	partial-json-parser==0.2.1.1.post7
-STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f1)
 
 .PHONY: install test test-unit test-distributed test-e2e demo bench clean
 
 install: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q numpy 'packaging>=24.2'
