@@ -21,51 +21,9 @@ PY=${PYTHON:-python3}
 START=$(date +%s)
 : > "$MD"
 : > "$LOG"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-
-if ! $PY -c "import megatron.core" 2>/dev/null; then
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-  fi
-fi
-{
-  echo "# bench/run_gpu.sh, $(date -u '+%Y-%m-%d %H:%M UTC')"
-  echo
-  echo '```'
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-  $PY -c "import sys, torch, megatron.core, transformers; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| megatron-core', megatron.core.__version__, '| transformers', transformers.__version__, '| cpu cores', __import__('os').cpu_count())" 2>&1 | tail -1
-  $PY -c "import pybase64; print('pybase64', pybase64.__version__)" 2>/dev/null || echo "pybase64 missing"
-  git rev-parse --short HEAD 2>/dev/null || echo "no git here"
-  echo '```'
-} | tee -a "$MD"
-
-# part NAME LIMIT_S CMD...: runs CMD under `timeout`, appends its tables to $MD (and stdout), its log to $LOG
-part() {
-  local name=$1 limit=$2
-  shift 2
-  local now left t0 rc
-  now=$(date +%s)
-  left=$((BUDGET - (now - START)))
-  if [ "$left" -lt 25 ]; then
-    printf '\n## %s: SKIPPED (time budget of %s s spent)\n' "$name" "$BUDGET" | tee -a "$MD"
-    return
-  fi
-  [ "$limit" -gt "$left" ] && limit=$left
-  printf '\n## %s\n\n`%s`\n' "$name" "$*" | tee -a "$MD"
-  t0=$(date +%s)
-  timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
-  rc=$?
-  grep -E '^(\||###|\[[a-z_0-9]+\] |wrote |baseline |pybase64 )' "$WORK/$name.log" | grep -v '^wrote ' | tee -a "$MD"
-  if [ "$rc" -ne 0 ]; then
-    printf '\n**%s: exit %s%s** (last lines of its log):\n```\n' "$name" "$rc" "$([ "$rc" -eq 124 ] && echo ', timed out')" | tee -a "$MD"
-    grep -v -i 'warn' "$WORK/$name.log" | tail -25 | tee -a "$MD"
-    echo '```' | tee -a "$MD"
-  fi
-  printf '\n(%s: exit %s, %s s)\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" | tee -a "$MD"
-  { echo "===== $name: $*"; cat "$WORK/$name.log"; } >> "$LOG"
-}
+. bench/gpu_parts.sh
+gpu_environment
+gpu_header bench/run_gpu.sh
 
 # 1. bf16 replay checks + no host sync in layout/copy/install/replay (re-validates the optimised code paths)
 part gpu_checks 90 $PY tests/gpu/gpu_checks.py --out "$WORK/gpu_checks" --only replay_bf16 sync_error
@@ -90,18 +48,5 @@ part overhead_full 150 $PY bench/replay_overhead.py --device cuda --preset qwen3
 # 8. mismatch reduction, hf engine bf16 vs trainer fp32, same batch (also measured on CPU)
 part mismatch 120 $PY bench/mismatch_reduction.py --device cuda --model deep --steps 4 --json "$WORK/mismatch.json"
 
-$PY - "$WORK" "$OUT/bench_gpu.json" <<'EOF'
-import glob, json, os, sys
-work, out = sys.argv[1], sys.argv[2]
-merged = {}
-for path in sorted(glob.glob(os.path.join(work, "*.json"))):
-    try:
-        with open(path) as handle:
-            merged[os.path.basename(path)[:-5]] = json.load(handle)
-    except Exception as error:  # noqa: BLE001
-        merged[os.path.basename(path)[:-5]] = {"unreadable": str(error)}
-with open(out, "w") as handle:
-    json.dump(merged, handle, indent=1, default=str)
-print(f"merged {len(merged)} result files into {out}")
-EOF
-printf '\nTotal %s s. Files: %s\n' "$(( $(date +%s) - START ))" "$(ls "$OUT" | tr '\n' ' ')" | tee -a "$MD"
+merge_results "$OUT/bench_gpu.json"
+gpu_footer

@@ -11,13 +11,7 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpu_suite_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if ! $PY -c "import megatron.core" 2>/dev/null; then
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-  fi
-fi
+. bench/gpu_parts.sh
+gpu_environment
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 exec $PY tests/gpu/gpu_suite.py --out "$OUT" --budget-s "${GPU_SUITE_BUDGET_S:-470}"
