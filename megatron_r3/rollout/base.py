@@ -46,6 +46,10 @@ class RolloutSample:
     routes: expert ids for positions `0 .. T-2` (`Routes.end_row == T - 1`), or None when not requested.
     finish_reason: "stop" (a stop token), "length" (max_new_tokens) or "abort".
     prompt_index: index of the prompt in the `generate` call.
+    response_mask: bool `[T - prompt_length]`, True where the model generated the token, False where a multi-turn
+        rollout inserted it (tool/user turns; :mod:`megatron_r3.rollout.multiturn`); None: every response token was
+        generated (single turn). Inserted tokens carry no loss and their `response_logprobs` are 0, but they still
+        have route rows: they pass through the MoE layers.
     """
 
     tokens: torch.Tensor
@@ -54,6 +58,7 @@ class RolloutSample:
     routes: Optional[Routes]
     finish_reason: str
     prompt_index: int
+    response_mask: Optional[torch.Tensor] = None
 
     @property
     def response_length(self) -> int:
@@ -62,6 +67,15 @@ class RolloutSample:
     @property
     def response_ids(self) -> torch.Tensor:
         return self.tokens[self.prompt_length :]
+
+    def final_turn_ids(self) -> torch.Tensor:
+        """The tokens the model generated after the last inserted span (the whole response for a single turn): the
+        answer a multi-turn task's reward checks."""
+        if self.response_mask is None:
+            return self.response_ids
+        inserted = torch.nonzero(~self.response_mask.bool()).flatten()
+        start = int(inserted[-1]) + 1 if inserted.numel() else 0
+        return self.response_ids[start:]
 
 
 @dataclass
@@ -88,8 +102,13 @@ class RolloutEngine(Protocol):
         *,
         samples_per_prompt: int = 1,
         return_routes: bool = False,
+        routes_start_len: Optional[Sequence[int]] = None,
     ) -> RolloutResult:
-        """Sample `samples_per_prompt` responses per prompt; samples come back grouped by prompt, in prompt order."""
+        """Sample `samples_per_prompt` responses per prompt; samples come back grouped by prompt, in prompt order.
+
+        routes_start_len: per prompt, the first route row to return (SGLang's `routed_experts_start_len`, in
+        `[0, len(prompt)]`): routes then cover rows `start_len .. T-2` (`Routes.start_row == start_len`). A
+        multi-turn rollout asks each later turn only for the rows the earlier turns did not cover."""
         ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -33,15 +33,17 @@ Reproducibility
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from megatron_r3.replay.routes import routes_from_array
+from megatron_r3.replay.routes import Routes, routes_from_array
 from megatron_r3.rollout.base import RolloutResult, RolloutSample, SamplingParams
 from megatron_r3.rollout.hf_capture import RouteCapture, moe_layer_map
+from megatron_r3.rollout.multiturn import check_routes_start_len
 from megatron_r3.model.hf_module import WeightLoader
 from megatron_r3.rollout.sampling import sample_tokens
 
@@ -175,14 +177,19 @@ class HFRolloutEngine:
         *,
         samples_per_prompt: int = 1,
         return_routes: bool = False,
+        routes_start_len: Optional[Sequence[int]] = None,
     ) -> RolloutResult:
-        """Sample ``samples_per_prompt`` responses per prompt; samples come back grouped by prompt, in prompt order."""
+        """Sample ``samples_per_prompt`` responses per prompt; samples come back grouped by prompt, in prompt order.
+
+        ``routes_start_len`` (per prompt): routes cover rows ``start_len .. T-2`` only, as SGLang returns them for
+        ``routed_experts_start_len`` (the rows are captured in the same forwards; the earlier ones are left out)."""
         self._check_open()
         if not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt must be a positive int, got {samples_per_prompt!r}")
         checked = [self._check_prompt(index, prompt) for index, prompt in enumerate(prompts)]
+        starts = check_routes_start_len(checked, routes_start_len)
         sequences = [(index, prompt) for index, prompt in enumerate(checked) for _ in range(samples_per_prompt)]
         generator = self._generator
         if sampling.seed is not None:
@@ -199,6 +206,10 @@ class HFRolloutEngine:
                     samples += self._generate_batch(chunk, begin, sampling, generator, return_routes, bar)
                 finally:
                     self._capture.stop()
+        if return_routes and any(starts):
+            samples = [sample if not starts[sample.prompt_index] else dataclasses.replace(sample, routes=Routes(
+                sample.routes.expert_ids[starts[sample.prompt_index]:], num_experts=sample.routes.num_experts,
+                start_row=starts[sample.prompt_index], source="hf")) for sample in samples]
         seconds = time.perf_counter() - start
         new_tokens = sum(sample.response_length for sample in samples)
         self.last_stats = {

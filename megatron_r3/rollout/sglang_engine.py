@@ -39,6 +39,7 @@ import torch
 
 from megatron_r3.replay.routes import RouteError
 from megatron_r3.rollout.base import RolloutFailure, RolloutResult, RolloutSample, SamplingParams
+from megatron_r3.rollout.multiturn import check_routes_start_len
 from megatron_r3.rollout.sglang_protocol import (
     ROUTES_HINT,
     AbortedError,
@@ -137,20 +138,23 @@ class SGLangEngine(SGLangHTTP):
         *,
         samples_per_prompt: int = 1,
         return_routes: bool = False,
+        routes_start_len: Optional[Sequence[int]] = None,
     ) -> RolloutResult:
         """Sample ``samples_per_prompt`` responses per prompt; samples come back grouped by prompt, in prompt order;
-        prompts that could not be served come back as failures."""
+        prompts that could not be served come back as failures. ``routes_start_len`` (per prompt) is sent as
+        ``routed_experts_start_len``: the server returns rows ``start_len .. T-2`` only (multi-turn rollouts)."""
         self._check_open()
         if not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt must be a positive int, got {samples_per_prompt!r}")
         checked = [self._check_prompt(index, prompt) for index, prompt in enumerate(prompts)]
+        starts = check_routes_start_len(checked, routes_start_len) if return_routes else [0] * len(checked)
         if sampling.seed is not None:
             self._check_seeds_honoured()
         start = time.perf_counter()
         specs = plan_samples(len(checked), samples_per_prompt, sampling.seed)
-        requests = split_requests(specs, self.config.request_size)
+        requests = split_requests(specs, self.config.request_size, starts if any(starts) else None)
         outcome = _Outcome()
         self._stop.clear()
         deadline_s = self.rollout_deadline(len(specs), sampling.max_new_tokens)
@@ -160,7 +164,8 @@ class SGLangEngine(SGLangHTTP):
             workers = min(self.config.max_concurrency, len(requests))
             pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sglang")
             futures = [
-                pool.submit(self._serve, index, request, checked, sampling, return_routes)
+                pool.submit(self._serve, index, request, checked, sampling, return_routes,
+                            starts[request[0].prompt_index])
                 for index, request in enumerate(requests)
             ]
             last_log = time.monotonic()
@@ -255,7 +260,8 @@ class SGLangEngine(SGLangHTTP):
             raise ValueError(f"prompt {index} holds token id {bad}, outside the vocabulary [0, {self.vocab_size})")
         return ids
 
-    def _serve(self, index: int, specs, prompts, sampling: SamplingParams, return_routes: bool) -> _Outcome:
+    def _serve(self, index: int, specs, prompts, sampling: SamplingParams, return_routes: bool,
+               start_len: int = 0) -> _Outcome:
         """One /generate request (with retries): every sample of it ends up in ``samples`` or ``errors``."""
         outcome = _Outcome()
         payload = generate_payload(
@@ -263,6 +269,7 @@ class SGLangEngine(SGLangHTTP):
             [sampling_params_payload(sampling, spec.seed) for spec in specs],
             return_routes=return_routes,
             batch=len(specs) > 1,
+            routes_start_len=start_len,
         )
         retries = self.config.max_retries
         last = ""
@@ -295,6 +302,7 @@ class SGLangEngine(SGLangHTTP):
                             return_routes=return_routes, num_layers=self.num_layers, topk=self.topk,
                             num_experts=self.num_experts, vocab_size=self.vocab_size,
                             sample_id=f"prompt {spec.prompt_index} sample {spec.group_index}",
+                            requested_start_len=start_len,
                         )
                     except MissingRoutesError as error:
                         raise SGLangConfigError(f"{url}: {error}") from None

@@ -134,13 +134,23 @@ def plan_samples(num_prompts: int, samples_per_prompt: int, base_seed: Optional[
     return specs
 
 
-def split_requests(specs: Sequence[SampleSpec], request_size: int) -> list[list[SampleSpec]]:
-    """Consecutive samples per ``/generate`` call: ``request_size`` each (0 = all in one call)."""
+def split_requests(specs: Sequence[SampleSpec], request_size: int,
+                   start_lens: Optional[Sequence[int]] = None) -> list[list[SampleSpec]]:
+    """Consecutive samples per ``/generate`` call: ``request_size`` each (0 = all in one call). With per-prompt
+    ``start_lens``, a request also ends where the start length changes: SGLang takes one
+    ``routed_experts_start_len`` per request (``GenerateReqInput.__getitem__`` hands the same int to every entry)."""
     if request_size < 0:
         raise ValueError(f"request_size must be >= 0, got {request_size}")
     size = len(specs) if request_size == 0 else request_size
     size = max(1, size)
-    return [list(specs[i : i + size]) for i in range(0, len(specs), size)]
+    requests: list[list[SampleSpec]] = []
+    for spec in specs:
+        if (not requests or len(requests[-1]) >= size
+                or (start_lens is not None
+                    and start_lens[spec.prompt_index] != start_lens[requests[-1][0].prompt_index])):
+            requests.append([])
+        requests[-1].append(spec)
+    return requests
 
 
 def sampling_params_payload(sampling: SamplingParams, seed: Optional[int]) -> dict:
@@ -164,6 +174,7 @@ def generate_payload(
     *,
     return_routes: bool,
     batch: bool,
+    routes_start_len: int = 0,
 ) -> dict:
     """The ``/generate`` body for one sample (``batch=False``) or SGLang's batch form (lists, one entry each)."""
     if len(input_ids) != len(sampling) or not input_ids:
@@ -179,6 +190,8 @@ def generate_payload(
     }
     if return_routes:
         payload["return_routed_experts"] = True
+        if routes_start_len:  # one int for the whole request; 0 (SGLang's default: every row) is not sent
+            payload["routed_experts_start_len"] = int(routes_start_len)
     return payload
 
 

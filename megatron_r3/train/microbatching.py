@@ -43,6 +43,8 @@ class TrainSample:
     free_rows: Optional[torch.Tensor] = None  # bool [T-1]: rows routed natively (counted fallback)
     # the global layer numbers of `routes`' layer axis when rank 0 shipped only this rank's layers (None: all)
     route_layer_numbers: Optional[tuple[int, ...]] = None
+    # bool [T - prompt_length]: the model's own tokens (True) vs tokens a multi-turn rollout inserted (None: all own)
+    response_mask: Optional[torch.Tensor] = None
 
     @property
     def num_slots(self) -> int:
@@ -50,9 +52,10 @@ class TrainSample:
         return self.tokens.shape[0] - 1
 
     def loss_mask(self) -> torch.Tensor:
-        """Over predicted positions 0..T-2: 1 where the *target* is a response token."""
+        """Over predicted positions 0..T-2: 1 where the *target* is a response token the model generated (tokens a
+        multi-turn rollout inserted, tool/user turns, are inputs only)."""
         mask = torch.zeros(self.num_slots)
-        mask[self.prompt_length - 1 :] = 1.0
+        mask[self.prompt_length - 1 :] = 1.0 if self.response_mask is None else self.response_mask.float()
         return mask
 
     def per_slot_rollout_logprobs(self) -> torch.Tensor:

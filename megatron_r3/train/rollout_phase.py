@@ -21,6 +21,7 @@ from megatron_r3.grpo.advantages import group_normalized_advantages
 from megatron_r3.platform.distributed import host_group
 from megatron_r3.replay.routes import RouteError, validate_routes
 from megatron_r3.rollout.base import RolloutEngine, SamplingParams
+from megatron_r3.rollout.multiturn import generate_multiturn
 from megatron_r3.train.microbatching import TrainSample, data_parallel_owner
 
 
@@ -54,10 +55,17 @@ def generate_batch(
     """Rank 0: sample, validate routes, score and compute group-normalised advantages."""
     start = time.perf_counter()
     try:
-        result = engine.generate(
-            prompt_ids, settings.sampling, samples_per_prompt=settings.group_size,
-            return_routes=settings.return_routes,
-        )
+        turns = multi_turn_plan(records, tokenizer)
+        if turns is None:
+            result = engine.generate(
+                prompt_ids, settings.sampling, samples_per_prompt=settings.group_size,
+                return_routes=settings.return_routes,
+            )
+        else:
+            result = generate_multiturn(
+                engine, prompt_ids, settings.sampling, samples_per_prompt=settings.group_size,
+                return_routes=settings.return_routes, num_turns=turns[0], tool=turns[1],
+            )
     except Exception as error:  # noqa: BLE001 - raised on every rank by share_from_rank0, not on rank 0 alone
         return RolloutPayload(error=f"the rollout engine failed: {type(error).__name__}: {error}")
     rollout_s = time.perf_counter() - start
@@ -102,7 +110,8 @@ def generate_batch(
                 fallback_rows += int(free_rows.sum())
                 bad_rows += check.num_bad_rows
         samples.append((sample, free_rows))
-    responses = [tokenizer.decode(s.response_ids.tolist(), skip_special_tokens=False) for s, _ in samples]
+    # a multi-turn sample is scored on its last answer (the tokens after the last inserted span)
+    responses = [tokenizer.decode(s.final_turn_ids().tolist(), skip_special_tokens=False) for s, _ in samples]
     rewards = reward_fn_scores(reward_fn, responses, [records[s.prompt_index] for s, _ in samples])
     advantages = group_normalized_advantages(rewards, settings.group_size)
     train_samples = [
@@ -110,6 +119,7 @@ def generate_batch(
             index=index, tokens=sample.tokens, prompt_length=sample.prompt_length,
             rollout_logprobs=sample.response_logprobs, reward=float(rewards[index]),
             advantage=float(advantages[index]), routes=sample.routes, free_rows=free_rows,
+            response_mask=sample.response_mask,
         )
         for index, (sample, free_rows) in enumerate(samples)
     ]
@@ -132,6 +142,27 @@ def generate_batch(
         if key in stats:  # the SGLang engine: retried HTTP requests, dead servers removed so far
             metrics[name] = float(stats[key])
     return RolloutPayload(samples=train_samples, metrics=metrics, failures=failed)
+
+
+def multi_turn_plan(records, tokenizer):
+    """(num_turns, tool) when the step's records belong to a multi-turn synthetic task (`Task.num_turns > 1`), else
+    None. The tool inserts the task's `tool_reply` text, tokenized without special tokens."""
+    from megatron_r3.train.tasks import TASKS
+
+    names = {r.metadata.get("task") if isinstance(r.metadata, dict) else None for r in records}
+    multi = {name for name in names if name in TASKS and TASKS[name].num_turns > 1}
+    if not multi:
+        return None
+    if len(names) > 1:
+        raise ValueError(f"a step mixes the multi-turn task {sorted(multi)[0]} with other prompts ({sorted(map(str, names))}); "
+                         "use one multi-turn task per run")
+    task = TASKS[multi.pop()]
+
+    def tool(prompt_index: int, turn: int, conversation: list) -> list:
+        text = task.tool_reply(records[prompt_index], turn)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return task.num_turns, tool
 
 
 def logprob_problem(logprobs: torch.Tensor, slack: float = 1e-3) -> str:

@@ -16,7 +16,13 @@ add_mod10      ``add:3+4=``     ``7``   (a + b) mod 10, a 10x10 table
 reverse        ``rev:482=``     ``284`` the three digits reversed (a longer response)
 reverse6       ``r6:482913=``   6 dig.  six digits reversed; per-position credit (the stability experiment)
 reverse10      ``r10:...=``     10 dig. ten digits reversed; per-position credit (its GPU preset)
+tool_echo      ``te:4821=``     ``1``   two turns: after the first answer a tool inserts ``|1:``; the second
+                                        answer must repeat the tool's digit (a multi-turn demo, see below)
 =============  ===============  ======  =========================================================================
+
+Multi-turn tasks (``num_turns > 1``, e.g. ``tool_echo``) are rolled out turn by turn
+(:mod:`megatron_r3.rollout.multiturn`): ``tool_reply(record, turn)`` is inserted after each answer but the last,
+only the model's own tokens carry loss, and the reward scores the last answer.
 
 Scoring (`Task.score`, used by the `synthetic` reward) gives partial credit so that a randomly initialised model
 earns some reward by chance and the reward rises in stages: 1.0 for exactly the answer; otherwise
@@ -97,6 +103,10 @@ class Task:
     name: str = ""
     description: str = ""
     answer_alphabet: str = DIGITS
+    num_turns: int = 1  # > 1: a multi-turn task; `tool_reply` gives the text inserted after each answer but the last
+
+    def tool_reply(self, record: PromptRecord, turn: int) -> str:
+        raise NotImplementedError(f"{self.name} is a single-turn task")
 
     def make_prompt(self, rng: random.Random) -> tuple[str, str]:
         raise NotImplementedError
@@ -196,9 +206,26 @@ class ReverseDigits(Task):
         return 0.9 * sum(a == b for a, b in zip(response[:n], answer)) / n
 
 
+class ToolEcho(Task):
+    """Two turns: the first answer is free (not scored); then a deterministic tool replies ``|D:`` with D the
+    prompt's last digit, and the second answer must repeat D. Scored on the second answer only."""
+
+    name = "tool_echo"
+    description = "two turns: te:4821= -> (any answer) -> tool inserts |1: -> 1"
+    num_turns = 2
+
+    def make_prompt(self, rng):
+        d = _digits(rng, 4)
+        return f"te:{d}=", d[-1]
+
+    def tool_reply(self, record: PromptRecord, turn: int) -> str:
+        return f"|{record.answer}:"
+
+
 TASKS: dict[str, Task] = {
     t.name: t
-    for t in (CopyFirst(), CopyLast(), MaxDigit(), AddMod10(), Reverse(), ReverseDigits(6), ReverseDigits(10))
+    for t in (CopyFirst(), CopyLast(), MaxDigit(), AddMod10(), Reverse(), ReverseDigits(6), ReverseDigits(10),
+              ToolEcho())
 }
 
 

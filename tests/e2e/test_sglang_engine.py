@@ -239,6 +239,61 @@ def test_skip_policy_trains_on_the_rest(standin, capsys):
     assert payload.error and "HTTP 400" in payload.error
 
 
+# ------------------------------------------------------------------------------------------------ multi-turn
+def test_start_len_rows_match_the_embedded_engine(standin):
+    """The same request with routed_experts_start_len: the stand-in (rows cut by SGLang's own get_topk) and the
+    embedded engine's capture return the same rows, start_row and ids."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_r3.rollout.hf_engine import HFRolloutEngine
+
+    torch.manual_seed(0)  # the stand-in's initial weights: seed 0, from_config
+    model = AutoModelForCausalLM.from_config(standin.hf_config, dtype=torch.float32)
+    local = HFRolloutEngine(model, dtype="bfloat16", max_batch_size=1024, progress=False)
+    contexts, starts = [[1, 4, 5, 6, 9], [1, 7, 8, 9, 10]], [3, 3]
+    expected = local.generate(contexts, sampling(), samples_per_prompt=2, return_routes=True, routes_start_len=starts)
+    before = standin.stats["start_len_requests"]
+    with make_engine(standin.url, request_size=0) as engine:
+        got = engine.generate(contexts, sampling(), samples_per_prompt=2, return_routes=True, routes_start_len=starts)
+        assert engine.last_stats["requests"] == 1
+    assert standin.stats["start_len_requests"] == before + 1
+    for a, b in zip(expected.samples, got.samples):
+        assert torch.equal(a.tokens, b.tokens)
+        assert a.routes.start_row == b.routes.start_row == 3 and b.routes.end_row == b.tokens.shape[0] - 1
+        assert torch.equal(a.routes.expert_ids, b.routes.expert_ids)
+
+
+def test_multiturn_conversations_through_the_standin(standin):
+    from megatron_r3.replay.routes import validate_routes
+    from megatron_r3.rollout.multiturn import generate_multiturn
+
+    before = standin.stats["start_len_requests"]
+    with make_engine(standin.url, max_concurrency=2) as engine:
+        result = generate_multiturn(engine, PROMPTS, sampling(), samples_per_prompt=2, return_routes=True,
+                                    num_turns=2, tool=lambda i, turn, ids: [40, 41 + i])
+    check_complete(result)
+    assert standin.stats["start_len_requests"] == before + 8  # every second turn asked only for its new rows
+    moe = tuple(i > 0 for i in range(LAYERS))  # the tiny config's layer 0 is dense
+    for sample in result.samples:
+        assert sample.response_mask.tolist().count(False) == 2
+        assert sample.response_ids[~sample.response_mask].tolist() == [40, 41 + sample.prompt_index]
+        validate_routes(sample.routes, num_tokens=sample.tokens.shape[0], moe_layers=moe, topk=TOPK, sample_id=0)
+
+
+def test_a_start_len_beyond_the_input_is_refused_with_sglangs_message(standin):
+    import requests
+
+    body = {"input_ids": [1, 4, 5], "sampling_params": {"max_new_tokens": 1}, "return_routed_experts": True,
+            "routed_experts_start_len": 4}
+    reply = requests.post(standin.url + "/generate", json=body, timeout=30)
+    assert reply.status_code == 400
+    assert ("recv_req.routed_experts_start_len=4 is higher than the number of input tokens "
+            "len(req.origin_input_ids)=3. Please use a smaller routed_experts_start_len.") in reply.text
+    body["routed_experts_start_len"] = -1
+    reply = requests.post(standin.url + "/generate", json=body, timeout=30)
+    assert reply.status_code == 400 and "is lower than 0. Please use a non-negative" in reply.text
+
+
 # ------------------------------------------------------------------------------------------------ through the CLI
 SMALL = ["--config", "configs/demo_tiny.yaml", "--grpo-prompts-per-step", "8", "--grpo-group-size", "4",
          "--global-batch-size", "16", "--micro-batch-size", "4", "--max-new-tokens", "3", "--no-progress",
@@ -335,6 +390,36 @@ def test_grpo_r3_through_sglang_matches_the_hf_engine(launched):
             assert b[key] == value, (a["step"], key, value, b[key])
             compared += 1
     assert compared > 40 and sg[1]["rollout/failed_prompts"] == 0.0
+
+
+def test_multiturn_task_replays_stitched_routes_exactly(launched):
+    """tool_echo (two turns, a tool reply inserted between them) through the CLI on the embedded engine and on the
+    stand-in servers: R3 replays the stitched routes on every token (used_route_match 1.0) and the first update sees
+    the old-logprob pass's numbers (ppo_kl_first_minibatch 0)."""
+    import requests
+
+    from megatron_r3.rollout.sglang_protocol import read_address_file
+
+    urls = read_address_file(launched["addresses"])
+    before = sum(requests.get(url + "/standin/stats", timeout=10).json()["start_len_requests"] for url in urls)
+    procs = {}
+    for name, extra in (("mt_hf", []), ("mt_sglang", ["--rollout-engine", "sglang", "--sglang-address-file",
+                                                     launched["addresses"], "--weight-sync-timeout", "60"])):
+        procs[name] = subprocess.Popen(
+            [sys.executable, "pretrain_grpo.py", *SMALL, "--task", "tool_echo", "--max-new-tokens", "2",
+             "--run-dir", os.path.join(launched["root"], name), *extra],
+            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    outputs = {name: proc.communicate(timeout=300)[0] for name, proc in procs.items()}
+    for name, proc in procs.items():
+        assert proc.returncode == 0, f"{name} run failed:\n{outputs[name][-5000:]}"
+        metrics = _read_metrics(os.path.join(launched["root"], name))
+        assert [m["step"] for m in metrics] == [0, 1]
+        for m in metrics:
+            assert m["replay/used_route_match"] == 1.0, (name, m["step"])
+            assert m["train/ppo_kl_first_minibatch"] == 0.0, (name, m["step"])
+            assert m["rollout/response_length_mean"] >= 5  # two answers and the 3-token tool reply
+    after = sum(requests.get(url + "/standin/stats", timeout=10).json()["start_len_requests"] for url in urls)
+    assert after - before == 2 * 32  # each step's 32 second turns asked only for their new rows
 
 
 def sync_check_main(address_dir: str, run_dir: str, disk_dir: str, out: str) -> None:

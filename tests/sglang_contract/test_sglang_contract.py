@@ -87,6 +87,42 @@ def tiny_tensors(srv):
     return [(name, param.detach().clone()) for name, param in model.state_dict().items()][:3]
 
 
+# ------------------------------------------------------------------------------------------------ multi-turn start_len
+def test_start_len_bodies_and_rows_follow_sglang():
+    """A later turn's body (one int routed_experts_start_len, batch form too) passes SGLang's request class, each
+    entry of the batch gets that int (``__getitem__``), the stand-in's rows come from SGLang's own
+    ``BaseTopkCapturer.get_topk`` (rows ``[start_len, seqlen - 1)``), and the refusal it mirrors is the
+    scheduler's (its source text, since scheduler.py needs CUDA kernels to import)."""
+    import inspect
+
+    from tests.sglang_standin.sglang_code import check_start_len, returned_routes
+
+    sgl = require()
+    params = sampling_params_payload(SamplingParams(max_new_tokens=2), None)
+    body = generate_payload([[1, 2, 3, 4], [5, 6, 7, 8]], [params, params], return_routes=True, batch=True,
+                            routes_start_len=3)
+    assert sgl.api_contract.generate_contract_error(body) is None
+    request = sgl.io_struct.GenerateReqInput(**body)
+    request.normalize_batch_and_arguments()
+    assert [request[i].routed_experts_start_len for i in range(2)] == [3, 3]
+    rows = torch.arange(9 * LAYERS * TOPK, dtype=torch.int64).view(9, LAYERS, TOPK)  # seqlen 10: rows 0..8
+    assert torch.equal(returned_routes(rows, 10, 6), rows[6:])
+    assert torch.equal(returned_routes(rows, 10, 0), rows)
+    import sglang.srt.state_capturer.base as capturer_base
+
+    assert "start_len : seqlen - 1" in inspect.getsource(capturer_base.BaseTopkCapturer.get_topk)
+    scheduler = os.path.join(os.path.dirname(capturer_base.__file__), "..", "managers", "scheduler.py")
+    with open(scheduler) as handle:
+        source = handle.read()
+    for fragment in ('f"{recv_req.routed_experts_start_len=} is lower than 0. "',
+                     '"Please use a non-negative routed_experts_start_len."',
+                     'f"number of input tokens {len(req.origin_input_ids)=}. Please "'):
+        assert fragment in source, fragment
+    recv_req = type("R", (), {"routed_experts_start_len": 7})()  # the f-string's own rendering of the value
+    assert check_start_len(7, 3).startswith(f"{recv_req.routed_experts_start_len=} is higher than the ")
+    assert check_start_len(3, 3) is None and check_start_len(0, 3) is None
+
+
 # ------------------------------------------------------------------------------------------------ request bodies
 def test_generate_bodies_pass_sglangs_own_request_classes():
     sgl = require()

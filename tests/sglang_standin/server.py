@@ -57,6 +57,7 @@ from typing import Any, Optional
 import torch
 
 from tests.sglang_standin.faults import Faults
+from tests.sglang_standin.sglang_code import check_start_len, returned_routes
 
 SAMPLING_FIELDS = {
     "temperature", "top_p", "top_k", "min_p", "max_new_tokens", "min_new_tokens", "stop", "stop_token_ids",
@@ -135,7 +136,8 @@ class StandinServer:
         self.resume.set()
         self.weight_version = "default"
         self.groups: dict[str, Any] = {}
-        self.stats = {"generate_requests": 0, "samples": 0, "weight_updates": 0, "pauses": 0, "flushes": 0}
+        self.stats = {"generate_requests": 0, "samples": 0, "weight_updates": 0, "pauses": 0, "flushes": 0,
+                      "start_len_requests": 0}  # requests with routed_experts_start_len > 0 (multi-turn turns)
         self._samples_seen = 0
         self._requests_seen = 0
         self._running: set = set()  # /generate requests running or waiting (flush refusal)
@@ -308,10 +310,14 @@ class StandinServer:
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise _HTTPError(400, f"{len(params)} sampling_params for {len(prompts)} prompts")
-        start_lens = body.get("routed_experts_start_len", 0) or 0
-        start_lens = start_lens if isinstance(start_lens, list) else [start_lens] * len(prompts)
+        start_len = body.get("routed_experts_start_len", 0)  # one int for the whole request, as in SGLang
+        if isinstance(start_len, bool) or not isinstance(start_len, int):
+            raise _HTTPError(400, f"routed_experts_start_len must be an int, got {start_len!r}")
+        if start_len:
+            with self.counter_lock:
+                self.stats["start_len_requests"] += 1
         entries = []  # (prompt, params, start_len), expanded by n like SGLang (prompt-major)
-        for prompt, sp, start_len in zip(prompts, params, start_lens):
+        for prompt, sp in zip(prompts, params):
             unknown = sorted(set(sp) - SAMPLING_FIELDS)
             if unknown:
                 raise _HTTPError(400, f"SamplingParams.__init__() got an unexpected keyword argument {unknown[0]!r}")
@@ -320,6 +326,9 @@ class StandinServer:
                     raise _HTTPError(400, f"the stand-in does not implement {key}={sp[key]}")
             if not prompt or not all(isinstance(t, int) and 0 <= t < self.hf_config.vocab_size for t in prompt):
                 raise _HTTPError(400, f"input_ids must be token ids in [0, {self.hf_config.vocab_size})")
+            refused = check_start_len(start_len, len(prompt)) if body.get("return_routed_experts") else None
+            if refused:  # the scheduler aborts the request with status 400: an HTTP 400 (see the abort rule below)
+                raise _HTTPError(400, refused)
             for _ in range(int(sp.get("n", 1))):
                 entries.append((prompt, sp, int(start_len)))
         routes_wanted = bool(body.get("return_routed_experts")) and self.config.enable_return_routed_experts
@@ -394,7 +403,7 @@ class StandinServer:
                 meta["output_token_logprobs"][0][0] = float("-inf")  # json writes -Infinity, as Python servers do
             meta["input_token_logprobs"] = []
         if routes_wanted and number >= faults.omit_routes_first:
-            ids = sample.routes.expert_ids[start_len:].to(torch.int64)
+            ids = returned_routes(sample.routes.expert_ids.to(torch.int64), sample.tokens.shape[0], start_len)
             if number < faults.wrong_rows_first:
                 ids = ids[:-1]
             if number < faults.duplicate_ids_first:

@@ -19,6 +19,10 @@ What cannot be imported on a CPU, and why:
 - ``state_capturer.base.BaseHostCache`` pins host memory (CUDA): the contract test gives the capturer a plain host
   buffer and runs the rest of SGLang's capture path (device buffer, ``on_forward_end``, ``get_topk`` through
   ``ReqToTokenPool``) as is.
+- ``managers/scheduler.py`` (needs CUDA kernels to import): its check of ``routed_experts_start_len`` (below 0 or above
+  the input length -> the request is aborted with status 400, i.e. an HTTP 400) is mirrored with its messages in
+  :func:`check_start_len`; the rows returned for a start_len come from SGLang's own ``BaseTopkCapturer.get_topk``
+  (:func:`returned_routes`).
 - the scheduler, the model runner and the HTTP server need CUDA kernels (sgl-kernel, flashinfer) or a running
   scheduler; the stand-in serves HTTP itself.
 """
@@ -202,3 +206,34 @@ class MirrorSession:
                 return False, ("Weights were updated, but the cache was not flushed because requests are still "
                                "running or queued. Retract or finish them, then call /flush_cache.")
         return success, message
+
+
+def check_start_len(start_len: int, num_input_tokens: int) -> Optional[str]:
+    """SGLang 0.5.23's ``Scheduler.handle_generate_request`` check of ``routed_experts_start_len`` (when routes are
+    requested): the abort message, or None when the value is accepted."""
+    error_msg = None
+    if start_len < 0:
+        error_msg = (f"recv_req.routed_experts_start_len={start_len!r} is lower than 0. "
+                     "Please use a non-negative routed_experts_start_len.")
+    if start_len > num_input_tokens:
+        error_msg = (f"recv_req.routed_experts_start_len={start_len!r} is higher than the number of input tokens "
+                     f"len(req.origin_input_ids)={num_input_tokens!r}. Please use a smaller routed_experts_start_len.")
+    return error_msg
+
+
+def returned_routes(rows, seqlen: int, start_len: int):
+    """The routes SGLang returns for a finished request of ``seqlen`` tokens whose rows ``0 .. seqlen-2`` are
+    ``rows``: ``BaseTopkCapturer.get_topk`` (``state_capturer/base.py``; clamps start_len to seqlen - 1 and reads
+    ``[start_len, seqlen - 1)`` through the request's ``req_to_token`` row), run on a host buffer whose KV slot of
+    position p is p. Without SGLang: the same slice."""
+    import torch
+
+    ns, _ = load()
+    if ns is None:
+        start = min(start_len, seqlen - 1)
+        return rows[start : seqlen - 1]
+    from sglang.srt.state_capturer.base import BaseTopkCapturer
+
+    capturer = types.SimpleNamespace(host_cache=types.SimpleNamespace(buffer=rows))
+    pool = types.SimpleNamespace(req_to_token=torch.arange(seqlen, dtype=torch.int64).unsqueeze(0))
+    return BaseTopkCapturer.get_topk(capturer, 0, seqlen, pool, start_len=start_len)

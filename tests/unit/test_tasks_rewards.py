@@ -117,6 +117,26 @@ def test_task_answers_are_right():
             assert len(r.answer) == n and r.answer.isdigit()
 
 
+def test_tool_echo_is_a_two_turn_task():
+    from megatron_r3.train.rollout_phase import multi_turn_plan
+
+    task = get_task("tool_echo")
+    records = make_synthetic_dataset("tool_echo", 30, seed=0)
+    for r in records:
+        assert r.prompt[:3] == "te:" and r.answer == r.prompt[-2] and task.tool_reply(r, 1) == f"|{r.answer}:"
+    tok = build_demo_tokenizer()
+    turns, tool = multi_turn_plan(records, tok)
+    assert turns == task.num_turns == 2
+    assert tool(3, 1, [1, 2]) == tok(f"|{records[3].answer}:", add_special_tokens=False)["input_ids"]
+    assert multi_turn_plan(make_synthetic_dataset("copy_last", 4, seed=0), tok) is None
+    with pytest.raises(ValueError) as error:
+        multi_turn_plan(records[:2] + make_synthetic_dataset("copy_last", 2, seed=0), tok)
+    assert str(error.value) == ("a step mixes the multi-turn task tool_echo with other prompts "
+                                "(['copy_last', 'tool_echo']); use one multi-turn task per run")
+    with pytest.raises(NotImplementedError, match="copy_last is a single-turn task"):
+        get_task("copy_last").tool_reply(records[0], 1)
+
+
 def test_reverse_digits_scores_by_position():
     task = get_task("reverse6")
     assert task.score("654321", "654321") == 1.0
@@ -147,7 +167,7 @@ def test_task_errors_and_specs():
         get_task("nope")
     assert str(e.value) == (
         "unknown synthetic task 'nope'; choose one of ['add_mod10', 'copy_first', 'copy_last', 'max_digit', 'reverse', "
-        "'reverse10', 'reverse6']"
+        "'reverse10', 'reverse6', 'tool_echo']"
     )
     with pytest.raises(ValueError, match="num_prompts must be a positive integer, got 0"):
         make_synthetic_dataset("copy_first", 0, seed=0)
