@@ -18,7 +18,7 @@ class Recorder:
     def __init__(self):
         self.devices = []
 
-    def all_reduce(self, tensor, op=None, group=None):
+    def all_reduce(self, tensor, op=None, group=None, async_op=False):
         self.devices.append(tensor.device.type)
 
 
