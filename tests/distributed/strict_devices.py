@@ -27,9 +27,16 @@ tensor there, never invent one. The checker then compares the tensor's place wit
 allocates with `device=x.device`, as GPU code does, follows x. A wrong device ends the rank at once with the message
 (exit code 17), so a launch fails promptly instead of leaving the other ranks waiting in the collective.
 
-`--plant` re-introduces the old grpo/mismatch.py behaviour (the metric sums of a pipeline stage without loss built on
-the host and reduced over the default (NCCL) group) and records the error strict mode raises, and that plain gloo
-(no check) accepts the very same call.
+`--plant` re-introduces the old grpo/mismatch.py device choice (`_pick_device_before_the_fix`, verbatim: the device of
+the first tensor among the sums, which on a pipeline stage without loss are host zeros) for the metric all-reduce over
+the default (NCCL on GPUs) group, records the error strict mode raises, and that plain gloo (no check) accepts the
+very same call. All ranks make that call, so all raise and none waits.
+
+`--plant-old-pick-device` (one-off, not in CI: the launch must fail, so it cannot share the CI launch) puts the same
+old code into whole PP2 CLI runs. Run on 2026-12-01 (4 CPU ranks, `--layouts --cli pp2_R3 --plant-old-pick-device`):
+torchrun rc 1 after 18 s; ranks 0 and 1 (the first pipeline stage) exited 17 with "strict collective devices:
+all_reduce over a model group (NCCL on GPUs) got a (25,) torch.float64 tensor that would be on the host device on
+GPUs (NCCL refuses host tensors: ...)" raised from trainer.train_step, the other ranks were ended by torchrun.
 """
 
 from __future__ import annotations
@@ -191,8 +198,16 @@ def _cli(root: str, name: str, flags: list[str]) -> int:
     return sum(1 for line in open(path) if line.strip()) if os.path.exists(path) else -1
 
 
-def _old_pick_device(self, group) -> torch.device:
-    """The bug, planted: a stage without loss holds only Python zeros, and their sums were made on the host."""
+def _pick_device_before_the_fix(self, group) -> torch.device:
+    """grpo/mismatch.py's `_pick_device` as it was when PP2 crashed on NCCL (commit a6f552a), verbatim."""
+    import torch.distributed as dist
+    from torch import Tensor
+
+    for v in list(self._totals.values()) + list(self._counts.values()):
+        if isinstance(v, Tensor):
+            return v.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
@@ -203,8 +218,14 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="*", default=list(REPLAY_LAYOUTS))
     parser.add_argument("--cli", nargs="*", default=list(CLI_RUNS))
     parser.add_argument("--plant", action="store_true")
+    parser.add_argument("--plant-old-pick-device", action="store_true",
+                        help="one-off: the pre-fix mismatch.py device choice in every run (the launch must fail)")
     options = parser.parse_args()
     shadow = install()
+    if options.plant_old_pick_device:
+        from megatron_r3.grpo.mismatch import MetricAccumulator as planted
+
+        planted._pick_device = _pick_device_before_the_fix
 
     import torch.distributed as dist
 
@@ -229,11 +250,13 @@ def main() -> None:
     if options.plant:
         # every rank makes the same call, so every rank raises (no rank is left waiting in the collective)
         shadow.fatal = False
-        MetricAccumulator._pick_device = _old_pick_device
+        MetricAccumulator._pick_device = _pick_device_before_the_fix
 
         def stage_without_loss() -> bool:
             metrics = MetricAccumulator()
             metrics.add_sums("train/loss", 0.0, 0.0)  # what a non-last pipeline stage declares
+            zeros = torch.zeros(1)  # host zeros: such a stage has no log-probabilities
+            metrics.add_mismatch(zeros, zeros, zeros)
             metrics.all_reduce(None)  # the trainer's group on GPUs: the default (NCCL) group
             return True
 

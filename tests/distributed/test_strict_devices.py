@@ -8,7 +8,7 @@ from tests.distributed.launch import run_torchrun
 from tests.distributed.strict_devices import CLI_RUNS, REPLAY_LAYOUTS
 
 PLANTED_MESSAGE = (
-    "strict collective devices: all_reduce over a model group (NCCL on GPUs) got a (3,) torch.float64 tensor that "
+    "strict collective devices: all_reduce over a model group (NCCL on GPUs) got a (13,) torch.float64 tensor that "
     "would be on the host device on GPUs (NCCL refuses host tensors: 'No backend type associated with device type "
     "cpu'); create it on, or move it to, platform.distributed.collective_device(group)"
 )
