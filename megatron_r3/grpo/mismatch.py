@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_r3.platform import collectives
+
 __all__ = ["MISMATCH_KEYS", "rollout_train_mismatch", "MetricAccumulator"]
 
 _LN2 = math.log(2.0)
@@ -211,7 +213,7 @@ class MetricAccumulator:
             values.append(torch.as_tensor(self._totals[n], dtype=torch.float64).to(device))
             values.append(torch.as_tensor(self._counts[n], dtype=torch.float64).to(device))
         buf = torch.stack(values)
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+        collectives.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
         self._name_check = (buf[0], checksum * world)
         for i, n in enumerate(names):
             self._totals[n] = buf[1 + 2 * i]

@@ -16,6 +16,8 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
+from megatron_r3.platform import collectives
+
 
 def _scaled(logits: torch.Tensor, temperature: float, vocab_size: Optional[int], tp_rank: int) -> torch.Tensor:
     """A fresh fp32 copy: megatron's vocab_parallel_cross_entropy exponentiates its input *in place*, so handing it
@@ -45,7 +47,7 @@ def vocab_parallel_entropy(
     scaled = _scaled(logits, temperature, vocab_size, tp_rank)
     local_max = scaled.max(dim=-1, keepdim=True).values.detach()
     if group is not None and torch.distributed.get_world_size(group) > 1:
-        torch.distributed.all_reduce(local_max, op=torch.distributed.ReduceOp.MAX, group=group)
+        collectives.all_reduce(local_max, op=torch.distributed.ReduceOp.MAX, group=group)
     shifted = scaled - local_max
     exp = shifted.exp()
     sum_exp = exp.sum(dim=-1)

@@ -65,6 +65,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.utils import attention_mask_func
 
 from megatron_r3.model import cp_masking
+from megatron_r3.platform import collectives
 
 _CAUSAL_TYPES = (AttnMaskType.causal, AttnMaskType.padding_causal, AttnMaskType.causal_bottom_right)
 
@@ -77,14 +78,14 @@ class _AllGatherFirstDim(torch.autograd.Function):
         ctx.group = group
         tensor = tensor.contiguous()
         out = tensor.new_empty((group.size() * tensor.shape[0],) + tuple(tensor.shape[1:]))
-        dist.all_gather_into_tensor(out, tensor, group=group)
+        collectives.all_gather_into_tensor(out, tensor, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
         out = grad.new_empty((grad.shape[0] // ctx.group.size(),) + tuple(grad.shape[1:]))
-        dist.reduce_scatter_tensor(out, grad, group=ctx.group)
+        collectives.reduce_scatter_tensor(out, grad, group=ctx.group)
         return out, None
 
 

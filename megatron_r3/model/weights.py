@@ -48,6 +48,7 @@ from megatron_r3.model.hf_mapping import (
     to_megatron_shard,
 )
 from megatron_r3.model.qwen3_moe import ModelArch, hf_config_to_json_dict
+from megatron_r3.platform import collectives
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -342,9 +343,9 @@ def _gather_to_leader(tensor: torch.Tensor, size: int, group, rank_in_group: int
     tensor = tensor.contiguous()
     if rank_in_group == 0:
         out = [torch.empty_like(tensor) for _ in range(size)]
-        dist.gather(tensor, out, dst=dist.get_global_rank(group, 0), group=group)
+        collectives.gather(tensor, out, dst=dist.get_global_rank(group, 0), group=group)
         return out
-    dist.gather(tensor, None, dst=dist.get_global_rank(group, 0), group=group)
+    collectives.gather(tensor, None, dst=dist.get_global_rank(group, 0), group=group)
     return None
 
 
@@ -452,15 +453,15 @@ class _Exporter:
                 if self.rank == item.leader:
                     tensor = full[name]
                     if item.leader != 0:
-                        dist.send(tensor.contiguous(), dst=0, group=world_group)
+                        collectives.send(tensor.contiguous(), dst=0, group=world_group)
                         tensor = None
                 elif self.rank == 0:
                     tensor = torch.empty(hf_checkpoint_shape(self.arch, name), dtype=dtype, device=self.device)
-                    dist.recv(tensor, src=item.leader, group=world_group)
+                    collectives.recv(tensor, src=item.leader, group=world_group)
                 if self.receivers == "all" and self.world > 1:
                     if self.rank != 0:
                         tensor = torch.empty(hf_checkpoint_shape(self.arch, name), dtype=dtype, device=self.device)
-                    dist.broadcast(tensor, src=0, group=world_group)
+                    collectives.broadcast(tensor, src=0, group=world_group)
                 yield name, tensor
 
 

@@ -110,7 +110,10 @@ def cuda_runtime_stand_ins() -> None:
     on the training path (router buffers, RoPE, the alltoall dispatcher's D2H stream, mappings' output buffers).
     On a CPU-only torch they raise; here they map onto the CPU device and a synchronous stream.
     """
-    cpu = torch.device("cpu")
+    from megatron_r3.platform import collectives
+
+    # strict collective-device test mode: megatron's "GPU" tensors ask for the model device cpu:0 (collectives.py)
+    cpu = collectives.model_device() if collectives.strict_mode() else torch.device("cpu")
     stream = _CpuStream()
     torch.cuda.current_device = lambda: cpu
     torch.cuda.Stream = _CpuStream
@@ -164,14 +167,22 @@ def _is_cuda_device(device) -> bool:
 
 
 class _CudaLiteralsToCpu(torch.overrides.TorchFunctionMode):
-    """Rewrites `device="cuda"` (keyword or `.to("cuda")`) to the CPU."""
+    """Rewrites `device="cuda"` (keyword or `.to("cuda")`) to the CPU (to the model device `cpu:0` in the strict
+    collective-device test mode, see collectives.py)."""
+
+    def __init__(self):
+        super().__init__()
+        from megatron_r3.platform import collectives
+
+        self.cpu = collectives.model_device() if collectives.strict_mode() else "cpu"
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        cpu = self.cpu
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-            kwargs["device"] = "cpu"
+            kwargs["device"] = cpu
         if args and func is torch.Tensor.to:
-            args = tuple("cpu" if _is_cuda_device(a) else a for a in args)
+            args = tuple(cpu if _is_cuda_device(a) else a for a in args)
         return func(*args, **kwargs)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_r3.platform import cpu_support
+from megatron_r3.platform import collectives, cpu_support
 from megatron_r3.platform.process import exit_with_parent
 
 
@@ -35,9 +35,12 @@ class ParallelSizes:
 
 
 def device() -> torch.device:
-    """This rank's device: cuda:LOCAL_RANK when CUDA is available, else the CPU."""
+    """This rank's device: cuda:LOCAL_RANK when CUDA is available, else the CPU (`cpu:0` in the strict
+    collective-device test mode, see `platform/collectives.py`)."""
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    if collectives.strict_mode():
+        return collectives.model_device()
     return torch.device("cpu")
 
 
@@ -46,7 +49,12 @@ def collective_device(group=None) -> torch.device:
     groups on GPUs), the CPU for gloo groups (`host_group()`, and every group of a CPU run).
 
     Decided by the group's backend, never by where the data happens to be: NCCL rejects a CPU tensor ("No backend type
-    associated with device type cpu") and gloo on a GPU run would need a device-to-host copy."""
+    associated with device type cpu") and gloo on a GPU run would need a device-to-host copy.
+
+    In the strict collective-device test mode (CPU, `platform/collectives.py`) every group but `host_group()` stands
+    for an NCCL group, as on GPUs, and reports the model device `cpu:0`."""
+    if collectives.strict_mode():
+        return torch.device("cpu") if is_host_group(group) else device()
     backend = dist.get_backend(group)
     if "nccl" in str(backend).lower():
         return device()
@@ -120,11 +128,16 @@ def host_group():
     global _HOST_GROUP
     if not dist.is_initialized():
         return None
-    if dist.get_backend() == "gloo":
-        return dist.group.WORLD
+    if dist.get_backend() == "gloo" and not collectives.strict_mode():
+        return dist.group.WORLD  # strict mode: a group of its own, as on GPUs, so the world stands for NCCL
     if _HOST_GROUP is None:
         _HOST_GROUP = dist.new_group(backend="gloo")
     return _HOST_GROUP
+
+
+def is_host_group(group) -> bool:
+    """Whether `group` is the host (gloo) group of `host_group()`."""
+    return group is not None and group is host_group()
 
 
 def agree_on_problems(local_problems: list[str], group=None) -> list[str]:
@@ -136,7 +149,7 @@ def agree_on_problems(local_problems: list[str], group=None) -> list[str]:
         return list(local_problems)
     group = group or host_group()
     flag = torch.tensor([1 if local_problems else 0], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    collectives.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     if not int(flag[0]):
         return []
     gathered: list = [None] * dist.get_world_size(group)

@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_r3.platform import collectives
 from megatron_r3.platform.distributed import collective_device
 from megatron_r3.replay.layout import PackedLayout, unpack_per_slot
 
@@ -71,7 +72,7 @@ def gather_recorded_routes(
     as_bytes = flat.view(torch.uint8)
     for group in groups:
         if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(as_bytes, op=dist.ReduceOp.MAX, group=group)
+            collectives.all_reduce(as_bytes, op=dist.ReduceOp.MAX, group=group)
     flat = flat.cpu()
     out, start = [], 0
     for full, layout in zip(fulls, layouts):

@@ -46,6 +46,7 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 
+from megatron_r3.platform import collectives
 from megatron_r3.rollout.sglang_protocol import (
     ProtocolError,
     check_success,
@@ -264,7 +265,7 @@ class DistributedWeightSender:
         request = _BackgroundRequest(lambda: engine.on_all("POST", "/update_weights_from_distributed", json=payload,
                                                            timeout=s.timeout_s, retries=0))
         try:
-            works = [dist.broadcast(tensor, src=0, group=self.group, async_op=True) for tensor in tensors]
+            works = [collectives.broadcast(tensor, src=0, group=self.group, async_op=True) for tensor in tensors]
             self._await_broadcast(works, request, names)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from megatron_r3.grpo.losses import masked_sum
 from megatron_r3.grpo.mismatch import MetricAccumulator
+from megatron_r3.platform import collectives
 from megatron_r3.platform.distributed import device, host_group
 from megatron_r3.train.microbatching import TrainSample
 from megatron_r3.train.passes import PassContext, declare_metrics, run_custom_pass
@@ -121,7 +122,7 @@ class SFTWarmup(GRPOTrainer):
             return False
         flag = torch.tensor([1.0 if (time.time() - start) / 60.0 > limit else 0.0])
         if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=host_group())
+            collectives.all_reduce(flag, op=dist.ReduceOp.MAX, group=host_group())
         return bool(flag[0] > 0)
 
     def train_step(self, evaluate: bool = False) -> dict:

@@ -27,6 +27,7 @@ from megatron_r3.grpo.losses import PolicyLossConfig
 from megatron_r3.grpo.mismatch import MetricAccumulator
 from megatron_r3.model.config_checks import check_replay_config, replay_bypass_reasons
 from megatron_r3.model.flops import grpo_throughput_metrics, peak_tflops, shape_from_config
+from megatron_r3.platform import collectives
 from megatron_r3.platform.distributed import device, host_group
 from megatron_r3.replay.layout import sequence_pad_multiple
 from megatron_r3.replay.microbatch import routes_from_recorded
@@ -252,7 +253,7 @@ class GRPOTrainer:
         if args.max_tokens_per_microbatch:
             counts = torch.tensor(microbatch_counts(samples, self.rank, **common), dtype=torch.int64)
             if dist.is_initialized():  # every rank of an expert-parallel (data-parallel) group runs as many
-                dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=host_group())
+                collectives.all_reduce(counts, op=dist.ReduceOp.MAX, group=host_group())
             targets = counts.tolist()
         with_routes = any(sample.routes is not None for sample in samples)  # only this rank's share has them
         return plan_step(samples, self.rank, equal_seq_length=equal, moe_layer_numbers=setup.routers.layer_numbers,
@@ -333,7 +334,7 @@ class GRPOTrainer:
         tokens = torch.tensor([float(replayed_tokens if counts_tokens and first_stage else 0)], dtype=torch.float64)
         flat = torch.cat([counters.reshape(-1), tokens])
         if dist.is_initialized():
-            dist.all_reduce(flat, group=host_group())
+            collectives.all_reduce(flat, group=host_group())
         counters, tokens = flat[:-1].view(layers, 4), float(flat[-1])
         out = {"replay/replayed_tokens": tokens}
         moe = counters[:, 0] > 0
@@ -389,8 +390,9 @@ def _observed(routes):
 
 
 def _host_reduce() -> bool:
-    """Metric sums live on the CPU here, so they are reduced over the gloo host group; on GPU over the default."""
-    return not torch.cuda.is_available()
+    """Metric sums live on the CPU here, so they are reduced over the gloo host group; on GPU over the default.
+    The strict collective-device test mode (platform/collectives.py) takes the GPU path, which is what it checks."""
+    return not torch.cuda.is_available() and not collectives.strict_mode()
 
 
 def main(args) -> list[dict]:
