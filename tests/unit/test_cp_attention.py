@@ -12,21 +12,10 @@ import pytest
 import torch
 
 from megatron_r3.model import cp_masking
-from megatron_r3.platform.distributed import ParallelSizes, destroy, initialize_model_parallel
 from megatron_r3.replay.layout import cp_local_slots, cp_zigzag_positions, pack_bshd, pack_thd
 
 
-@pytest.fixture(scope="module", autouse=True)
-def world_of_one():
-    """A world of one with megatron's parallel state, torn down afterwards if this module created it (other
-    unit tests check behaviour without a process group)."""
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    initialize_model_parallel(ParallelSizes())
-    yield
-    if created:
-        destroy()
+pytestmark = pytest.mark.usefixtures("world_of_one")  # tests/unit/conftest.py
 
 
 class FakeGroup:

@@ -14,20 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_r3.platform.distributed import ParallelSizes, destroy, initialize_model_parallel
 
 ATOL = 2e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def world_of_one():
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    initialize_model_parallel(ParallelSizes())
-    yield
-    if created:
-        destroy()
+pytestmark = pytest.mark.usefixtures("world_of_one")  # tests/unit/conftest.py
 
 
 def make_config(**overrides):

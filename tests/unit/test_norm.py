@@ -37,18 +37,6 @@ def _specs(value, seen=None):
     return found
 
 
-@pytest.fixture
-def world_of_one():
-    """megatron's parallel state (the block spec asks for the pipeline rank), torn down if this test created it."""
-    import torch.distributed as dist
-
-    from megatron_r3.platform.distributed import ParallelSizes, destroy, initialize_model_parallel
-
-    created = not dist.is_initialized()
-    initialize_model_parallel(ParallelSizes())
-    yield
-    if created:
-        destroy()
 
 
 def test_local_spec_uses_the_sequence_parallel_norm_everywhere(world_of_one):

@@ -4,18 +4,9 @@ import pytest
 import torch
 
 from megatron_r3.grpo.losses import entropy_from_logits
-from megatron_r3.platform.distributed import ParallelSizes, destroy, initialize_model_parallel
 
 
-@pytest.fixture(scope="module", autouse=True)
-def world_of_one():
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    initialize_model_parallel(ParallelSizes())
-    yield
-    if created:
-        destroy()
+pytestmark = pytest.mark.usefixtures("world_of_one")  # tests/unit/conftest.py
 
 
 def test_logprobs_and_entropy_match_torch_and_leave_logits_untouched():
