@@ -31,17 +31,24 @@ def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def with_replay_router(mlp_spec):
-    """Return `mlp_spec` with its router replaced by `ReplayTopKRouter` (dense MLP specs are returned unchanged)."""
+def with_moe_submodules(mlp_spec, **changes):
+    """`mlp_spec` with fields of its `MoESubmodules` replaced (e.g. `router=...`, `experts=...`); dense MLP specs are
+    returned unchanged. megatron 0.19's GPT layer spec gives the MoE layer as a `functools.partial(MoELayer,
+    submodules=...)`, other specs as a `ModuleSpec`: both forms are handled."""
     if isinstance(mlp_spec, functools.partial):
         submodules = mlp_spec.keywords.get("submodules")
         if isinstance(submodules, MoESubmodules):
-            keywords = dict(mlp_spec.keywords, submodules=dataclasses.replace(submodules, router=ReplayTopKRouter))
+            keywords = dict(mlp_spec.keywords, submodules=dataclasses.replace(submodules, **changes))
             return functools.partial(mlp_spec.func, *mlp_spec.args, **keywords)
         return mlp_spec
     if isinstance(mlp_spec, ModuleSpec) and isinstance(mlp_spec.submodules, MoESubmodules):
-        return dataclasses.replace(mlp_spec, submodules=dataclasses.replace(mlp_spec.submodules, router=ReplayTopKRouter))
+        return dataclasses.replace(mlp_spec, submodules=dataclasses.replace(mlp_spec.submodules, **changes))
     return mlp_spec
+
+
+def with_replay_router(mlp_spec):
+    """Return `mlp_spec` with its router replaced by `ReplayTopKRouter` (dense MLP specs are returned unchanged)."""
+    return with_moe_submodules(mlp_spec, router=ReplayTopKRouter)
 
 
 def _local_norm_classes() -> tuple:
@@ -82,15 +89,7 @@ def with_sequence_parallel_norm(spec):
 
 def with_grouped_experts(mlp_spec):
     """`mlp_spec` with its routed experts replaced by `GroupedExperts` (dense MLP specs are returned unchanged)."""
-    if isinstance(mlp_spec, functools.partial):
-        submodules = mlp_spec.keywords.get("submodules")
-        if isinstance(submodules, MoESubmodules):
-            keywords = dict(mlp_spec.keywords, submodules=dataclasses.replace(submodules, experts=GroupedExperts))
-            return functools.partial(mlp_spec.func, *mlp_spec.args, **keywords)
-        return mlp_spec
-    if isinstance(mlp_spec, ModuleSpec) and isinstance(mlp_spec.submodules, MoESubmodules):
-        return dataclasses.replace(mlp_spec, submodules=dataclasses.replace(mlp_spec.submodules, experts=GroupedExperts))
-    return mlp_spec
+    return with_moe_submodules(mlp_spec, experts=GroupedExperts)
 
 
 def fused_attention_selected(config) -> bool:
