@@ -13,6 +13,7 @@ import torch
 
 from megatron_r3.model import cp_masking
 from megatron_r3.replay.layout import cp_local_slots, cp_zigzag_positions, pack_bshd, pack_thd
+from tests.unit.attention_pair import make_config, qkv, reference_and, run
 
 
 pytestmark = pytest.mark.usefixtures("world_of_one")  # tests/unit/conftest.py
@@ -173,42 +174,10 @@ def test_thd_rope_is_per_document_and_zigzag(cp, rank, lengths):
 # ---------------------------------------------------------------- CP=1 equivalence with megatron
 
 
-def make_config(**overrides):
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    base = dict(num_layers=4, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True,
-                attention_dropout=0.0, params_dtype=torch.float32)
-    return TransformerConfig(**dict(base, **overrides))
-
-
 def build_pair(config, layer_number=1, seed=7):
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-    from megatron.core.transformer.enums import AttnMaskType
-
     from megatron_r3.model.cp_attention import ContextParallelDotProductAttention
 
-    torch.manual_seed(seed)
-    reference = DotProductAttention(config, layer_number, AttnMaskType.causal, "self")
-    torch.manual_seed(seed)
-    ours = ContextParallelDotProductAttention(config, layer_number, AttnMaskType.causal, "self")
-    return reference, ours
-
-
-def qkv(seq, batch, heads, groups, dim=16, seed=0, requires_grad=True):
-    gen = torch.Generator().manual_seed(seed)
-    shapes = [(seq, batch, heads, dim), (seq, batch, groups, dim), (seq, batch, groups, dim)]
-    return [torch.randn(*s, generator=gen).requires_grad_(requires_grad) for s in shapes]
-
-
-def run(module, tensors, mask=None, packed_seq_params=None, rng_seed=None):
-    from megatron.core import tensor_parallel
-
-    if rng_seed is not None:
-        tensor_parallel.model_parallel_cuda_manual_seed(rng_seed, force_reset_rng=True)
-    inputs = [t.detach().clone().requires_grad_(True) for t in tensors]
-    out = module(*inputs, mask, packed_seq_params=packed_seq_params)
-    out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out))
-    return out.detach(), [t.grad for t in inputs]
+    return reference_and(ContextParallelDotProductAttention, config, layer_number, seed)
 
 
 CP1_CASES = {

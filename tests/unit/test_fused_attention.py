@@ -12,6 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.unit.attention_pair import make_config, reference_and, run
+from tests.unit.attention_pair import qkv as attention_qkv
 
 ATOL = 1e-5
 
@@ -19,42 +21,14 @@ ATOL = 1e-5
 pytestmark = pytest.mark.usefixtures("world_of_one")  # tests/unit/conftest.py
 
 
-def make_config(**overrides):
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    base = dict(num_layers=4, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True,
-                attention_dropout=0.0, params_dtype=torch.float32)
-    return TransformerConfig(**dict(base, **overrides))
-
-
 def build_pair(config, layer_number=1, seed=7):
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-    from megatron.core.transformer.enums import AttnMaskType
-
     from megatron_r3.model.fused_attention import FusedDotProductAttention
 
-    torch.manual_seed(seed)
-    reference = DotProductAttention(config, layer_number, AttnMaskType.causal, "self")
-    torch.manual_seed(seed)
-    fused = FusedDotProductAttention(config, layer_number, AttnMaskType.causal, "self")
-    return reference, fused
+    return reference_and(FusedDotProductAttention, config, layer_number, seed)
 
 
-def qkv(seq, batch, heads, groups, dim=16, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    shapes = [(seq, batch, heads, dim), (seq, batch, groups, dim), (seq, batch, groups, dim)]
-    return [torch.randn(*s, generator=gen) for s in shapes]
-
-
-def run(module, tensors, mask=None, packed_seq_params=None, rng_seed=None):
-    from megatron.core import tensor_parallel
-
-    if rng_seed is not None:
-        tensor_parallel.model_parallel_cuda_manual_seed(rng_seed, force_reset_rng=True)
-    inputs = [t.detach().clone().requires_grad_(True) for t in tensors]
-    out = module(*inputs, mask, packed_seq_params=packed_seq_params)
-    out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out))
-    return out.detach(), [t.grad for t in inputs]
+def qkv(*args, **kwargs):
+    return attention_qkv(*args, requires_grad=False, **kwargs)
 
 
 def assert_all_close(got, want):
