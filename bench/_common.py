@@ -62,6 +62,20 @@ def environment(device: str) -> dict:
     return info
 
 
+def select_device(name: Optional[str]) -> str:
+    """`--device` for scripts that build models in this process: None picks cuda when available; cpu hides CUDA
+    from this process and what it starts (the trainer and the hf engine pick CUDA whenever it is visible); cuda must
+    exist. Call before anything initialises CUDA."""
+    import torch
+
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here")
+    return name
+
+
 def resolve_device(name: str) -> str:
     import torch
 

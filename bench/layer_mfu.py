@@ -33,7 +33,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import environment, print_table, write_json  # noqa: E402
+from _common import environment, print_table, select_device, write_json  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -329,11 +329,7 @@ def main() -> None:
     parser.add_argument("--skip-slow", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    elif not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available here")
+    args.device = select_device(args.device)
     args.preset = args.preset or ("qwen3-30b-a3b-4l" if args.device == "cuda" else "cpu-tiny")
     preset = PRESETS[args.preset]
 

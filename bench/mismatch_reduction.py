@@ -34,7 +34,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import REPO, environment, print_table, write_json  # noqa: E402
+from _common import REPO, environment, print_table, select_device, write_json  # noqa: E402
 
 MODELS = {
     "demo": {},
@@ -96,13 +96,10 @@ def main() -> None:
                              "trained model instead of a random one; --model must name its architecture")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the trainer and the engine pick CUDA whenever it is visible
+    select_device(args.device)
 
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available here")
     from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
     from megatron_r3.grpo.mismatch import MetricAccumulator

@@ -31,7 +31,7 @@ import time
 from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import environment, print_table, write_json  # noqa: E402
+from _common import environment, print_table, select_device, write_json  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -143,11 +143,7 @@ def main() -> None:
     parser.add_argument("--no-ddp", action="store_true", help="skip the DistributedDataParallel step timing")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    elif not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available here")
+    args.device = select_device(args.device)
 
     from layer_mfu import PRESETS, Stepper, build, sync
 
