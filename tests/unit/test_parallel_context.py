@@ -211,3 +211,14 @@ def test_build_from_megatron_state_in_a_world_of_one(world_of_one):
         ps.get_data_parallel_rank(with_context_parallel=True), ps.get_expert_data_parallel_rank())
     assert ctx.is_dense_export_source and ctx.is_expert_export_source and ctx.computes_loss
     assert ctx.is_first_pipeline_stage() == ps.is_pipeline_first_stage()
+
+
+def test_initialize_model_parallel_returns_the_context(world_of_one):
+    from megatron_r3.platform.distributed import host_group, initialize_model_parallel, parallel_context
+
+    ctx = initialize_model_parallel(ParallelSizes(), sequence_parallel=True)
+    assert ctx == ParallelContext.for_rank(ParallelSizes(), 1, 0, sequence_parallel=True)
+    assert ctx.host_group is host_group() and ctx.groups.tp is not None and ctx.groups.expt_dp is not None
+    other = ParallelSizes(tensor_model_parallel_size=2)
+    with pytest.raises(ValueError, match=r"^megatron's parallel state is another layout than ParallelSizes\("):
+        parallel_context(other)
