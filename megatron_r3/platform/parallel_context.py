@@ -121,6 +121,12 @@ class ParallelContext:
         """The context of global `rank` in a world of `world_size`, without process groups (layout math, tests)."""
         return cls(sizes=sizes, world_size=world_size, rank=rank, sequence_parallel=sequence_parallel, order=order)
 
+    def peer(self, rank: int) -> "ParallelContext":
+        """The context of another global `rank` of the same layout, without groups: e.g. rank 0 works out which
+        samples each rank trains (`peer(r).owns_sample(i, G)`) without gathering anything."""
+        return ParallelContext.for_rank(self.sizes, self.world_size, rank, sequence_parallel=self.sequence_parallel,
+                                        order=self.order)
+
     @classmethod
     def build(cls, sizes: ParallelSizes, pg_collection, *, host_group=None, sequence_parallel: bool = False,
               order: str = DEFAULT_ORDER) -> "ParallelContext":
