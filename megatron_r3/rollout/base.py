@@ -8,7 +8,7 @@ same `RolloutSample`s, so it cannot tell the engines apart.
 The contract (:class:`RolloutEngine`): `build` (trainer rank 0 only) from an :class:`EngineSetup`, `generate`,
 a collective `sync_weights` (every trainer rank calls it with the same setup; rank 0 holds the engine and alone
 talks to it, the other ranks pass None and drive the export's gathers), `close`. Engines are looked up by name in
-:mod:`megatron_r3.rollout.engines`; each declares its flags as a config dataclass (`config_class`). Prompt and
+:mod:`megatron_r3.rollout.engines`, each registered with the config dataclass its flags come from. Prompt and
 argument checks are written once here (:func:`check_generate_request`) and called by every engine's `generate`.
 """
 
@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Iterator, Literal, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 
 from megatron_r3.replay.routes import Routes
+from megatron_r3.rollout.config import RolloutConfig
 
 
 @dataclass(frozen=True)
@@ -99,23 +100,11 @@ class RolloutResult:
     failures: list[RolloutFailure] = field(default_factory=list)
 
 
-@dataclass
-class RolloutConfig:
-    """Rollout engine (every engine)."""
-
-    rollout_engine: str = "hf"
-    """Which registered rollout engine generates the rollouts (megatron_r3/rollout/engines/__init__.py)."""
-    rollout_dtype: Literal["bf16", "fp32"] = "bf16"
-    """dtype of the embedded hf rollout engine (bf16 vs fp32 training reproduces the real train/inference mismatch)."""
-    rollout_failure_policy: Literal["raise", "skip"] = "raise"
-    """Prompts the rollout engine could not serve (after retries): raise (default), or skip their groups (and trim whole groups to fill mini-batches of --global-batch-size), reported as rollout/failed_prompts and rollout/trimmed_prompts."""
-
-
 @dataclass(frozen=True)
 class EngineSetup:
     """Everything an engine is built from, the same on every trainer rank (built once by the trainer).
 
-    config: the engine's own config dataclass (its `config_class`; None for an engine without flags).
+    config: the engine's own config dataclass (registered beside it; None for an engine without flags).
     rollout: the flags every engine shares.
     hf_config: the policy's Hugging Face config (architecture, vocabulary, what a disk export writes).
     seed: the run's seed (generators of engines that sample in-process).
@@ -174,17 +163,9 @@ def raise_on_every_rank(error: Optional[BaseException], what: str) -> None:
 class RolloutEngine(abc.ABC):
     """What the trainer needs from a rollout engine; every engine subclasses it.
 
-    Adding an engine: a module with a subclass (and its config dataclass, `config_class`, whose fields are the
-    engine's flags) plus one line in `megatron_r3.rollout.engines.ENGINES`.
+    Adding an engine: a module with a subclass (and, for flags of its own, a config dataclass in a module that does
+    not import torch) plus one line in `megatron_r3.rollout.engines.ENGINES`.
     """
-
-    config_class: ClassVar[Optional[type]] = None
-    """The engine's flags as a dataclass (per-field docstrings are the --help text), or None: no flags of its own."""
-
-    @classmethod
-    def check_config(cls, config: Any, rollout: RolloutConfig) -> None:
-        """Parse-time checks of the engine's flags (ValueError with a one-line message naming the flag and the fix);
-        called on every rank before anything is built."""
 
     @classmethod
     @abc.abstractmethod

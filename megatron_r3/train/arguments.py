@@ -64,7 +64,6 @@ def add_grpo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                             "natively and count them in replay/fallback_tokens.")
     group.add_argument("--collect-routing-agreement", action=argparse.BooleanOptionalAction, default=True,
                        help="Measure per layer how often native top-k equals the replayed set (old-logprob pass).")
-    add_rollout_arguments(parser)  # --rollout-engine (the registered engines), shared and per-engine flags
     group.add_argument("--hf-checkpoint", type=str, default=None,
                        help="Hugging Face Qwen3-MoE checkpoint directory: architecture and initial weights.")
     group.add_argument("--hf-config", type=str, default=None,
@@ -120,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="GRPO with router replay on megatron-core", allow_abbrev=False)
     add_megatron_arguments(parser)
     escape_bare_percent_in_help(parser)
+    add_rollout_arguments(parser)  # --rollout-engine (the registered engines), shared and per-engine flags
     return add_grpo_arguments(parser)
 
 

@@ -20,8 +20,9 @@ from megatron_r3.model.weights import load_hf_weights
 from megatron_r3.platform.distributed import ParallelSizes, initialize_model_parallel
 from megatron_r3.replay.schedule import ReplayRouters
 from megatron_r3.platform.typed_config import config_from_args
-from megatron_r3.rollout.base import EngineSetup, PolicyWeights, RolloutConfig, SamplingParams
-from megatron_r3.rollout.engines import engine_class
+from megatron_r3.rollout.base import EngineSetup, PolicyWeights, SamplingParams
+from megatron_r3.rollout.config import RolloutConfig
+from megatron_r3.rollout.engines import engine_class, engine_config_class
 from megatron_r3.train.rollout_phase import RolloutSettings
 
 
@@ -255,9 +256,8 @@ def build_data(args):
 def engine_setup(args, hf_config) -> EngineSetup:
     """The chosen engine's settings from the parsed arguments (the engine itself never sees `args`)."""
     rollout = config_from_args(RolloutConfig, args)
-    cls = engine_class(rollout.rollout_engine)
     return EngineSetup(
-        config=None if cls.config_class is None else config_from_args(cls.config_class, args),
+        config=engine_config(args, rollout.rollout_engine),
         rollout=rollout,
         hf_config=hf_config,
         seed=args.seed,
@@ -267,11 +267,17 @@ def engine_setup(args, hf_config) -> EngineSetup:
     )
 
 
+def engine_config(args, name: str):
+    """Engine `name`'s config dataclass filled from the parsed arguments (None: it has no flags)."""
+    config_class = engine_config_class(name)
+    return None if config_class is None else config_from_args(config_class, args)
+
+
 def check_engine_arguments(args) -> None:
-    """Parse-time checks of the chosen engine's flags (its `check_config`; one-line ValueError)."""
-    rollout = config_from_args(RolloutConfig, args)
-    cls = engine_class(rollout.rollout_engine)
-    cls.check_config(None if cls.config_class is None else config_from_args(cls.config_class, args), rollout)
+    """Parse-time checks of the chosen engine's flags (its config's `check()`, when it has one; one-line ValueError)."""
+    config = engine_config(args, args.rollout_engine)
+    if hasattr(config, "check"):
+        config.check()
 
 
 def build_engine(setup: EngineSetup):

@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from megatron_r3.model.hf_module import hf_state_dict_to_checkpoint_names
 from megatron_r3.platform.distributed import host_group
-from megatron_r3.rollout.base import EngineSetup, RolloutConfig, SamplingParams, WeightSyncError
+from megatron_r3.rollout.base import EngineSetup, SamplingParams, WeightSyncError
+from megatron_r3.rollout.config import RolloutConfig
 from megatron_r3.rollout.engines import engine_class
 from tests.distributed.launch import finish_launch
 

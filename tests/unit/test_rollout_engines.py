@@ -12,14 +12,16 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from megatron_r3.rollout.base import (
-    RolloutConfig,
-    RolloutEngine,
-    RolloutResult,
-    SamplingParams,
-    check_generate_request,
+from megatron_r3.rollout.base import RolloutEngine, RolloutResult, SamplingParams, check_generate_request
+from megatron_r3.rollout.config import RolloutConfig
+from megatron_r3.rollout.engines import (
+    ENGINES,
+    Engine,
+    add_rollout_arguments,
+    engine_class,
+    engine_config_class,
+    rollout_flag_dests,
 )
-from megatron_r3.rollout.engines import ENGINES, add_rollout_arguments, engine_class
 from megatron_r3.train.components import build_engine, check_engine_arguments, engine_setup
 
 
@@ -35,18 +37,16 @@ class FakeEngineConfig:
     fake_replies: int = 3
     """Samples the fake engine pretends to serve."""
 
+    def check(self):
+        if self.fake_replies < 0:
+            raise ValueError(f"--fake-replies {self.fake_replies}: must be >= 0")
+
 
 class FakeEngine(RolloutEngine):
-    config_class = FakeEngineConfig
     built: list = []
 
     def __init__(self, setup):
         self.setup = setup
-
-    @classmethod
-    def check_config(cls, config, rollout):
-        if config.fake_replies < 0:
-            raise ValueError(f"--fake-replies {config.fake_replies}: must be >= 0")
 
     @classmethod
     def build(cls, setup):
@@ -67,7 +67,7 @@ class FakeEngine(RolloutEngine):
 
 @pytest.fixture
 def fake_registered(monkeypatch):
-    monkeypatch.setitem(ENGINES, "fake", f"{__name__}:FakeEngine")  # the one line a new engine needs
+    monkeypatch.setitem(ENGINES, "fake", Engine(f"{__name__}:FakeEngine", f"{__name__}:FakeEngineConfig"))  # one line
     FakeEngine.built = []
     return FakeEngine
 
@@ -87,13 +87,14 @@ def test_rollout_engine_choices_are_the_registry():
     assert tuple(action.choices) == tuple(ENGINES) == ("hf", "sglang")
     assert action.default == RolloutConfig.rollout_engine in ENGINES
     dests = {a.dest for a in parser._actions}
+    assert rollout_flag_dests() <= dests  # what the preflight's YAML key check knows is on the command line
     for name in ENGINES:  # every registered engine's flags are on the trainer's command line
-        cls = engine_class(name)
-        assert issubclass(cls, RolloutEngine)
-        if cls.config_class is not None:
-            assert {f.name for f in dataclasses.fields(cls.config_class)} <= dests
+        assert issubclass(engine_class(name), RolloutEngine)
+        if engine_config_class(name) is not None:
+            assert {f.name for f in dataclasses.fields(engine_config_class(name))} <= dests
+    assert {"rollout_dtype", "sglang_url", "weight_sync_dir"} <= rollout_flag_dests()
     args = parser.parse_args([])
-    for config_class in [RolloutConfig] + [engine_class(n).config_class for n in ENGINES]:
+    for config_class in [RolloutConfig] + [engine_config_class(n) for n in ENGINES]:
         if config_class is not None:  # defaults written once: the dataclass's are the parser's
             assert config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)}) \
                 == config_class()
@@ -107,11 +108,24 @@ def test_an_unknown_engine_is_named_with_the_registered_ones():
         rollout_parser().parse_args(["--rollout-engine", "vllm"])
 
 
-def test_a_registry_entry_must_name_a_rolloutengine(monkeypatch):
-    monkeypatch.setitem(ENGINES, "bogus", f"{__name__}:FakeEngineConfig")
+def test_a_registry_entry_must_name_a_rolloutengine_and_a_dataclass(monkeypatch):
+    monkeypatch.setitem(ENGINES, "bogus", Engine(f"{__name__}:FakeEngineConfig", f"{__name__}:FakeEngine"))
     with pytest.raises(TypeError, match=exact(f"rollout engine 'bogus' ({__name__}:FakeEngineConfig) is not a "
                                               "RolloutEngine subclass")):
         engine_class("bogus")
+    with pytest.raises(TypeError, match=exact(f"rollout engine 'bogus': config {__name__}:FakeEngine is not a "
+                                              "dataclass")):
+        engine_config_class("bogus")
+
+
+def test_the_registry_and_the_config_modules_import_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from megatron_r3.rollout.engines import rollout_flag_dests; rollout_flag_dests(); "
+            "print(sorted(m for m in ('torch', 'numpy', 'megatron') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 # ------------------------------------------------------------------------------------------------ one line adds one

@@ -1,14 +1,12 @@
 """The SGLang engine's flags (``--sglang-*``, ``--weight-sync*``) as one dataclass, the only place their defaults are
 written. :meth:`SGLangEngineConfig.client_config` and :meth:`SGLangEngineConfig.weight_sync_settings` turn them into
 the settings of the HTTP client (:mod:`~megatron_r3.rollout.engines.sglang.http`) and of the weight sync
-(:mod:`~megatron_r3.rollout.engines.sglang.weight_sync`)."""
+(:mod:`~megatron_r3.rollout.engines.sglang.weight_sync`). No torch at import: the command line is checked first."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal, Optional
-
-from megatron_r3.rollout.engines.sglang.http import SGLangClientConfig
 
 
 @dataclass
@@ -59,7 +57,10 @@ class SGLangEngineConfig:
         if self.weight_sync == "disk" and not self.weight_sync_dir:
             raise ValueError("--weight-sync disk needs --weight-sync-dir DIR (storage every SGLang server can read)")
 
-    def client_config(self) -> SGLangClientConfig:
+    def client_config(self):
+        """The HTTP client's settings (:class:`~megatron_r3.rollout.engines.sglang.http.SGLangClientConfig`)."""
+        from megatron_r3.rollout.engines.sglang.http import SGLangClientConfig
+
         return SGLangClientConfig(
             max_concurrency=self.sglang_max_concurrency,
             request_size=self.sglang_request_size,

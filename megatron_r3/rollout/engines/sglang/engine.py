@@ -41,7 +41,6 @@ from megatron_r3.replay.routes import RouteError
 from megatron_r3.rollout.base import (
     EngineSetup,
     PolicyWeights,
-    RolloutConfig,
     RolloutEngine,
     RolloutFailure,
     RolloutResult,
@@ -93,7 +92,7 @@ class _Outcome:
 class SGLangEngine(SGLangHTTP, RolloutEngine):
     """Client for SGLang servers, implementing :class:`~megatron_r3.rollout.base.RolloutEngine`.
 
-    Flags: :class:`~megatron_r3.rollout.engines.sglang.config.SGLangEngineConfig`. Weight sync: buckets over a
+    Flags: :class:`~megatron_r3.rollout.engines.sglang.config.SGLangEngineConfig` (``EngineSetup.config``). Weight sync: buckets over a
     NCCL group or a disk export, driven by :func:`~megatron_r3.rollout.engines.sglang.weight_sync.sync_policy_weights`.
 
     Args:
@@ -148,12 +147,6 @@ class SGLangEngine(SGLangHTTP, RolloutEngine):
                 )
 
     # ------------------------------------------------------------------ the RolloutEngine class methods
-    config_class = SGLangEngineConfig
-
-    @classmethod
-    def check_config(cls, config: SGLangEngineConfig, rollout: RolloutConfig) -> None:
-        config.check()
-
     @classmethod
     def build(cls, setup: EngineSetup) -> "SGLangEngine":
         """``--rollout-engine sglang``: the client for the servers named by the flags (trainer rank 0 only)."""
