@@ -203,3 +203,8 @@ def test_persistent_buffers_round_trip_through_load_and_export(world_of_one, mon
     exported = dict(export_hf_weights(chunks, arch))
     assert list(exported) != [] and set(exported) == set(checkpoint)
     assert all(torch.equal(exported[name], checkpoint[name]) for name in checkpoint)
+    # a bf16 export (weight sync to a bf16 engine) casts the weights, not the fp32 bias buffer
+    bf16 = dict(export_hf_weights(chunks, arch, dtype=torch.bfloat16))
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+    assert bf16[bias].dtype == torch.float32 and torch.equal(bf16[bias], checkpoint[bias])
+    assert bf16["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16
