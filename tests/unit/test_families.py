@@ -190,8 +190,12 @@ def test_persistent_buffers_round_trip_through_load_and_export(world_of_one, mon
         "decoder.layers.1.mlp.router.expert_bias", "decoder.layers.2.mlp.router.expert_bias"}
 
     # a family that does not map the buffer refuses it instead of dropping it
-    with pytest.raises(MappingError, match="decoder.layers.1.mlp.router.expert_bias"):
-        list(export_hf_weights(chunks, arch_from_hf_config(hf_config)))
+    for walk in (lambda arch: list(export_hf_weights(chunks, arch)), lambda arch: load_hf_weights(chunks, {}, arch)):
+        with pytest.raises(MappingError) as error:
+            walk(arch_from_hf_config(hf_config))
+        assert error.value.args[0] == (
+            "no HF mapping for megatron parameter or persistent buffer 'decoder.layers.1.mlp.router.expert_bias' in "
+            "the qwen_moe family (a buffer such as a router expert_bias or qb_beta has no Qwen-MoE checkpoint tensor)")
 
     monkeypatch.setitem(REGISTRY, "biased_qwen", "tests.unit.test_families")
     arch = FAMILY.arch(hf_config)

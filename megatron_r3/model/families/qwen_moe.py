@@ -300,7 +300,10 @@ class QwenMoeFamily(ModelFamily):
                         raise MappingError(f"{name!r}: global expert id {e} outside [0, {arch.num_experts})")
                     names = tuple(prefix + s.format(e=e) for s in hf_suffixes)
                     return ParamMapping(name, names, kind, tp_dim, expert_id=e, layer=layer)
-        raise MappingError(f"no HF mapping for megatron parameter {name!r}")
+        raise MappingError(
+            f"no HF mapping for megatron parameter or persistent buffer {name!r} in the {self.name} family (a "
+            "buffer such as a router expert_bias or qb_beta has no Qwen-MoE checkpoint tensor)"
+        )
 
     def hf_layer_names(self, arch: ModelArch, layer: int) -> list[str]:
         """Checkpoint names of decoder layer `layer`, in export order."""
