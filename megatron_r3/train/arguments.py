@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import yaml
 
-from megatron_r3.model.config_checks import REPLAY_MODES, check_layout, check_replay_config
+from megatron_r3.replay.config_checks import REPLAY_MODES, check_layout, check_replay_config
 from megatron_r3.platform.python_compat import apply_python_compat
 
 # Megatron defaults we change for RL, stated once (all still overridable by YAML / CLI).

@@ -25,7 +25,7 @@ from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
 from megatron_r3.grpo.losses import PolicyLossConfig
 from megatron_r3.grpo.mismatch import MetricAccumulator
-from megatron_r3.model.config_checks import check_replay_config, replay_bypass_reasons
+from megatron_r3.replay.config_checks import check_replay_config, replay_bypass_reasons
 from megatron_r3.model.flops import grpo_throughput_metrics, peak_tflops, shape_from_config
 from megatron_r3.platform import collectives
 from megatron_r3.platform.distributed import device, host_group
