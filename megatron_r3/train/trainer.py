@@ -1,15 +1,7 @@
 """The GRPO engine: rollout -> old logprobs -> (reference logprobs) -> mini-batch updates -> weight sync, per step.
 
-Which routes each pass uses (`--router-replay`):
-
-| pass          | off                          | R2                                   | R3                        |
-|---------------|------------------------------|--------------------------------------|---------------------------|
-| old logprobs  | native (rollout routes observed) | native, recorded (rollout routes observed) | replay rollout routes |
-| reference     | native                       | replay recorded (--reference-replay) | replay rollout routes (--reference-replay) |
-| updates       | native                       | replay recorded                      | replay rollout routes     |
-
-"Observed" routes are compared with the trainer's native top-k without being used, so `replay/routing_agreement`
-measures the engines' disagreement in every mode, and `replay/used_route_match` shows what replay changes.
+Which routes each pass uses is data (`replay/policy.py`, the README's "which pass replays what" table): the trainer
+looks up its `ReplayPolicy` once and drives every pass from it, with no branch on `--router-replay`.
 """
 
 from __future__ import annotations
@@ -21,7 +13,6 @@ import time
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
 from megatron_r3.grpo.losses import PolicyLossConfig
 from megatron_r3.grpo.mismatch import MetricAccumulator
@@ -31,6 +22,7 @@ from megatron_r3.platform import collectives
 from megatron_r3.platform.distributed import device, host_group
 from megatron_r3.replay.layout import sequence_pad_multiple
 from megatron_r3.replay.microbatch import routes_from_recorded
+from megatron_r3.replay.policy import Action, PassRouting, Source, replay_policy
 from megatron_r3.train import checkpoint as ckpt
 from megatron_r3.train.checkpoint_integrity import check_resume_source
 from megatron_r3.train.metrics_log import MetricsLogger, format_iteration_line
@@ -38,10 +30,6 @@ from megatron_r3.train.microbatching import RankLayout, StepPlan, microbatch_cou
 from megatron_r3.train.passes import PassContext, declare_metrics, logprob_pass, step_metric_names, update_pass
 from megatron_r3.train.rollout_phase import RolloutPayload, RouteShare, generate_batch, share_from_rank0
 from megatron_r3.train.components import TrainingSetup, build_training_setup
-
-REPLAY = RouterReplayAction.REPLAY_FORWARD
-RECORD = RouterReplayAction.RECORD
-
 
 class GateError(RuntimeError):
     """A run tripped one of its in-training gates (--check-step0-kl, --max-rollout-train-logp-abs-diff)."""
@@ -57,6 +45,7 @@ class GRPOTrainer:
             logging.getLogger("megatron").setLevel(logging.WARNING)
         self.setup: TrainingSetup = build_training_setup(args)
         check_replay_config(self.setup.config, args.router_replay)
+        self.policy = replay_policy(args.router_replay, args.reference_replay)
         # off mode runs what replay cannot hook (e.g. sinkhorn balancing); it then measures no routing agreement
         self.can_observe_routes = not replay_bypass_reasons(self.setup.config)
         self.rank = RankLayout(
@@ -152,7 +141,6 @@ class GRPOTrainer:
         declare_metrics(metrics, step_metric_names(tis=self.loss_config.tis_cap is not None,
                                                    reference=self.loss_config.kl_coef > 0), mismatch=True)
         setup.routers.statistics(reset=True)
-        mode = args.router_replay
         microbatches = plan.microbatches
         for mb in microbatches:  # one asynchronous copy per microbatch, reused by every pass of the step
             if mb.routes is not None:
@@ -162,19 +150,13 @@ class GRPOTrainer:
         # old logprobs (and the mismatch metrics)
         start = time.perf_counter()
         ctx = self._context(setup.model, setup.routers, plan)
-        if mode == "R3":
-            old = logprob_pass(ctx, microbatches, target="old", action=REPLAY, routes=rollout_routes, metrics=metrics,
-                               collect_agreement=args.collect_routing_agreement)
-        elif mode == "R2":
-            old = logprob_pass(ctx, microbatches, target="old", action=RECORD, routes=_observed(rollout_routes),
-                               metrics=metrics, collect_agreement=args.collect_routing_agreement)
+        action, routes = self._pass_routes(self.policy.old_logprob, microbatches, rollout_routes)
+        old = logprob_pass(ctx, microbatches, target="old", action=action, routes=routes, metrics=metrics,
+                           collect_agreement=args.collect_routing_agreement)
+        if self.policy.old_logprob.action is Action.RECORD:  # what the updates (R2) replay
             for mb, recorded in zip(microbatches, old.recorded):
                 valid = mb.layout.valid[mb.token_slots]
                 mb.recorded = routes_from_recorded(recorded, valid.to(device()), int(valid.sum()))
-        else:  # off: observe the engine's routes unless the router chooses outside the hooked top-k (sinkhorn, ...)
-            observed = _observed(rollout_routes) if self.can_observe_routes else None
-            old = logprob_pass(ctx, microbatches, target="old", action=REPLAY if observed else None, routes=observed,
-                               metrics=metrics, collect_agreement=args.collect_routing_agreement)
         replay_stats = setup.routers.statistics(reset=True)
         timings["timing/old_logprob_s"] = time.perf_counter() - start
 
@@ -182,7 +164,7 @@ class GRPOTrainer:
         if self.loss_config.kl_coef > 0:
             start = time.perf_counter()
             ref_ctx = self._context(setup.reference, setup.reference_routers, plan)
-            action, routes = self._update_routes(microbatches, rollout_routes, reference=True)
+            action, routes = self._pass_routes(self.policy.reference, microbatches, rollout_routes)
             logprob_pass(ref_ctx, microbatches, target="ref", action=action, routes=routes, metrics=metrics)
             setup.reference_routers.statistics(reset=True)
             timings["timing/reference_s"] = time.perf_counter() - start
@@ -197,8 +179,8 @@ class GRPOTrainer:
                                                  reference=self.loss_config.kl_coef > 0), mismatch=False)
         for iteration in range(args.grpo_iterations):
             for index, minibatch in enumerate(plan.minibatches):
-                action, routes = self._update_routes(minibatch, [mb.routes for mb in minibatch]
-                                                     if rollout_routes else None)
+                action, routes = self._pass_routes(self.policy.update, minibatch,
+                                                   [mb.routes for mb in minibatch] if rollout_routes else None)
                 setup.zero_grad()
                 result = update_pass(
                     ctx, minibatch, loss_config=self.loss_config, action=action, routes=routes,
@@ -269,16 +251,18 @@ class GRPOTrainer:
     def _temperature(self) -> float:
         return self.args.rl_default_temperature if self.args.rl_default_temperature > 0 else 1.0
 
-    def _update_routes(self, microbatches, rollout_routes, reference: bool = False):
-        """(action, routes) for an update (or reference) pass under --router-replay."""
-        mode = self.args.router_replay
-        if reference and self.args.reference_replay == "off":
-            return None, None
-        if mode == "R3":
-            return REPLAY, rollout_routes
-        if mode == "R2":
-            return REPLAY, [mb.recorded for mb in microbatches]
-        return None, None
+    def _pass_routes(self, routing: PassRouting, microbatches, rollout_routes):
+        """(router action, routes) of one pass over `microbatches`, as the replay policy gives them."""
+        if routing.source is Source.ROLLOUT:
+            routes = rollout_routes
+        elif routing.source is Source.RECORDED:
+            routes = [mb.recorded for mb in microbatches]
+        else:
+            routes = None
+        if routing.observes:
+            # the router chooses outside the hooked top-k (sinkhorn, ... under off): there is nothing to observe
+            routes = _observed(routes) if self.can_observe_routes else None
+        return routing.router_action(have_routes=routes is not None), routes
 
     def _optimizer_step(self) -> float:
         """Finalised grads -> global grad norm -> step; a non-finite norm skips the step on every rank alike (the
@@ -349,9 +333,10 @@ class GRPOTrainer:
 
     def _check_gates(self, metrics: dict) -> None:
         args = self.args
-        # under R3 only: off and R2 merely observe the engine's routes (for replay/routing_agreement)
+        # only when a pass replays the engine's routes (R3): otherwise they are merely observed (routing_agreement)
+        replays_engine_routes = self.policy.replays_rollout_routes
         fraction = metrics.get("replay/fallback_fraction", 0.0)
-        if args.router_replay == "R3" and args.max_fallback_fraction is not None and \
+        if replays_engine_routes and args.max_fallback_fraction is not None and \
                 fraction > args.max_fallback_fraction:
             raise GateError(
                 f"--max-fallback-fraction: {fraction:.1%} of the route rows at step {self.step} "
@@ -361,7 +346,7 @@ class GRPOTrainer:
             )
         agreement = metrics.get("replay/routing_agreement")
         bound = args.min_routing_agreement
-        if args.router_replay == "R3" and bound and agreement is not None and not (agreement >= bound):
+        if replays_engine_routes and bound and agreement is not None and not (agreement >= bound):
             raise GateError(
                 f"--min-routing-agreement: replay/routing_agreement is {agreement:.4f} at step {self.step}, below "
                 f"the bound {bound:.4f}: the trainer's own top-k rarely picks the replayed experts, so the routes "
