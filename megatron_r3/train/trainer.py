@@ -20,6 +20,8 @@ from megatron_r3.replay.config_checks import check_replay_config, replay_bypass_
 from megatron_r3.model.flops import grpo_throughput_metrics, peak_tflops, shape_from_config
 from megatron_r3.platform import collectives
 from megatron_r3.platform.distributed import device, host_group
+from megatron_r3.platform.typed_config import config_from_args
+from megatron_r3.replay.config import ReplayConfig
 from megatron_r3.replay.layout import sequence_pad_multiple
 from megatron_r3.replay.microbatch import routes_from_recorded
 from megatron_r3.replay.policy import Action, PassRouting, Source, replay_policy
@@ -44,8 +46,9 @@ class GRPOTrainer:
         if not getattr(args, "verbose", False):  # megatron logs every parameter at INFO while building DDP
             logging.getLogger("megatron").setLevel(logging.WARNING)
         self.setup: TrainingSetup = build_training_setup(args)
-        check_replay_config(self.setup.config, args.router_replay)
-        self.policy = replay_policy(args.router_replay, args.reference_replay)
+        self.replay = config_from_args(ReplayConfig, args)
+        check_replay_config(self.setup.config, self.replay.router_replay)
+        self.policy = replay_policy(self.replay.router_replay, self.replay.reference_replay)
         # off mode runs what replay cannot hook (e.g. sinkhorn balancing); it then measures no routing agreement
         self.can_observe_routes = not replay_bypass_reasons(self.setup.config)
         self.rank = RankLayout(
@@ -110,7 +113,7 @@ class GRPOTrainer:
             "skipped_steps": self.skipped_steps,
             "scheduler": self.setup.scheduler.state_dict(),
             "sampler": self.setup.sampler.state_dict(),
-            "router_replay": self.args.router_replay,
+            "router_replay": self.replay.router_replay,
         }
         ckpt.save_checkpoint(self.args.save, self.step, self.setup.chunks, self.setup.optimizer, state)
 
@@ -152,7 +155,7 @@ class GRPOTrainer:
         ctx = self._context(setup.model, setup.routers, plan)
         action, routes = self._pass_routes(self.policy.old_logprob, microbatches, rollout_routes)
         old = logprob_pass(ctx, microbatches, target="old", action=action, routes=routes, metrics=metrics,
-                           collect_agreement=args.collect_routing_agreement)
+                           collect_agreement=self.replay.collect_routing_agreement)
         if self.policy.old_logprob.action is Action.RECORD:  # what the updates (R2) replay
             for mb, recorded in zip(microbatches, old.recorded):
                 valid = mb.layout.valid[mb.token_slots]
@@ -336,16 +339,17 @@ class GRPOTrainer:
         # only when a pass replays the engine's routes (R3): otherwise they are merely observed (routing_agreement)
         replays_engine_routes = self.policy.replays_rollout_routes
         fraction = metrics.get("replay/fallback_fraction", 0.0)
-        if replays_engine_routes and args.max_fallback_fraction is not None and \
-                fraction > args.max_fallback_fraction:
+        replay = self.replay
+        if replays_engine_routes and replay.max_fallback_fraction is not None and \
+                fraction > replay.max_fallback_fraction:
             raise GateError(
                 f"--max-fallback-fraction: {fraction:.1%} of the route rows at step {self.step} "
                 f"({int(metrics.get('replay/fallback_tokens', 0))} tokens) fell back to native routing, above the "
-                f"bound {args.max_fallback_fraction:.1%}: the engine's routes are unusable, so --router-replay "
-                f"{args.router_replay} is effectively off"
+                f"bound {replay.max_fallback_fraction:.1%}: the engine's routes are unusable, so --router-replay "
+                f"{replay.router_replay} is effectively off"
             )
         agreement = metrics.get("replay/routing_agreement")
-        bound = args.min_routing_agreement
+        bound = replay.min_routing_agreement
         if replays_engine_routes and bound and agreement is not None and not (agreement >= bound):
             raise GateError(
                 f"--min-routing-agreement: replay/routing_agreement is {agreement:.4f} at step {self.step}, below "
@@ -358,7 +362,7 @@ class GRPOTrainer:
                 raise GateError(
                     f"--check-step0-kl: train/ppo_kl of the first update at step 0 is {kl:.3e}, above the bound "
                     f"{args.check_step0_kl:.3e}: the old-logprob and update passes disagree on the same weights "
-                    f"(--router-replay {args.router_replay})"
+                    f"(--router-replay {replay.router_replay})"
                 )
         bound = args.max_rollout_train_logp_abs_diff
         if bound is not None:
