@@ -33,6 +33,7 @@ from megatron_r3.train.passes import PassContext, declare_metrics, logprob_pass,
 from megatron_r3.train.rollout_phase import RolloutPayload, RouteShare, generate_batch, share_from_rank0
 from megatron_r3.train.components import TrainingSetup, build_training_setup
 
+
 class GateError(RuntimeError):
     """A run tripped one of its in-training gates (--check-step0-kl, --max-rollout-train-logp-abs-diff)."""
 
