@@ -21,7 +21,9 @@ from typing import Optional, Sequence
 
 import yaml
 
-from megatron_r3.model.config_checks import REPLAY_MODES, check_layout, check_replay_config
+from megatron_r3.platform.typed_config import add_config_arguments
+from megatron_r3.replay.config import ReplayConfig
+from megatron_r3.replay.config_checks import check_layout, check_replay_config
 from megatron_r3.platform.python_compat import apply_python_compat
 from megatron_r3.rollout.engines import add_rollout_arguments
 
@@ -54,16 +56,6 @@ def add_grpo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     """`extra_args_provider` for Megatron's parser: the flags megatron does not have."""
     group = parser.add_argument_group(title="megatron_r3 (GRPO with router replay)")
     group.add_argument("--config", type=str, default=None, help="YAML file; keys are flag names with '_'.")
-    group.add_argument("--router-replay", choices=REPLAY_MODES, default="off",
-                       help="off: native routing; R2: replay the trainer's old-logprob routes in the updates; "
-                            "R3: replay the rollout engine's routes in the old-logprob pass and the updates.")
-    group.add_argument("--reference-replay", choices=("on", "off"), default="on",
-                       help="Whether the reference-model (KL) pass replays the same routes as the policy.")
-    group.add_argument("--route-fallback", choices=("raise", "native"), default="raise",
-                       help="Bad routes in a sample: raise an error naming it (default), or route those tokens "
-                            "natively and count them in replay/fallback_tokens.")
-    group.add_argument("--collect-routing-agreement", action=argparse.BooleanOptionalAction, default=True,
-                       help="Measure per layer how often native top-k equals the replayed set (old-logprob pass).")
     group.add_argument("--hf-checkpoint", type=str, default=None,
                        help="Hugging Face Qwen3-MoE checkpoint directory: architecture and initial weights.")
     group.add_argument("--hf-config", type=str, default=None,
@@ -86,13 +78,6 @@ def add_grpo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                        help="Fail if train/ppo_kl of the first update exceeds this bound.")
     group.add_argument("--max-rollout-train-logp-abs-diff", type=float, default=None,
                        help="Fail if r3/rollout_train_logp_abs_diff exceeds this bound at any step.")
-    group.add_argument("--max-fallback-fraction", type=float, default=0.01,
-                       help="Under --router-replay R3, fail when more than this fraction of a step's route rows "
-                            "fell back to native routing (--route-fallback native); 1 disables the gate.")
-    group.add_argument("--min-routing-agreement", type=float, default=0.6,
-                       help="Under --router-replay R3, fail when replay/routing_agreement (trainer's native top-k vs "
-                            "the replayed routes) falls below this bound: healthy runs measure ~0.9-0.99, routes "
-                            "shifted to the wrong tokens ~0.3-0.5; 0 disables the gate.")
     group.add_argument("--skip-long-prompts", action="store_true",
                        help="Drop prompts too long for --seq-length minus --max-new-tokens (counted and reported) "
                             "instead of refusing to start.")
@@ -120,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_megatron_arguments(parser)
     escape_bare_percent_in_help(parser)
     add_rollout_arguments(parser)  # --rollout-engine (the registered engines), shared and per-engine flags
+    add_config_arguments(parser, ReplayConfig, "megatron_r3 router replay")
     return add_grpo_arguments(parser)
 
 
