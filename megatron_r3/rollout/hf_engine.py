@@ -43,6 +43,7 @@ import torch
 from megatron_r3.replay.routes import Routes, routes_from_array
 from megatron_r3.rollout.base import RolloutResult, RolloutSample, SamplingParams
 from megatron_r3.rollout.hf_capture import RouteCapture, moe_layer_map
+from megatron_r3.rollout.hf_generate import HFGenerateConfig, generate_batch_static
 from megatron_r3.rollout.multiturn import check_routes_start_len
 from megatron_r3.model.hf_module import WeightLoader
 from megatron_r3.rollout.sampling import sample_tokens
@@ -103,6 +104,8 @@ class HFRolloutEngine:
         progress: show a tqdm bar during :meth:`generate`.
         seed: seed of the generator used by calls whose ``SamplingParams.seed`` is None.
     """
+
+    generate_config = HFGenerateConfig()  # the decode loop (megatron_r3/rollout/hf_generate.py); set per engine
 
     def __init__(
         self,
@@ -245,6 +248,9 @@ class HFRolloutEngine:
     @torch.inference_mode()
     def _generate_batch(self, chunk, first: int, sampling: SamplingParams, generator, return_routes: bool, bar):
         """Generate one batch; ``first`` is the index of its first sequence in the whole call (for error messages)."""
+        if self.generate_config.hf_static_decode:  # static KV cache, no per-token host sync: rollout/hf_generate.py
+            return generate_batch_static(self.model, chunk, first, sampling, generator, return_routes, bar,
+                                         self.generate_config)
         from transformers import DynamicCache
 
         device = self.device
