@@ -11,14 +11,15 @@ Why
       the last sampled token is never fed), filled in place;
     * the batch never shrinks: a finished sequence keeps being fed the pad token, its samples are masked out
       (``done`` lives on the device) and its rows are cut off on the host at the end, like the old loop's;
-    * the attention mask is a preallocated 4-D mask (bool for ``sdpa``, additive for ``eager``) updated in place,
+    * the attention mask is a preallocated additive 4-D mask (``sdpa`` or ``eager`` attention) updated in place,
       so transformers' mask builder (which reads the padding mask on the host) is skipped;
     * the host asks whether every sequence finished only every ``hf_stop_check_interval`` steps (one sync each), so
       at most ``interval - 1`` extra decode forwards run after the last sequence stops;
     * routes are written by router hooks into device buffers at a device-side step index (no boolean indexing) and
       copied to the host once per batch;
     * optionally (``hf_cuda_graph``, CUDA only) the decode forward is captured once per batch in a CUDA graph and
-      replayed; sampling stays outside the graph.
+      replayed (the first decode forward runs eagerly on a side stream as warm-up, followed by the one extra sync
+      of the batch); sampling stays outside the graph.
 
 Sampling semantics (:mod:`megatron_r3.rollout.sampling`, unchanged)
     Temperature, top-k, top-p and the reported logprob are computed by the same functions. The draw is
@@ -160,20 +161,18 @@ class _RouteRecorder:
         return self.prompt.cpu(), self.decode.permute(2, 1, 0, 3).cpu()
 
 
-def _attention_kind(model) -> str:
+def _check_attention(model) -> None:
     kind = getattr(model.config, "_attn_implementation", None) or "eager"
     if kind not in ("sdpa", "eager"):
         raise ValueError(
             f"hf_generate builds its own 4-D attention masks for 'sdpa' or 'eager' attention; the model uses "
             f"{kind!r}: build it with attn_implementation='sdpa' or pass --no-hf-static-decode"
         )
-    return kind
 
 
-def _as_mask(attend: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean ``attend`` (True: may attend) as the mask transformers' ``kind`` attention takes."""
-    if kind == "sdpa":
-        return attend
+def _additive_mask(attend: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean ``attend`` (True: may attend) as an additive mask (0 or the dtype's lowest value), the form both
+    ``eager`` and ``sdpa`` attention take; sdpa would otherwise convert a boolean mask in every layer."""
     zero = torch.zeros((), dtype=dtype, device=attend.device)
     return torch.where(attend, zero, torch.finfo(dtype).min)
 
@@ -200,7 +199,7 @@ def generate_batch_static(model, chunk, first: int, sampling: SamplingParams, ge
     device = next(model.parameters()).device
     if config.hf_cuda_graph and device.type != "cuda":
         raise ValueError(f"hf_cuda_graph needs the model on a CUDA device, it is on {device}; turn the flag off")
-    kind = _attention_kind(model)
+    _check_attention(model)
     hf_config = model.config
     batch = len(chunk)
     prompt_lengths = [prompt.numel() for _, prompt in chunk]
@@ -222,7 +221,7 @@ def generate_batch_static(model, chunk, first: int, sampling: SamplingParams, ge
     lengths = torch.tensor(prompt_lengths, dtype=torch.int64, device=device)
     max_new = torch.tensor(max_new_host, dtype=torch.int64, device=device)
 
-    # attend[b, j]: cache slot j holds a real token of sequence b (prompt slots now, decode slots as they fill)
+    # attend[b, j]: cache slot j holds a real token of sequence b (prompt slots; decode slots open in decode_mask)
     attend = torch.zeros((batch, cache_len), dtype=torch.bool, device=device)
     attend[:, :width] = prompt_mask
     slots = torch.arange(cache_len, device=device)
@@ -230,8 +229,8 @@ def generate_batch_static(model, chunk, first: int, sampling: SamplingParams, ge
     diagonal = slots[None, :] == torch.arange(width, device=device)[:, None]
     # a padding query attends to itself only: no fully masked row (NaN in some kernels) and nothing real sees it
     prefill_attend = causal[None] & (attend[:, None, :] | diagonal[None])  # [B, width, cache_len]
-    prefill_mask = _as_mask(prefill_attend[:, None], kind, dtype)
-    decode_mask = _as_mask(attend[:, None, None, :], kind, dtype)  # [B, 1, 1, cache_len], updated in place
+    prefill_mask = _additive_mask(prefill_attend[:, None], dtype)
+    decode_mask = _additive_mask(attend[:, None, None, :], dtype)  # [B, 1, 1, cache_len], updated in place
 
     from transformers import StaticCache
 
@@ -283,9 +282,7 @@ def generate_batch_static(model, chunk, first: int, sampling: SamplingParams, ge
             # feed response token `step` (it sits at position P + step, in cache slot width + step)
             fed_tokens.copy_(tokens.unsqueeze(1))
             torch.add(lengths, step, out=fed_positions.view(-1))
-            attend[:, width + step] = True
-            if kind == "eager":
-                decode_mask[:, :, :, width + step] = 0
+            decode_mask[:, :, :, width + step] = 0
             if recorder is not None:
                 recorder.step_index.fill_(step)
                 recorder.announce("decode")
@@ -302,6 +299,12 @@ def generate_batch_static(model, chunk, first: int, sampling: SamplingParams, ge
                                        "turn --hf-cuda-graph off") from error
                 graph.replay()  # capture records without running: run this step now
                 logits = graph_logits
+            elif config.hf_cuda_graph:  # warm-up before capture, on a side stream as torch.cuda.graphs asks
+                side = torch.cuda.Stream(device=device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    logits = decode_forward()
+                torch.cuda.synchronize(device)  # once per batch: the side stream's memory is reused by the main one
             else:
                 logits = decode_forward()
             if recorder is not None:
