@@ -162,7 +162,7 @@ def main():
         same = (sum(torch.equal(a.tokens, b.tokens) for a, b in zip(reference, outputs[arm])) / len(reference)
                 if reference is not None else float("nan"))
         speedup = best / base if base else float("nan")
-        bitwise = equal_to(outputs[arm], static)
+        bitwise = equal_to(outputs[arm], static) if arm != "first" else float("nan")  # rounding differs by design
         rows.append([arm, best, median, min(step_ms[arm]), speedup, same, bitwise, reads[arm], ""])
         results.append({"arm": arm, "tokens_per_s": rates[arm], "best_tokens_per_s": best, "ms_per_step": step_ms[arm],
                         "speedup_vs_first": speedup, "same_tokens_as_first": same, "bitwise_as_static": bitwise,

@@ -182,3 +182,16 @@ def test_bad_settings_raise_clear_errors(base_model):
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="for 'sdpa' or 'eager' attention; the model uses 'flash_attention_2'"):
         generate_batch_static(model, chunk, 0, params, None, False, _Bar(), HFGenerateConfig())
+
+
+def test_settings_are_flags_of_the_typed_config():
+    import argparse
+
+    from megatron_r3.platform.typed_config import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, HFGenerateConfig, "hf generate")
+    assert config_from_args(HFGenerateConfig, parser.parse_args([])) == HFGenerateConfig()
+    given = parser.parse_args(["--no-hf-static-decode", "--hf-stop-check-interval", "8", "--hf-cuda-graph"])
+    assert config_from_args(HFGenerateConfig, given) == HFGenerateConfig(
+        hf_static_decode=False, hf_stop_check_interval=8, hf_cuda_graph=True)
