@@ -16,7 +16,6 @@ from megatron_r3.model.hf_mapping import (
     from_megatron_shards,
     hf_checkpoint_names,
     hf_checkpoint_shape,
-    iter_buckets,
     map_megatron_name,
     qkv_interleave,
     qkv_split,
@@ -246,12 +245,6 @@ def test_vocab_padding_and_shape_checks():
     with pytest.raises(MappingError, match="parameter has shape"):
         to_megatron_shard(fc2, {"model.layers.0.mlp.down_proj.weight": torch.randn(64, 96)}, arch, tp_size=2,
                           tp_rank=0, local_shape=(64, 96))
-
-
-def test_iter_buckets_cuts_by_bytes():
-    sizes = {"a": 4, "b": 4, "c": 10, "d": 1, "e": 1}
-    buckets = list(iter_buckets([(n, None) for n in sizes], 8, sizes.__getitem__))
-    assert [[n for n, _ in b] for b in buckets] == [["a", "b"], ["c"], ["d", "e"]]
 
 
 # ---------------------------------------------------------------------------------------------------- live modules

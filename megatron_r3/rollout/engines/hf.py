@@ -40,6 +40,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
+from megatron_r3.platform.dtypes import torch_dtype
 from megatron_r3.replay.routes import Routes, routes_from_array
 from megatron_r3.rollout.base import (
     EngineSetup,
@@ -54,17 +55,6 @@ from megatron_r3.model.families import family_of
 from megatron_r3.rollout.engines.hf_config import HFEngineConfig
 from megatron_r3.rollout.hf_generate import generate_batch_static
 from megatron_r3.rollout.sampling import sample_tokens
-
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
-           "fp16": torch.float16, "float16": torch.float16}
-
-
-def _as_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
-    raise ValueError(f"dtype must be a torch dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
 
 
 def _build_model(model_or_config):
@@ -135,7 +125,7 @@ class HFRolloutEngine(RolloutEngine):
             first = next(model.parameters(), None)
             device = first.device if first is not None else torch.device("cpu")
         self.device = torch.device(device)
-        self.dtype = _as_dtype(dtype)
+        self.dtype = torch_dtype(dtype)
         _cast_keep_fp32_buffers(model, self.dtype, self.device)
         model.eval()
         model.requires_grad_(False)
