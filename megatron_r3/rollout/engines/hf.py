@@ -355,37 +355,3 @@ class HFRolloutEngine(RolloutEngine):
     def __exit__(self, *exc):
         self.close()
 
-
-if __name__ == "__main__":  # throughput on this machine: python -m megatron_r3.rollout.engines.hf [--samples 64 ...]
-    import argparse
-
-    from transformers import Qwen3MoeConfig
-
-    parser = argparse.ArgumentParser(description="tokens/s of the embedded HF rollout engine on a tiny Qwen3-MoE")
-    parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--prompt-tokens", type=int, default=16)
-    parser.add_argument("--dtypes", default="bf16,fp32")
-    parser.add_argument("--routes", action="store_true", help="also capture routes")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    config = Qwen3MoeConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
-        mlp_only_layers=[0], max_position_embeddings=512, tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    prompts = torch.randint(0, 128, (args.samples, args.prompt_tokens)).tolist()
-    params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, seed=0)
-    for name in args.dtypes.split(","):
-        torch.manual_seed(0)
-        engine = HFRolloutEngine(config, dtype=name, progress=False, max_batch_size=args.samples)
-        engine.generate(prompts[:2], params, return_routes=args.routes)  # warm-up
-        rates = []
-        for _ in range(args.repeats):
-            engine.generate(prompts, params, return_routes=args.routes)
-            rates.append(engine.last_stats["tokens_per_s"])
-        print(f"{name}: {args.samples} samples x {args.new_tokens} new tokens, routes={args.routes}, "
-              f"threads={torch.get_num_threads()}: best {max(rates):.0f} tokens/s "
-              f"({', '.join(f'{r:.0f}' for r in rates)})")
-        engine.close()
