@@ -181,10 +181,6 @@ class HFRolloutEngine(RolloutEngine):
         self.weight_version += 1
         return count
 
-    def expected_weight_names(self) -> list[str]:
-        """The HF checkpoint names a full weight update consists of."""
-        return self._loader.expected_names()
-
     # ------------------------------------------------------------------ generation
     def generate(
         self,
