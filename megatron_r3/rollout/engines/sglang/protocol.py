@@ -1,7 +1,7 @@
 """SGLang's HTTP wire format: request building and response parsing, as pure functions (no I/O).
 
-Everything here follows the facts in REFERENCE §3, checked against SGLang 0.5.23's own code: tests/sglang_contract
-validates every body built here with SGLang's request classes (its wheel installed without dependencies; it runs
+Everything here follows SGLang 0.5.23's own code (`sglang.srt.entrypoints.http_server`, the request classes of
+`sglang.srt.managers.io_struct`): tests/sglang_contract validates every body built here with SGLang's request classes (its wheel installed without dependencies; it runs
 on a CPU only that far), and the stand-in server in ``tests/sglang_standin`` runs its weight-update session code.
 
 ``POST /generate`` (token ids in, token ids out; the trainer never needs SGLang's tokenizer)::

@@ -1,4 +1,4 @@
-"""Trainer -> SGLang weight sync (REFERENCE §3): the distributed path and the disk path.
+"""Trainer -> SGLang weight sync (SGLang 0.5.23's endpoints): the distributed path and the disk path.
 
 Distributed (``--weight-sync distributed``, servers and trainer share a NCCL fabric)
     Once: ``POST /init_weights_update_group {master_address, master_port, rank_offset, world_size, group_name,
