@@ -285,11 +285,13 @@ def _convert_one(path: str, action: argparse.Action, flag: str, value):
     return converted
 
 
-def parse_grpo_args(argv: Optional[Sequence[str]] = None, run_log=None, min_group_size: int = 2) -> argparse.Namespace:
+def parse_grpo_args(argv: Optional[Sequence[str]] = None, run_log=None, min_group_size: int = 2,
+                    extra_honoured: Sequence[str] = ()) -> argparse.Namespace:
     """Parse with precedence defaults < YAML < CLI; architecture from the HF config; Megatron's validation.
 
     `run_log` (a `launch.RunLog`): once the run directory is known, the log file goes there and megatron's argument
-    dump goes into it instead of the console."""
+    dump goes into it instead of the console. `extra_honoured`: megatron flags this entry point reads beyond the
+    GRPO trainer's (megatron_flag_policy.py); every other megatron flag given a value is refused."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     pre = argparse.ArgumentParser(add_help=False)
@@ -299,7 +301,7 @@ def parse_grpo_args(argv: Optional[Sequence[str]] = None, run_log=None, min_grou
         parser.set_defaults(**yaml_defaults(parser, config_path))
     args = parser.parse_args(argv)
     args.config = config_path
-    finish_args(args, parser, run_log=run_log, min_group_size=min_group_size)
+    finish_args(args, parser, run_log=run_log, min_group_size=min_group_size, extra_honoured=extra_honoured)
     return args
 
 
@@ -324,11 +326,16 @@ def run_validate_args(args: argparse.Namespace, run_log=None) -> None:
 
 
 def finish_args(
-    args: argparse.Namespace, parser: argparse.ArgumentParser, run_log=None, min_group_size: int = 2
+    args: argparse.Namespace, parser: argparse.ArgumentParser, run_log=None, min_group_size: int = 2,
+    extra_honoured: Sequence[str] = (),
 ) -> argparse.Namespace:
-    """Model size from the HF config, run directory, then megatron's own `validate_args`."""
+    """Refuse megatron flags the run would ignore, model size from the HF config, run directory, then megatron's own
+    `validate_args`."""
     from megatron_r3.model.specs import transformer_engine_available
     from megatron_r3.platform.cpu_support import apply_cpu_support
+    from megatron_r3.train.megatron_flag_policy import check_ignored_flags
+
+    check_ignored_flags(args, extra_honoured)
 
     apply_cpu_support()  # validate_args itself queries the GPU
     # megatron requires it with TP/CP on pre-Blackwell GPUs (ordering of communication kernels); must precede CUDA init

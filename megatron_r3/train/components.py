@@ -183,6 +183,7 @@ def build_training_setup(args) -> TrainingSetup:
         OptimizerConfig(
             optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+            sgd_momentum=args.sgd_momentum,
             clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, params_dtype=args.params_dtype,
             use_distributed_optimizer=args.use_distributed_optimizer,
         ),

@@ -1,4 +1,9 @@
-"""Per-step metrics: `run_dir/metrics.jsonl`, TensorBoard scalars and a Megatron-style iteration log line.
+"""Per-step metrics: `run_dir/metrics.jsonl`, TensorBoard scalars, W&B and a Megatron-style iteration log line.
+
+W&B follows megatron's flags (`--wandb-project`, `--wandb-exp-name`, `--wandb-save-dir`, `--wandb-entity`): a run is
+logged when a project is given. It runs offline (a local run directory, `wandb sync DIR` uploads it later) when
+`WANDB_MODE=offline`, or when no W&B API key is configured (`WANDB_API_KEY` or `wandb login`), so a machine without
+a network never waits on one; an online start that fails within `WANDB_INIT_TIMEOUT_S` falls back to offline.
 
 `metrics.jsonl` holds one JSON object per optimizer step, ``step`` first and the other keys sorted. Values are JSON
 numbers (Python ``repr`` precision, so floats round-trip bit-exactly), except non-finite floats: strict JSON has no
@@ -20,12 +25,14 @@ import math
 import numbers
 import os
 import warnings
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Union
 
 __all__ = [
-    "MetricsLogger", "format_iteration_line", "read_metrics", "HEADLINE_KEYS", "METRICS_FILE", "TENSORBOARD_DIR",
+    "MetricsLogger", "WandbConfig", "format_iteration_line", "read_metrics", "HEADLINE_KEYS", "METRICS_FILE",
+    "TENSORBOARD_DIR",
     "routing_agreement_layer_key", "mismatch_metric_key",
 ]
 
@@ -174,6 +181,69 @@ def _dump_record(record: Mapping) -> str:
     return json.dumps(record, allow_nan=False) + "\n"
 
 
+WANDB_INIT_TIMEOUT_S = 30.0
+
+
+@dataclass
+class WandbConfig:
+    """megatron's W&B flags, as `MetricsLogger` uses them (no project: no W&B run)."""
+
+    project: Optional[str] = None
+    """--wandb-project: the W&B project; W&B logging is on when it is given."""
+    exp_name: Optional[str] = None
+    """--wandb-exp-name: the run's name (default: the run directory's name)."""
+    save_dir: Optional[str] = None
+    """--wandb-save-dir: where W&B writes its run directory (default: the run directory)."""
+    entity: Optional[str] = None
+    """--wandb-entity: the W&B team or user."""
+
+    @classmethod
+    def from_args(cls, args) -> "WandbConfig":
+        return cls(project=args.wandb_project or None, exp_name=args.wandb_exp_name or None,
+                   save_dir=args.wandb_save_dir or None, entity=getattr(args, "wandb_entity", None) or None)
+
+
+def wandb_mode(environ=os.environ) -> str:
+    """`WANDB_MODE` when set; otherwise online only with an API key configured, so no network is ever waited on."""
+    if environ.get("WANDB_MODE"):
+        return environ["WANDB_MODE"]
+    if environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "online" if "api.wandb.ai" in netrc.read_text() else "offline"
+    except OSError:
+        return "offline"
+
+
+def start_wandb_run(config: WandbConfig, run_dir: Path, resume_step: Optional[int]):
+    """A W&B run for `config` (offline without credentials, see `wandb_mode`)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError(f"--wandb-project {config.project}: the wandb package is not installed "
+                         f"(pip install wandb, or `make install`)") from None
+    save_dir = Path(config.save_dir) if config.save_dir else run_dir
+    save_dir.mkdir(parents=True, exist_ok=True)
+    mode = wandb_mode()
+
+    def init(mode):
+        settings = wandb.Settings(mode=mode, silent=True, console="off", x_disable_stats=True,
+                                  init_timeout=WANDB_INIT_TIMEOUT_S)
+        return wandb.init(project=config.project, entity=config.entity, name=config.exp_name or run_dir.name,
+                          dir=str(save_dir), settings=settings,
+                          config={"run_dir": str(run_dir), "resume_step": resume_step})
+
+    try:
+        return init(mode)
+    except Exception as error:  # noqa: BLE001 - wandb raises its own errors for an unreachable server
+        if mode != "online":
+            raise
+        warnings.warn(f"W&B could not start online ({' '.join(str(error).split())[:200]}); logging offline to "
+                      f"{save_dir / 'wandb'} (upload later with `wandb sync`)")
+        return init("offline")
+
+
 class MetricsLogger:
     """Appends one JSON line per step to ``run_dir/metrics.jsonl`` and the same scalars to TensorBoard
     (``run_dir/tensorboard``).
@@ -186,10 +256,13 @@ class MetricsLogger:
     metrics.jsonl without the lines of step >= N, which a crash between logging and checkpointing leaves behind, and
     tells TensorBoard to purge its events of step >= N. ``resume_step=0`` starts over. Without ``resume_step`` the run
     must be fresh: an existing non-empty metrics.jsonl raises FileExistsError rather than being mixed into.
+
+    ``tensorboard_dir`` (megatron's --tensorboard-dir) defaults to ``run_dir/tensorboard``; ``wandb`` with a project
+    also logs every step to W&B.
     """
 
     def __init__(self, run_dir, *, enabled: bool = True, tensorboard: bool = True, flush_every: int = 1,
-                 resume_step: Optional[int] = None):
+                 resume_step: Optional[int] = None, tensorboard_dir=None, wandb: Optional[WandbConfig] = None):
         if flush_every < 1:
             raise ValueError(f"flush_every must be >= 1, got {flush_every}")
         self.run_dir = Path(run_dir)
@@ -199,6 +272,7 @@ class MetricsLogger:
         self.last_step: Optional[int] = None
         self._file = None
         self._writer = None
+        self._wandb = None
         self._unflushed = 0
         if not self.enabled:
             return
@@ -217,7 +291,10 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # lazy: slow import, logging rank only
 
-            self._writer = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR), purge_step=resume_step)
+            log_dir = tensorboard_dir or self.run_dir / TENSORBOARD_DIR
+            self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=resume_step)
+        if wandb is not None and wandb.project:
+            self._wandb = start_wandb_run(wandb, self.run_dir, resume_step)
 
     def _truncate(self, resume_step: int) -> None:
         if not self.path.exists():
@@ -257,6 +334,8 @@ class MetricsLogger:
         if self._writer is not None:
             for k in sorted(values):
                 self._writer.add_scalar(k, values[k], global_step=step)
+        if self._wandb is not None:
+            self._wandb.log(values, step=step)
         self.last_step = step
         self._unflushed += 1
         if self._unflushed >= self.flush_every:
@@ -277,6 +356,9 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def __enter__(self) -> "MetricsLogger":
         return self

@@ -191,12 +191,13 @@ def save_hf_export(trainer: GRPOTrainer) -> str:
 def main(argv=None) -> list[dict]:
     from megatron_r3.platform.distributed import initialize_torch_distributed
     from megatron_r3.train.arguments import parse_grpo_args, save_resolved_config
+    from megatron_r3.train.megatron_flag_policy import SFT_WARMUP_READS
 
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--stop-at-eval-reward", type=float, default=None,
                      help="stop once eval/reward_mean (every --eval-interval steps) reaches this value")
     mine, rest = own.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    args = parse_grpo_args(rest, min_group_size=1)
+    args = parse_grpo_args(rest, min_group_size=1, extra_honoured=SFT_WARMUP_READS)
     initialize_torch_distributed()
     if (dist.get_rank() if dist.is_initialized() else 0) == 0:
         save_resolved_config(args, os.path.join(args.run_dir, "config.yaml"))

@@ -33,7 +33,7 @@ from megatron_r3.replay.layout import sequence_pad_multiple
 from megatron_r3.replay.microbatch import routes_from_recorded
 from megatron_r3.train import checkpoint as ckpt
 from megatron_r3.train.checkpoint_integrity import check_resume_source
-from megatron_r3.train.metrics_log import MetricsLogger, format_iteration_line
+from megatron_r3.train.metrics_log import MetricsLogger, WandbConfig, format_iteration_line
 from megatron_r3.train.microbatching import RankLayout, StepPlan, microbatch_counts, plan_step
 from megatron_r3.train.passes import PassContext, declare_metrics, logprob_pass, step_metric_names, update_pass
 from megatron_r3.train.rollout_phase import RolloutPayload, RouteShare, generate_batch, share_from_rank0
@@ -93,7 +93,8 @@ class GRPOTrainer:
         self.skipped_steps = 0
         if self.resume_root is not None:
             self._resume()
-        self.logger = MetricsLogger(args.run_dir, enabled=self.is_logger, resume_step=self.step)
+        self.logger = MetricsLogger(args.run_dir, enabled=self.is_logger, resume_step=self.step,
+                                    tensorboard_dir=args.tensorboard_dir, wandb=WandbConfig.from_args(args))
 
     # ------------------------------------------------------------------ checkpoints
     def _resume(self) -> None:

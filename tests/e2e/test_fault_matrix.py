@@ -124,8 +124,8 @@ PARSE_ERRORS = {
     "capacity_factor_r3": "--router-replay R3 cannot work with this configuration: - moe_expert_capacity_factor "
                           "drops tokens *after* the replayed top-k, so replayed routes would not be the routes used; "
                           "set it to None (dropless)",
-    "megatron_assert": "megatron-core's validate_args rejected the arguments: can only specify one of "
-                       "lr-warmup-fraction and lr-warmup-iters (arguments.py:",
+    "megatron_assert": "megatron-core's validate_args rejected the arguments: --hierarchical-context-parallel-sizes "
+                       "must be set when a2a+p2p is used in cp comm (arguments.py:",
 }
 
 
