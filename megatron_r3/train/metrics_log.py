@@ -14,8 +14,8 @@ back into floats. Every line is therefore valid JSON for any reader (``jq``, pan
 (even 0-dim) or any other type raises ``TypeError`` naming the key: calling ``.item()`` is the trainer's explicit,
 once-per-step host sync (``MetricAccumulator.means`` in `megatron_r3.grpo.mismatch`), never a hidden one here.
 
-Metric names used across the project live here as constants; ``HEADLINE_KEYS`` is the ordered subset shown in the
-iteration line.
+Metric names come from the one registry, `megatron_r3.platform.metric_names`; ``HEADLINE_KEYS`` is the ordered
+subset shown in the iteration line.
 """
 
 from __future__ import annotations
@@ -30,86 +30,40 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Union
 
+from megatron_r3.platform import metric_names
+
 __all__ = [
     "MetricsLogger", "WandbConfig", "format_iteration_line", "read_metrics", "HEADLINE_KEYS", "METRICS_FILE",
     "TENSORBOARD_DIR",
-    "routing_agreement_layer_key", "mismatch_metric_key",
 ]
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
-# ---- metric names -------------------------------------------------------------------------------------------------
 STEP = "step"
-REWARD_MEAN = "reward/mean"
-REWARD_STD = "reward/std"
-# Train-vs-rollout mismatch (megatron_r3.grpo.mismatch.MISMATCH_KEYS with the "r3/" prefix, see mismatch_metric_key).
-R3_LOGP_ABS_DIFF = "r3/rollout_train_logp_abs_diff"
-R3_LOGP_SQ_DIFF = "r3/rollout_train_logp_sq_diff"
-R3_K3_KL = "r3/rollout_train_k3_kl"
-R3_EXTREME_FRAC_TAU2 = "r3/rollout_train_extreme_frac_tau2"
-R3_EXTREME_FRAC_TAU5 = "r3/rollout_train_extreme_frac_tau5"
-R3_TOKEN_MULT_PROB_ERROR = "r3/token_mult_prob_error"
-R3_VALID_TOKENS = "r3/rollout_train_valid_tokens"
-# Router replay.
-ROUTING_AGREEMENT = "replay/routing_agreement"
-ROUTING_AGREEMENT_LAYER_PREFIX = "replay/routing_agreement/layer_"
-REPLAY_REPLAYED_TOKENS = "replay/replayed_tokens"
-REPLAY_FALLBACK_TOKENS = "replay/fallback_tokens"
-REPLAY_PAD_TOKENS = "replay/pad_tokens"
-# Policy update.
-TRAIN_PPO_KL = "train/ppo_kl"
-TRAIN_CLIP_FRAC = "train/clip_frac"
-TRAIN_CLIP_FRAC_LOW = "train/clip_frac_low"
-TRAIN_CLIP_FRAC_HIGH = "train/clip_frac_high"
-TRAIN_ENTROPY = "train/entropy"
-TRAIN_GRAD_NORM = "train/grad_norm"
-TRAIN_LR = "train/lr"
-TRAIN_LOSS = "train/loss"
-TRAIN_SKIPPED_STEPS = "train/skipped_steps"
-# Timing and throughput.
-TIMING_STEP_S = "timing/step_s"
-TIMING_ROLLOUT_S = "timing/rollout_s"
-TIMING_OLD_LOGPROB_S = "timing/old_logprob_s"
-TIMING_UPDATE_S = "timing/update_s"
-TIMING_WEIGHT_SYNC_S = "timing/weight_sync_s"
-THROUGHPUT_TOKENS_PER_S = "throughput/tokens_per_s"
-THROUGHPUT_TFLOPS_PER_GPU = "throughput/tflops_per_gpu"  # model FLOPs of the trainer's passes / step time / GPUs
-THROUGHPUT_MFU = "throughput/mfu"  # tflops_per_gpu / peak (model/flops.py); absent when the peak is unknown
-ROLLOUT_RESPONSE_LENGTH_MEAN = "rollout/response_length_mean"
-
-
-def routing_agreement_layer_key(layer: int) -> str:
-    """``replay/routing_agreement/layer_{layer}`` (global MoE layer number, as in the routes)."""
-    return f"{ROUTING_AGREEMENT_LAYER_PREFIX}{int(layer)}"
-
-
-def mismatch_metric_key(name: str) -> str:
-    """Logged name of a `rollout_train_mismatch` key, e.g. ``rollout_train_k3_kl`` -> ``r3/rollout_train_k3_kl``."""
-    return f"r3/{name}"
 
 
 # Iteration line: (key, label, format). Formats: "f4"/"f1" fixed decimals, "E" = "{:.3E}", "E6" = "{:.6E}"
 # (megatron's loss/learning-rate style), "f3" (megatron's grad norm), "d" integer.
 _HEADLINE = (
-    (REWARD_MEAN, REWARD_MEAN, "f4"),
-    (REWARD_STD, REWARD_STD, "f4"),
-    (ROLLOUT_RESPONSE_LENGTH_MEAN, ROLLOUT_RESPONSE_LENGTH_MEAN, "f1"),
-    (TRAIN_LOSS, TRAIN_LOSS, "E6"),
-    (TRAIN_PPO_KL, TRAIN_PPO_KL, "E"),
-    (TRAIN_CLIP_FRAC, TRAIN_CLIP_FRAC, "f4"),
-    (TRAIN_ENTROPY, TRAIN_ENTROPY, "f4"),
-    (R3_LOGP_ABS_DIFF, R3_LOGP_ABS_DIFF, "E"),
-    (R3_K3_KL, R3_K3_KL, "E"),
-    (R3_EXTREME_FRAC_TAU2, R3_EXTREME_FRAC_TAU2, "E"),
-    (ROUTING_AGREEMENT, ROUTING_AGREEMENT, "f4"),
-    (REPLAY_FALLBACK_TOKENS, REPLAY_FALLBACK_TOKENS, "d"),
-    (TRAIN_LR, "learning rate", "E6"),
-    (TRAIN_GRAD_NORM, "grad norm", "f3"),
-    (TRAIN_SKIPPED_STEPS, "number of skipped iterations", "d"),
-    (THROUGHPUT_TOKENS_PER_S, THROUGHPUT_TOKENS_PER_S, "f1"),
-    (THROUGHPUT_TFLOPS_PER_GPU, "TFLOP/s/GPU", "f1"),
-    (THROUGHPUT_MFU, "MFU", "f4"),
+    (metric_names.REWARD_MEAN, metric_names.REWARD_MEAN, "f4"),
+    (metric_names.REWARD_STD, metric_names.REWARD_STD, "f4"),
+    (metric_names.ROLLOUT_RESPONSE_LENGTH_MEAN, metric_names.ROLLOUT_RESPONSE_LENGTH_MEAN, "f1"),
+    (metric_names.TRAIN_LOSS, metric_names.TRAIN_LOSS, "E6"),
+    (metric_names.TRAIN_PPO_KL, metric_names.TRAIN_PPO_KL, "E"),
+    (metric_names.TRAIN_CLIP_FRAC, metric_names.TRAIN_CLIP_FRAC, "f4"),
+    (metric_names.TRAIN_ENTROPY, metric_names.TRAIN_ENTROPY, "f4"),
+    (metric_names.R3_LOGP_ABS_DIFF, metric_names.R3_LOGP_ABS_DIFF, "E"),
+    (metric_names.R3_K3_KL, metric_names.R3_K3_KL, "E"),
+    (metric_names.R3_EXTREME_FRAC_TAU2, metric_names.R3_EXTREME_FRAC_TAU2, "E"),
+    (metric_names.ROUTING_AGREEMENT, metric_names.ROUTING_AGREEMENT, "f4"),
+    (metric_names.REPLAY_FALLBACK_TOKENS, metric_names.REPLAY_FALLBACK_TOKENS, "d"),
+    (metric_names.TRAIN_LR, "learning rate", "E6"),
+    (metric_names.TRAIN_GRAD_NORM, "grad norm", "f3"),
+    (metric_names.TRAIN_SKIPPED_STEPS, "number of skipped iterations", "d"),
+    (metric_names.THROUGHPUT_TOKENS_PER_S, metric_names.THROUGHPUT_TOKENS_PER_S, "f1"),
+    (metric_names.THROUGHPUT_TFLOPS_PER_GPU, "TFLOP/s/GPU", "f1"),
+    (metric_names.THROUGHPUT_MFU, "MFU", "f4"),
 )
 HEADLINE_KEYS = tuple(k for k, _, _ in _HEADLINE)
 
