@@ -13,6 +13,7 @@ read with YAML 1.2 booleans: `reference_replay: off` is the string 'off', only t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import re
@@ -23,11 +24,12 @@ import yaml
 
 from megatron_r3.model.config_checks import REPLAY_MODES, check_layout, check_replay_config
 from megatron_r3.platform.python_compat import apply_python_compat
+from megatron_r3.platform.typed_config import add_config_arguments
+from megatron_r3.train.run_config import TRAINER_CONFIGS
 
-# Megatron defaults we change for RL, stated once (all still overridable by YAML / CLI).
+# Megatron defaults we change for RL, stated once (all still overridable by YAML / CLI); the policy-loss ones are
+# PolicyLossConfig's defaults (`rl_overrides`).
 GRPO_DEFAULTS = dict(
-    grpo_clamp_eps_lower=0.2,
-    grpo_clamp_eps_upper=0.28,
     grpo_kl_beta=0.0,
     grpo_iterations=1,
     rl_default_temperature=1.0,
@@ -49,8 +51,36 @@ GRPO_DEFAULTS = dict(
 )
 
 
+def rl_overrides() -> dict:
+    """GRPO_DEFAULTS plus megatron's clip flags set to `grpo.losses.PolicyLossConfig`'s defaults (imported here,
+    not at module level: the preflight imports this module without torch)."""
+    from megatron_r3.grpo.losses import PolicyLossConfig
+
+    loss = PolicyLossConfig()
+    return dict(GRPO_DEFAULTS, grpo_clamp_eps_lower=loss.clip_ratio_low, grpo_clamp_eps_upper=loss.clip_ratio_high)
+
+
+def grpo_flag_dests() -> set[str]:
+    """Dests of every flag `add_grpo_arguments` adds, without importing torch or megatron (the preflight's YAML key
+    check): the plain flags plus the fields of the typed configs."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_plain_arguments(parser)
+    return {action.dest for action in parser._actions} | {
+        field.name for config_class, _ in TRAINER_CONFIGS for field in dataclasses.fields(config_class)}
+
+
 def add_grpo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """`extra_args_provider` for Megatron's parser: the flags megatron does not have."""
+    """`extra_args_provider` for Megatron's parser: the flags megatron does not have, and the RL overrides of
+    megatron's defaults."""
+    _add_plain_arguments(parser)
+    for config_class, title in TRAINER_CONFIGS:
+        add_config_arguments(parser, config_class, title)
+    parser.set_defaults(**rl_overrides())
+    return parser
+
+
+def _add_plain_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags not (yet) generated from a typed config."""
     group = parser.add_argument_group(title="megatron_r3 (GRPO with router replay)")
     group.add_argument("--config", type=str, default=None, help="YAML file; keys are flag names with '_'.")
     group.add_argument("--router-replay", choices=REPLAY_MODES, default="off",
@@ -77,24 +107,7 @@ def add_grpo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                        help="Hugging Face Qwen3-MoE checkpoint directory: architecture and initial weights.")
     group.add_argument("--hf-config", type=str, default=None,
                        help="Hugging Face config.json (or its directory) for a randomly initialised model.")
-    group.add_argument("--tokenizer-dir", type=str, default=None,
-                       help="Tokenizer directory (default: --hf-checkpoint; the built-in demo tokenizer for --task).")
-    group.add_argument("--task", type=str, default=None,
-                       help="Built-in synthetic verifiable task (e.g. copy_first, add_mod10) instead of --prompt-data.")
-    group.add_argument("--num-prompts", type=int, default=4096, help="Prompts generated for a synthetic --task.")
-    group.add_argument("--prompt-data", type=str, default=None, help="JSONL or parquet file with prompts/answers.")
-    group.add_argument("--prompt-key", type=str, default="prompt")
-    group.add_argument("--answer-key", type=str, default="answer")
-    group.add_argument("--reward-fn", type=str, default="exact_match",
-                       help="Built-in reward name or 'package.module:function'.")
     group.add_argument("--max-new-tokens", type=int, default=32)
-    group.add_argument("--max-tokens-per-microbatch", type=int, default=None,
-                       help="Pack samples (THD) into microbatches of at most this many tokens instead of "
-                            "--micro-batch-size padded rows (BSHD).")
-    group.add_argument("--check-step0-kl", type=float, default=None,
-                       help="Fail if train/ppo_kl of the first update exceeds this bound.")
-    group.add_argument("--max-rollout-train-logp-abs-diff", type=float, default=None,
-                       help="Fail if r3/rollout_train_logp_abs_diff exceeds this bound at any step.")
     group.add_argument("--max-fallback-fraction", type=float, default=0.01,
                        help="Under --router-replay R3, fail when more than this fraction of a step's route rows "
                             "fell back to native routing (--route-fallback native); 1 disables the gate.")
@@ -102,23 +115,6 @@ def add_grpo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                        help="Under --router-replay R3, fail when replay/routing_agreement (trainer's native top-k vs "
                             "the replayed routes) falls below this bound: healthy runs measure ~0.9-0.99, routes "
                             "shifted to the wrong tokens ~0.3-0.5; 0 disables the gate.")
-    group.add_argument("--skip-long-prompts", action="store_true",
-                       help="Drop prompts too long for --seq-length minus --max-new-tokens (counted and reported) "
-                            "instead of refusing to start.")
-    group.add_argument("--overwrite-run-dir", action="store_true",
-                       help="Allow a new run (no checkpoint to resume) to overwrite an existing metrics.jsonl.")
-    group.add_argument("--run-dir", type=str, default=None, help="Outputs (metrics.jsonl, TensorBoard, config.yaml, "
-                                                                  "checkpoints); default runs/<time>.")
-    group.add_argument("--no-progress", action="store_true", help="No progress bar during rollout.")
-    group.add_argument("--verbose", action="store_true", help="Keep megatron-core's INFO logging.")
-    group.add_argument("--peak-tflops", type=float, default=None,
-                       help="Peak dense TFLOP/s per GPU for throughput/mfu (default: the bf16 data-sheet figure "
-                            "of the GPU, model/flops.py; no MFU on the CPU).")
-    group.add_argument("--trainer-dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                       help="auto: bf16 with fp32 master weights and grouped-GEMM experts on a GPU (unless --fp16/"
-                            "--bf16 is given), fp32 on the CPU.")
-    parser.set_defaults(**GRPO_DEFAULTS)
-    return parser
 
 
 def add_sglang_arguments(group) -> None:
@@ -414,7 +410,7 @@ def apply_trainer_dtype(args: argparse.Namespace) -> None:
     optimizer, fp32 router via --moe-router-dtype fp32 unless set) plus grouped-GEMM experts; fp32 on the CPU."""
     import torch
 
-    choice = getattr(args, "trainer_dtype", "auto")
+    choice = args.trainer_dtype
     if choice == "auto":
         if args.fp16 or args.bf16 or not torch.cuda.is_available():
             return

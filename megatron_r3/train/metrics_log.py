@@ -154,7 +154,7 @@ class WandbConfig:
     @classmethod
     def from_args(cls, args) -> "WandbConfig":
         return cls(project=args.wandb_project or None, exp_name=args.wandb_exp_name or None,
-                   save_dir=args.wandb_save_dir or None, entity=getattr(args, "wandb_entity", None) or None)
+                   save_dir=args.wandb_save_dir or None, entity=args.wandb_entity or None)
 
 
 def wandb_mode(environ=os.environ) -> str:

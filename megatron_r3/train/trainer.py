@@ -53,8 +53,8 @@ class GRPOTrainer:
         self.args = args
         # before anything is built: what to resume from, refusing to overwrite an earlier run's outputs silently
         self.resume_root = check_resume_source(args.load, args.save, args.run_dir,
-                                               overwrite=getattr(args, "overwrite_run_dir", False))
-        if not getattr(args, "verbose", False):  # megatron logs every parameter at INFO while building DDP
+                                               overwrite=args.overwrite_run_dir)
+        if not args.verbose:  # megatron logs every parameter at INFO while building DDP
             logging.getLogger("megatron").setLevel(logging.WARNING)
         self.setup: TrainingSetup = build_training_setup(args)
         check_replay_config(self.setup.config, args.router_replay)
@@ -80,7 +80,7 @@ class GRPOTrainer:
         )
         self.is_logger = dist.get_rank() == 0 if dist.is_initialized() else True
         self._peak_tflops = peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                                        getattr(args, "peak_tflops", None))
+                                        args.peak_tflops)
         self._flops_shape = shape_from_config(
             self.setup.config, getattr(args, "padded_vocab_size", None) or args.hf_model_config.vocab_size)
         # what every global rank replays (its data-parallel rank, its routers' layers): rank 0 ships each rank only
