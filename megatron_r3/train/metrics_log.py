@@ -311,7 +311,10 @@ class MetricsLogger:
             self._writer.close()
             self._writer = None
         if self._wandb is not None:
+            import wandb
+
             self._wandb.finish()
+            wandb.teardown()  # finish() returns before W&B's writer process has flushed the run file; this waits for it
             self._wandb = None
 
     def __enter__(self) -> "MetricsLogger":
