@@ -18,9 +18,12 @@ from megatron_r3.model.gpt import build_gpt_chunks
 from megatron_r3.model.qwen3_moe import ModelArch, arch_from_hf_config, padded_vocab_size
 from megatron_r3.model.weights import export_hf_weights, load_hf_weights
 from megatron_r3.platform.distributed import ParallelSizes, initialize_model_parallel
+from megatron_r3.platform.logging import get_logger
 from megatron_r3.replay.schedule import ReplayRouters
 from megatron_r3.rollout.base import SamplingParams
 from megatron_r3.train.rollout_phase import RolloutSettings
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -252,9 +255,9 @@ def build_data(args):
         records = load_prompts(args.prompt_data, prompt_key=args.prompt_key, answer_key=args.answer_key)
     records, dropped = check_prompt_lengths(tokenizer, records, args.seq_length - args.max_new_tokens,
                                             skip=args.skip_long_prompts)
-    if dropped and (not dist.is_initialized() or dist.get_rank() == 0):
-        print(f"--skip-long-prompts: dropped {len(dropped)} of {len(records) + len(dropped)} prompts longer than "
-              f"{args.seq_length - args.max_new_tokens} tokens (prompt indices {[i for i, _ in dropped]})", flush=True)
+    if dropped:
+        log.info(f"--skip-long-prompts: dropped {len(dropped)} of {len(records) + len(dropped)} prompts longer than "
+                 f"{args.seq_length - args.max_new_tokens} tokens (prompt indices {[i for i, _ in dropped]})")
     return tokenizer, records
 
 

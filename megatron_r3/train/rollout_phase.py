@@ -20,10 +20,13 @@ import torch.distributed as dist
 from megatron_r3.grpo.advantages import group_normalized_advantages
 from megatron_r3.platform import metric_names
 from megatron_r3.platform.distributed import host_group
+from megatron_r3.platform.logging import get_logger
 from megatron_r3.replay.routes import RouteError, validate_routes
 from megatron_r3.rollout.base import RolloutEngine, SamplingParams
 from megatron_r3.rollout.multiturn import generate_multiturn
 from megatron_r3.train.microbatching import TrainSample, data_parallel_owner
+
+log = get_logger(__name__)
 
 
 class RolloutPhaseError(RuntimeError):
@@ -74,13 +77,12 @@ def generate_batch(
     if error is not None:
         return RolloutPayload(failures=failed, error=error)
     if failed or trimmed:
-        print(
+        log.info(
             f"rollout: {len(failed)} of {len(prompt_ids)} prompts failed and were skipped "
             f"(--rollout-failure-policy skip); {len(trimmed)} more prompts trimmed (prompt indices {trimmed}) so "
             f"that the {len(kept)} kept samples fill whole mini-batches of --global-batch-size "
             f"{settings.global_batch_size}. Failures: " + "; ".join(failed[:3])
-            + (f" (+{len(failed) - 3} more)" if len(failed) > 3 else ""),
-            flush=True,
+            + (f" (+{len(failed) - 3} more)" if len(failed) > 3 else "")
         )
     samples, fallback_rows, bad_rows, route_rows = [], 0, 0, 0
     for index, sample in enumerate(kept):

@@ -41,12 +41,15 @@ from megatron_r3.grpo.mismatch import MetricAccumulator
 from megatron_r3.platform import collectives
 from megatron_r3.platform import metric_names
 from megatron_r3.platform.distributed import device, host_group
+from megatron_r3.platform.logging import get_logger
 from megatron_r3.train.microbatching import TrainSample
 from megatron_r3.train.passes import PassContext, declare_metrics, run_custom_pass
 from megatron_r3.train.trainer import GRPOTrainer, _host_reduce
 
 HF_EXPORT_DIR = "hf"
 SFT_METRICS = (metric_names.TRAIN_LOSS, metric_names.SFT_TARGET_PROB)
+
+log = get_logger(__name__)
 
 
 def teacher_samples(prompt_ids: list[list[int]], answers: list[list[int]], eos_token_id: int) -> list[TrainSample]:
@@ -109,7 +112,7 @@ class SFTWarmup(GRPOTrainer):
                         why = (f"--exit-duration-in-mins {args.exit_duration_in_mins} reached" if out_of_time else
                                f"eval/reward_mean {metrics['eval/reward_mean']:.4f} >= --stop-at-eval-reward "
                                f"{self.stop_at_eval_reward}")
-                        print(f"sft_warmup: stopped after {self.step} steps: {why}", flush=True)
+                        log.info(f"sft_warmup: stopped after {self.step} steps: {why}")
                     break
         finally:
             self.logger.close()
@@ -172,7 +175,7 @@ class SFTWarmup(GRPOTrainer):
                     f"lr {out['train/lr']:.2e} | {out['timing/step_s']:.3f} s")
             if metric_names.EVAL_REWARD_MEAN in out:
                 line += f" | eval reward {out['eval/reward_mean']:.4f}"
-            print(line, flush=True)
+            log.info(line)
         return out
 
 
@@ -184,8 +187,8 @@ def save_hf_export(trainer: GRPOTrainer) -> str:
     directory = os.path.join(trainer.args.run_dir, HF_EXPORT_DIR)
     save_hf_checkpoint(setup.chunks, setup.arch, trainer.args.hf_model_config, directory)
     if trainer.is_logger:
-        print(f"sft_warmup: wrote the warmed-up policy to {directory} (start GRPO with --hf-checkpoint {directory})",
-              flush=True)
+        log.info(f"sft_warmup: wrote the warmed-up policy to {directory} (start GRPO with --hf-checkpoint "
+                 f"{directory})")
     return directory
 
 

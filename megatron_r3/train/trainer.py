@@ -30,6 +30,7 @@ from megatron_r3.model.flops import grpo_throughput_metrics, peak_tflops, shape_
 from megatron_r3.platform import collectives
 from megatron_r3.platform import metric_names
 from megatron_r3.platform.distributed import device, host_group
+from megatron_r3.platform.logging import get_logger
 from megatron_r3.replay.layout import sequence_pad_multiple
 from megatron_r3.replay.microbatch import routes_from_recorded
 from megatron_r3.train import checkpoint as ckpt
@@ -42,6 +43,8 @@ from megatron_r3.train.components import TrainingSetup, build_training_setup
 
 REPLAY = RouterReplayAction.REPLAY_FORWARD
 RECORD = RouterReplayAction.RECORD
+
+log = get_logger(__name__)
 
 
 class GateError(RuntimeError):
@@ -231,9 +234,8 @@ class GRPOTrainer:
         self._check_gates(step_metrics)
         self.logger.log(self.step, step_metrics)
         if self.is_logger and self.step % max(1, args.log_interval) == 0:
-            print(format_iteration_line(self.step, args.train_iters, step_metrics,
-                                        step_metrics[metric_names.TIMING_STEP_S]),
-                  flush=True)
+            log.info(format_iteration_line(self.step, args.train_iters, step_metrics,
+                                           step_metrics[metric_names.TIMING_STEP_S]))
         return step_metrics
 
     # ------------------------------------------------------------------ pieces
