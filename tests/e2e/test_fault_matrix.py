@@ -138,6 +138,11 @@ def test_parse_time_errors_are_one_line_with_the_traceback_in_the_log(cases, nam
         assert "Traceback (most recent call last)" in handle.read()
 
 
+def test_megatron_flag_the_trainer_ignores_is_refused_before_the_model_is_built(cases):
+    _one_line(cases["ignored_megatron_flag"], "--exit-interval 5: not supported by pretrain_grpo.py; stop after N "
+                                              "steps with --train-iters N")
+
+
 def test_help_lists_every_flag(cases):
     case = cases["help"]
     assert case["code"] == 0
