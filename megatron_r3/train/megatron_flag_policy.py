@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-from typing import Iterable
+from typing import Iterable, Mapping, Optional
 
 READ_BY_TRAINER = frozenset({
     # optimizer and learning-rate schedule (train/components.py)
@@ -120,9 +120,9 @@ def megatron_actions() -> dict[str, argparse.Action]:
     return {action.dest: action for action in parser._actions if action.option_strings}
 
 
-@functools.lru_cache(maxsize=1)
 def megatron_defaults() -> dict[str, object]:
-    """dest -> value of megatron's parser given no flags (parser-level defaults included)."""
+    """dest -> value of megatron's parser given no flags (parser-level defaults included). Not cached: some defaults
+    come from the environment (--inprocess-active-world-size is WORLD_SIZE)."""
     from megatron.training.arguments import add_megatron_arguments
 
     megatron_actions()  # the python compat shims
@@ -143,10 +143,12 @@ def ignored_flag_message(action: argparse.Action, value) -> str:
     return f"{action.option_strings[0]}{shown}: not supported by pretrain_grpo.py; {HINTS.get(action.dest, _DEFAULT_HINT)}"
 
 
-def check_ignored_flags(args: argparse.Namespace, extra_honoured: Iterable[str] = ()) -> None:
+def check_ignored_flags(args: argparse.Namespace, extra_honoured: Iterable[str] = (),
+                        defaults: Optional[Mapping[str, object]] = None) -> None:
     """Raise ValueError for the first megatron flag the run ignores whose value (from the command line or --config)
-    differs from megatron's own default. Run on the parsed arguments, before `validate_args` changes any."""
-    defaults = megatron_defaults()
+    differs from megatron's own default (`defaults`: `megatron_defaults()` unless given). Run on the parsed
+    arguments, before `validate_args` changes any."""
+    defaults = megatron_defaults() if defaults is None else defaults
     for dest, action in sorted(ignored_flags(extra_honoured).items()):
         value = getattr(args, dest, defaults.get(dest))
         if value != defaults.get(dest):

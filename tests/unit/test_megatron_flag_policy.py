@@ -11,7 +11,7 @@ import pytest
 from megatron_r3.train.arguments import build_parser
 from megatron_r3.train.megatron_flag_policy import (
     DERIVED, HINTS, READ_BY_TRAINER, SFT_WARMUP_READS, check_ignored_flags, honoured_flags, ignored_flags,
-    megatron_actions,
+    megatron_actions, megatron_defaults,
 )
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "megatron_r3"
@@ -41,6 +41,7 @@ def parser():
 
 
 IGNORED = sorted(ignored_flags())
+DEFAULTS = megatron_defaults()
 
 
 def test_the_flags_the_issue_names_are_ignored():
@@ -57,7 +58,7 @@ def test_each_ignored_flag_is_refused(parser, dest):
     except (SystemExit, KeyError, ValueError):  # an enum- or format-typed flag: "somewhere" is no value of it
         pytest.skip(f"{argv} is not a parsable value")
     with pytest.raises(ValueError) as error:
-        check_ignored_flags(args)
+        check_ignored_flags(args, defaults=DEFAULTS)
     hint = HINTS.get(dest, "pretrain_grpo.py runs its own data, rollout and training loop and never reads it; remove it "
                            "(megatron_r3/train/megatron_flag_policy.py lists the megatron flags it honours)")
     parsed = getattr(args, dest)
