@@ -518,9 +518,13 @@ def apply_hf_architecture(args: argparse.Namespace, hf_config) -> None:
     args.use_cpu_initialization = True
 
 
-def save_resolved_config(args: argparse.Namespace, path: str) -> None:
-    """The resolved flags as YAML (reusable with --config): every flag's final value."""
-    flags = {action.dest for action in build_parser()._actions} - {"help", "config"}
+def save_resolved_config(args: argparse.Namespace, path: str, extra_honoured: Sequence[str] = ()) -> None:
+    """The resolved flags as YAML (reusable with --config): the final value of every flag the run honours. Megatron
+    flags it ignores are left out: validate_args fills some of them (e.g. --encoder-seq-length), and
+    `check_ignored_flags` would refuse them when the file is reused."""
+    from megatron_r3.train.megatron_flag_policy import ignored_flags
+
+    flags = {action.dest for action in build_parser()._actions} - {"help", "config"} - set(ignored_flags(extra_honoured))
     plain = {}
     for key, value in sorted(vars(args).items()):
         if key not in flags:

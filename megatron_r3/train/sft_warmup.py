@@ -204,7 +204,7 @@ def main(argv=None) -> list[dict]:
     args = parse_grpo_args(rest, min_group_size=1, extra_honoured=SFT_WARMUP_READS)
     initialize_torch_distributed()
     if (dist.get_rank() if dist.is_initialized() else 0) == 0:
-        save_resolved_config(args, os.path.join(args.run_dir, "config.yaml"))
+        save_resolved_config(args, os.path.join(args.run_dir, "config.yaml"), SFT_WARMUP_READS)
     return SFTWarmup(args, stop_at_eval_reward=mine.stop_at_eval_reward).train()
 
 

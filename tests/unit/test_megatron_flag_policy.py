@@ -107,3 +107,23 @@ def test_hints_and_derived_name_megatron_flags():
     flags = set(megatron_actions())
     assert set(HINTS) <= flags and set(DERIVED) <= flags
     assert not set(HINTS) & honoured_flags() - SFT_WARMUP_READS
+
+
+def test_the_resolved_config_holds_no_ignored_megatron_flag(tmp_path, monkeypatch):
+    """config.yaml (what the run resolved, megatron's validate_args included) leaves out the megatron flags the run
+    ignores, though validate_args fills some (--encoder-seq-length, --dataloader-type): reused with --config, it
+    passes the ignored-flag check."""
+    import yaml
+
+    from megatron_r3.train.arguments import parse_grpo_args, save_resolved_config
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    args = parse_grpo_args(["--config", "configs/demo_tiny.yaml", "--run-dir", str(tmp_path / "a")])
+    assert args.encoder_seq_length == args.seq_length and args.dataloader_type == "single"
+    save_resolved_config(args, str(tmp_path / "config.yaml"))
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert "encoder_seq_length" not in saved and saved["seq_length"] == args.seq_length
+    reused = build_parser().parse_args([])
+    for key, value in saved.items():
+        setattr(reused, key, value)
+    check_ignored_flags(reused)
