@@ -35,22 +35,6 @@ _TURN_SEED_STRIDE = 1_000_033  # turn t samples with seed + t * stride: no two t
 _SEED_MASK = (1 << 63) - 1
 
 
-def check_routes_start_len(prompts: Sequence[Sequence[int]], start_lens: Optional[Sequence[int]]) -> list[int]:
-    """Per-prompt ``routed_experts_start_len`` values, checked by SGLang 0.5.23's rule (the scheduler refuses a
-    request whose start_len is below 0 or above its input length); None -> all 0."""
-    if start_lens is None:
-        return [0] * len(prompts)
-    if len(start_lens) != len(prompts):
-        raise ValueError(f"routes_start_len has {len(start_lens)} entries for {len(prompts)} prompts; give one per prompt")
-    out = []
-    for index, (prompt, start) in enumerate(zip(prompts, start_lens)):
-        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= len(prompt):
-            raise ValueError(f"routes_start_len[{index}] = {start!r} must be an int in [0, {len(prompt)}] (the "
-                             "prompt's length), as SGLang requires of routed_experts_start_len")
-        out.append(int(start))
-    return out
-
-
 def stitch_routes(parts: Sequence[Routes], turn_lengths: Sequence[int], *, sample_id) -> Routes:
     """One conversation's routes from its turns' parts: part k must cover rows ``[T_{k-1} - 1, T_k - 1)`` (``T_k``
     the conversation's length after turn k, ``T_0 - 1`` read as 0), so together they cover ``0 .. T-2``."""

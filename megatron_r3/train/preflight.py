@@ -69,6 +69,7 @@ def _light_parser() -> argparse.ArgumentParser:
 
 def preflight(argv: Sequence[str], environ=os.environ) -> None:
     """Raise UsageError (one line) for the mistakes that can be seen without importing torch or megatron."""
+    from megatron_r3.rollout.engines import rollout_flag_dests
     from megatron_r3.train.arguments import grpo_flag_dests, read_yaml_config, unknown_key_message
 
     argv = list(argv)
@@ -83,7 +84,7 @@ def preflight(argv: Sequence[str], environ=os.environ) -> None:
             raise UsageError(str(error)) from None
         megatron = megatron_flag_dests()
         if megatron is not None:
-            known = megatron | grpo_flag_dests()
+            known = megatron | grpo_flag_dests() | rollout_flag_dests()
             unknown = sorted(key.replace("-", "_") for key in values if key.replace("-", "_") not in known)
             if unknown:
                 raise UsageError(unknown_key_message(cli.config, unknown, sorted(known)))
