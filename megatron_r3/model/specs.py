@@ -24,7 +24,7 @@ from megatron_r3.model.cp_attention import ContextParallelDotProductAttention, w
 from megatron_r3.model.fused_attention import FusedDotProductAttention
 from megatron_r3.model.grouped_experts import GroupedExperts
 from megatron_r3.model.norm import SequenceParallelNorm
-from megatron_r3.model.replay_router import ReplayTopKRouter
+from megatron_r3.replay.router import ReplayTopKRouter
 
 
 def transformer_engine_available() -> bool:

@@ -22,9 +22,10 @@ from typing import Optional, Sequence
 
 import yaml
 
-from megatron_r3.model.config_checks import REPLAY_MODES, check_layout, check_replay_config
 from megatron_r3.platform.python_compat import apply_python_compat
 from megatron_r3.platform.typed_config import add_config_arguments
+from megatron_r3.replay.config import ReplayConfig
+from megatron_r3.replay.config_checks import check_layout, check_replay_config
 from megatron_r3.rollout.engines import add_rollout_arguments
 from megatron_r3.train.run_config import TRAINER_CONFIGS
 
@@ -84,28 +85,11 @@ def _add_plain_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags not (yet) generated from a typed config."""
     group = parser.add_argument_group(title="megatron_r3 (GRPO with router replay)")
     group.add_argument("--config", type=str, default=None, help="YAML file; keys are flag names with '_'.")
-    group.add_argument("--router-replay", choices=REPLAY_MODES, default="off",
-                       help="off: native routing; R2: replay the trainer's old-logprob routes in the updates; "
-                            "R3: replay the rollout engine's routes in the old-logprob pass and the updates.")
-    group.add_argument("--reference-replay", choices=("on", "off"), default="on",
-                       help="Whether the reference-model (KL) pass replays the same routes as the policy.")
-    group.add_argument("--route-fallback", choices=("raise", "native"), default="raise",
-                       help="Bad routes in a sample: raise an error naming it (default), or route those tokens "
-                            "natively and count them in replay/fallback_tokens.")
-    group.add_argument("--collect-routing-agreement", action=argparse.BooleanOptionalAction, default=True,
-                       help="Measure per layer how often native top-k equals the replayed set (old-logprob pass).")
     group.add_argument("--hf-checkpoint", type=str, default=None,
                        help="Hugging Face Qwen3-MoE checkpoint directory: architecture and initial weights.")
     group.add_argument("--hf-config", type=str, default=None,
                        help="Hugging Face config.json (or its directory) for a randomly initialised model.")
     group.add_argument("--max-new-tokens", type=int, default=32)
-    group.add_argument("--max-fallback-fraction", type=float, default=0.01,
-                       help="Under --router-replay R3, fail when more than this fraction of a step's route rows "
-                            "fell back to native routing (--route-fallback native); 1 disables the gate.")
-    group.add_argument("--min-routing-agreement", type=float, default=0.6,
-                       help="Under --router-replay R3, fail when replay/routing_agreement (trainer's native top-k vs "
-                            "the replayed routes) falls below this bound: healthy runs measure ~0.9-0.99, routes "
-                            "shifted to the wrong tokens ~0.3-0.5; 0 disables the gate.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_megatron_arguments(parser)
     escape_bare_percent_in_help(parser)
     add_rollout_arguments(parser)  # --rollout-engine (the registered engines), shared and per-engine flags
+    add_config_arguments(parser, ReplayConfig, "megatron_r3 router replay")
     return add_grpo_arguments(parser)
 
 
@@ -391,19 +376,17 @@ def disable_fusions_without_transformer_engine(args: argparse.Namespace) -> None
 
 
 def load_hf_config_arg(args: argparse.Namespace):
-    from transformers import AutoConfig
+    """The HF config of --hf-checkpoint DIR or --hf-config FILE (any file name), refused here when no model family
+    represents it or when the chosen rollout engine cannot run it."""
+    from megatron_r3.model.families import family_of, load_hf_config
 
-    source = args.hf_checkpoint or args.hf_config
-    if os.path.isdir(source):
-        return AutoConfig.from_pretrained(source)
-    import json
-
-    with open(source) as handle:
-        values = json.load(handle)
-    model_type = values.pop("model_type", None)
-    if model_type is None:
-        raise ValueError(f"{source}: a Hugging Face config.json needs a model_type")
-    return AutoConfig.for_model(model_type, **values)
+    hf_config = load_hf_config(args.hf_checkpoint or args.hf_config)
+    family = family_of(hf_config)
+    family.arch(hf_config)
+    refusal = family.hf_engine_refusal(hf_config) if getattr(args, "rollout_engine", None) == "hf" else None
+    if refusal:
+        raise ValueError(f"--rollout-engine hf: {refusal}")
+    return hf_config
 
 
 # Megatron network-size arguments the HF config decides; giving one of them a different value is a conflict.
@@ -416,52 +399,32 @@ _ARCH_ARGS = (
 def check_architecture_conflicts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """A network-size flag set (CLI or YAML) to something other than the HF config's value is an error, not
     silently overridden."""
-    before = {name: getattr(args, name) for name in _ARCH_ARGS}
-    apply_hf_architecture(args, args.hf_model_config)
+    from megatron_r3.model.families import architecture_arg_names, family_of
+
+    names = tuple(dict.fromkeys(_ARCH_ARGS + architecture_arg_names(args.hf_model_config)))
+    before = {name: getattr(args, name, None) for name in names}
+    overridable = family_of(args.hf_model_config).training_overridable_fields()
+    explicit = frozenset(name for name in overridable
+                         if hasattr(args, name) and getattr(args, name) != parser.get_default(name))
+    apply_hf_architecture(args, args.hf_model_config, explicit)
+    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
     conflicts = [
-        f"--{name.replace('_', '-')} {before[name]} (the HF config says {getattr(args, name)})"
-        for name in _ARCH_ARGS
-        if before[name] != parser.get_default(name) and before[name] != getattr(args, name)
+        f"{flags.get(name, '--' + name.replace('_', '-'))} {before[name]} "
+        f"(the HF config says {getattr(args, name, None)})"
+        for name in names
+        if before[name] != parser.get_default(name) and before[name] != getattr(args, name, None)
     ]
     if conflicts:
         raise ValueError("the model architecture comes from the HF config; conflicting flags: " + ", ".join(conflicts))
 
 
-def apply_hf_architecture(args: argparse.Namespace, hf_config) -> None:
-    """Write the HF model's architecture into megatron's arguments (the TransformerConfig then comes from
-    megatron's own `core_transformer_config_from_args`)."""
-    from megatron_r3.model.qwen3_moe import arch_from_hf_config, rope_theta
+def apply_hf_architecture(args: argparse.Namespace, hf_config, explicit: frozenset = frozenset()) -> None:
+    """Write the HF model's megatron fields (its family's `megatron_fields`, the same the conversion path uses)
+    into megatron's arguments; the TransformerConfig then comes from megatron's `core_transformer_config_from_args`.
+    `explicit`: training-choice arguments the user set, which win over the HF config's (e.g. --moe-aux-loss-coeff)."""
+    from megatron_r3.model.families import megatron_args_from_hf
 
-    arch = arch_from_hf_config(hf_config)
-    args.hf_model_config = hf_config
-    args.num_layers = arch.num_layers
-    args.hidden_size = arch.hidden_size
-    args.ffn_hidden_size = arch.intermediate_size
-    args.num_attention_heads = arch.num_attention_heads
-    args.group_query_attention = arch.num_query_groups != arch.num_attention_heads
-    args.num_query_groups = arch.num_query_groups
-    args.kv_channels = arch.head_dim
-    args.num_experts = arch.num_experts
-    args.moe_router_topk = arch.topk
-    args.moe_ffn_hidden_size = arch.moe_intermediate_size
-    args.moe_layer_freq = arch.moe_layer_freq
-    args.normalization = "RMSNorm"
-    args.layernorm_epsilon = float(hf_config.rms_norm_eps)
-    args.swiglu = True
-    args.add_bias_linear = False
-    args.add_qkv_bias = arch.qkv_bias
-    args.qk_layernorm = arch.qk_norm
-    args.position_embedding_type = "rope"
-    args.rotary_base = rope_theta(hf_config)
-    args.untie_embeddings_and_output_weights = not arch.tie_word_embeddings
-    args.moe_router_pre_softmax = not bool(getattr(hf_config, "norm_topk_prob", False))
-    args.moe_router_score_function = "softmax"
-    args.max_position_embeddings = int(getattr(hf_config, "max_position_embeddings", 4096))
-    args.padded_vocab_size = arch.vocab_size if args.make_vocab_size_divisible_by == 1 else None
-    args.vocab_size = arch.vocab_size
-    if arch.shared_expert_intermediate_size:
-        args.moe_shared_expert_intermediate_size = arch.shared_expert_intermediate_size
-        args.moe_shared_expert_gate = arch.shared_expert_gate
+    megatron_args_from_hf(args, hf_config, explicit)
     if args.seq_length is None:
         args.seq_length = args.max_position_embeddings
     args.use_cpu_initialization = True

@@ -14,8 +14,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_r3.model.gpt import build_gpt_chunks
-from megatron_r3.model.qwen3_moe import ModelArch, arch_from_hf_config, padded_vocab_size
+from megatron_r3.model.families import ModelArch, arch_from_hf_config, family_of, padded_vocab_size
 from megatron_r3.model.weights import load_hf_weights
 from megatron_r3.platform.distributed import ParallelSizes, initialize_model_parallel
 from megatron_r3.platform.logging import get_logger
@@ -118,13 +117,9 @@ def initial_hf_weights(args, hf_config):
 
 
 def build_policy(args, config, arch, vocab_size, weights):
-    chunks = build_gpt_chunks(
-        config,
-        vocab_size=vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        rotary_base=args.rotary_base,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-    )
+    """The model chunks of the HF config's family (it chooses the model class, spec and model arguments)."""
+    family = family_of(args.hf_model_config)
+    chunks = family.build_chunks(config, **{**family.model_kwargs(args.hf_model_config), "vocab_size": vocab_size})
     load_hf_weights(chunks, weights, arch)
     return chunks
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron_r3.grpo.mismatch import MetricAccumulator
-from megatron_r3.model.config_checks import LayoutConfigError, check_layout
+from megatron_r3.replay.config_checks import LayoutConfigError, check_layout
 from megatron_r3.replay.routes import RouteError
 from megatron_r3.rollout.engines.sglang.codec import decode_sglang_routed_experts
 from megatron_r3.rollout.engines.sglang.protocol import ProtocolError, output_tokens_and_logprobs

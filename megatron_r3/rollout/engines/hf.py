@@ -50,7 +50,7 @@ from megatron_r3.rollout.base import (
     check_generate_request,
 )
 from megatron_r3.rollout.hf_capture import RouteCapture, moe_layer_map
-from megatron_r3.model.hf_module import WeightLoader
+from megatron_r3.model.families import family_of
 from megatron_r3.rollout.sampling import sample_tokens
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
@@ -146,7 +146,7 @@ class HFRolloutEngine(RolloutEngine):
         self._capture = RouteCapture(model)
         # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name is deprecated)
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self._loader = WeightLoader(model)
+        self._loader = family_of(model.config).weight_loader(model)
         self._closed = False
         if state_dict is not None:
             self.update_weights(state_dict.items())

@@ -150,7 +150,7 @@ class SGLangEngine(SGLangHTTP, RolloutEngine):
     @classmethod
     def build(cls, setup: EngineSetup) -> "SGLangEngine":
         """``--rollout-engine sglang``: the client for the servers named by the flags (trainer rank 0 only)."""
-        from megatron_r3.model.qwen3_moe import arch_from_hf_config
+        from megatron_r3.model.families import arch_from_hf_config
 
         arch = arch_from_hf_config(setup.hf_config)
         config: SGLangEngineConfig = setup.config
