@@ -25,7 +25,6 @@ import yaml
 from megatron_r3.platform.python_compat import apply_python_compat
 from megatron_r3.platform.typed_config import add_config_arguments
 from megatron_r3.replay.config import ReplayConfig
-from megatron_r3.replay.config_checks import check_layout, check_replay_config
 from megatron_r3.rollout.engines import add_rollout_arguments
 from megatron_r3.train.run_config import TRAINER_CONFIGS
 
@@ -265,6 +264,7 @@ def finish_args(
     `validate_args`."""
     from megatron_r3.model.specs import transformer_engine_available
     from megatron_r3.platform.cpu_support import apply_cpu_support
+    from megatron_r3.replay.config_checks import check_layout, check_replay_config  # imports torch: not at the top
     from megatron_r3.train.components import check_engine_arguments
     from megatron_r3.train.megatron_flag_policy import check_ignored_flags
 
