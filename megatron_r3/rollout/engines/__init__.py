@@ -32,7 +32,7 @@ class Engine(NamedTuple):
 
 
 ENGINES: dict[str, Engine] = {
-    "hf": Engine("megatron_r3.rollout.engines.hf:HFRolloutEngine"),
+    "hf": Engine("megatron_r3.rollout.engines.hf:HFRolloutEngine", "megatron_r3.rollout.engines.hf_config:HFEngineConfig"),
     "sglang": Engine("megatron_r3.rollout.engines.sglang.engine:SGLangEngine",
                      "megatron_r3.rollout.engines.sglang.config:SGLangEngineConfig"),
 }

@@ -51,6 +51,8 @@ from megatron_r3.rollout.base import (
 )
 from megatron_r3.rollout.hf_capture import RouteCapture, moe_layer_map
 from megatron_r3.model.families import family_of
+from megatron_r3.rollout.engines.hf_config import HFEngineConfig
+from megatron_r3.rollout.hf_generate import generate_batch_static
 from megatron_r3.rollout.sampling import sample_tokens
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
@@ -113,6 +115,8 @@ class HFRolloutEngine(RolloutEngine):
         seed: seed of the generator used by calls whose ``SamplingParams.seed`` is None.
     """
 
+    generate_config = HFEngineConfig()  # the decode loop (--hf-static-decode ...); `build` sets the run's
+
     def __init__(
         self,
         model_or_config,
@@ -159,8 +163,11 @@ class HFRolloutEngine(RolloutEngine):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_config(setup.hf_config, dtype=torch.float32)
-        return cls(model, dtype=setup.rollout.rollout_dtype, device="cuda" if torch.cuda.is_available() else "cpu",
-                   max_batch_size=max(1, setup.max_batch_size), progress=setup.progress, seed=setup.seed)
+        engine = cls(model, dtype=setup.rollout.rollout_dtype, device="cuda" if torch.cuda.is_available() else "cpu",
+                     max_batch_size=max(1, setup.max_batch_size), progress=setup.progress, seed=setup.seed)
+        if setup.config is not None:
+            engine.generate_config = setup.config
+        return engine
 
     # ------------------------------------------------------------------ weights
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, strict: bool = False) -> int:
@@ -240,6 +247,9 @@ class HFRolloutEngine(RolloutEngine):
     @torch.inference_mode()
     def _generate_batch(self, chunk, first: int, sampling: SamplingParams, generator, return_routes: bool, bar):
         """Generate one batch; ``first`` is the index of its first sequence in the whole call (for error messages)."""
+        if self.generate_config.static_decode(self.device.type):  # static KV cache, no per-token host sync: rollout/hf_generate.py
+            return generate_batch_static(self.model, chunk, first, sampling, generator, return_routes, bar,
+                                         self.generate_config)
         from transformers import DynamicCache
 
         device = self.device
