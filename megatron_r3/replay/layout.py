@@ -283,15 +283,3 @@ def moe_layer_pattern(num_layers: int, moe_layer_freq) -> tuple[bool, ...]:
         raise ValueError(f"moe_layer_freq entries must be 0 or 1, got {pattern}")
     return tuple(bool(p) for p in pattern)
 
-
-def chunk_layer_numbers(config, *, pp_rank: int, vp_stage: Optional[int] = None) -> tuple[int, ...]:
-    """Global 1-based `layer_number`s of the decoder layers built on pipeline rank `pp_rank`, virtual stage
-    `vp_stage`. Uses megatron's own offset / count functions (uneven first/last stages, custom layouts), which
-    need only the config, not a process group."""
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
-    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return tuple(range(offset + 1, offset + count + 1))
-

@@ -13,7 +13,6 @@ import torch
 
 from megatron_r3.replay.layout import (
     PackedLayout,
-    chunk_layer_numbers,
     cp_local_slots,
     cp_zigzag_positions,
     distinct_fill_ids,
@@ -36,6 +35,18 @@ def pack_routes(routes, layout: PackedLayout, num_experts: int) -> torch.Tensor:
     num_layers, topk = routes[0].shape[1:]
     fill = distinct_fill_ids(layout.num_slots, topk, num_experts, routes[0].dtype)
     return pack_per_slot(routes, layout, fill.unsqueeze(1).expand(-1, num_layers, -1))
+
+
+def chunk_layer_numbers(config, *, pp_rank: int, vp_stage=None) -> tuple[int, ...]:
+    """Global 1-based `layer_number`s of the decoder layers megatron builds on pipeline rank `pp_rank`, virtual
+    stage `vp_stage` (megatron's own offset / count functions; the routers carry these numbers, and the replay
+    selects route layers by them)."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return tuple(range(offset + 1, offset + count + 1))
 
 
 def chunk_moe_layer_numbers(config, *, pp_rank: int, vp_stage=None) -> tuple[int, ...]:
