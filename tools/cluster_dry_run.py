@@ -193,7 +193,7 @@ def check_cluster(
     groups = args.num_query_groups or args.num_attention_heads
     report.add("query groups divisible by TP", f"{groups} / {tp}", groups % tp == 0,
                f"{groups} query groups (KV heads) do not split over TP {tp}")
-    from megatron_r3.model.qwen3_moe import padded_vocab_size
+    from megatron_r3.model.families import padded_vocab_size
 
     padded = padded_vocab_size(args.vocab_size, tp, args.make_vocab_size_divisible_by)
     report.add("vocabulary padding", f"{args.vocab_size} -> {padded}", True, info=True,

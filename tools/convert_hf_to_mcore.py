@@ -50,7 +50,7 @@ def build_chunks(hf_config, args):
     """(arch, chunks) of `hf_config` in the layout given by `args` (parallel state initialised here)."""
     import torch
 
-    from megatron_r3.model.qwen3_moe import arch_from_hf_config, build_from_hf_config
+    from megatron_r3.model.families import arch_from_hf_config, build_from_hf_config
     from megatron_r3.platform.distributed import initialize_model_parallel
 
     sizes = parallel_sizes(args)
@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch.distributed as dist
 
-    from megatron_r3.model.qwen3_moe import load_hf_config
+    from megatron_r3.model.families import load_hf_config
     from megatron_r3.model.dist_checkpoint import save_dist_checkpoint
     from megatron_r3.model.weights import SafetensorsSource, load_hf_weights
 

@@ -31,7 +31,7 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", required=True, help="megatron dist checkpoint directory")
     parser.add_argument("--out", required=True, help="output HF directory")
     parser.add_argument("--hf-config", default=None,
-                        help="HF config.json or model directory (default: hf_config.json stored in the checkpoint)")
+                        help="HF config JSON file (any name) or model directory (default: hf_config.json stored in the checkpoint)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="dtype the model is built and loaded in")
     parser.add_argument("--save-dtype", choices=sorted(DTYPES), default=None,
@@ -50,10 +50,9 @@ def main(argv=None) -> None:
     from megatron_r3.model.weights import save_hf_checkpoint
 
     if args.hf_config:
-        from transformers import AutoConfig
+        from megatron_r3.model.families import load_hf_config
 
-        path = args.hf_config
-        hf_config = AutoConfig.from_pretrained(os.path.dirname(path) if path.endswith(".json") else path)
+        hf_config = load_hf_config(args.hf_config)
     else:
         hf_config = hf_config_of_dist_checkpoint(args.checkpoint)
     arch, chunks = build_chunks(hf_config, args)

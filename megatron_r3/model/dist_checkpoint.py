@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import torch.distributed as dist
 
-from megatron_r3.model.qwen3_moe import hf_config_to_json_dict
+from megatron_r3.model.families import hf_config_to_json_dict, load_hf_config
 
 HF_CONFIG_IN_DIST_CHECKPOINT = "hf_config.json"
 
@@ -58,10 +58,5 @@ def load_dist_checkpoint(chunks, directory: str) -> None:
 
 
 def hf_config_of_dist_checkpoint(directory: str):
-    """The HF config stored next to a dist checkpoint by `save_dist_checkpoint`."""
-    from transformers import AutoConfig
-
-    with open(os.path.join(directory, HF_CONFIG_IN_DIST_CHECKPOINT)) as handle:
-        data = json.load(handle)
-    model_type = data.pop("model_type")
-    return AutoConfig.for_model(model_type, **data)
+    """The HF config stored next to a dist checkpoint by `save_dist_checkpoint` (checked against the families)."""
+    return load_hf_config(os.path.join(directory, HF_CONFIG_IN_DIST_CHECKPOINT))

@@ -20,14 +20,17 @@ def build_gpt_chunks(
     share_embeddings_and_output_weights: bool = False,
     use_transformer_engine: bool | None = None,
     fused_attention: bool | None = None,
+    block_spec_of=replay_decoder_block_spec,
 ) -> list[GPTModel]:
     """This rank's model chunks: one per virtual pipeline stage (a list of one without VP), on this rank's device.
-    `fused_attention`: see `specs.replay_decoder_block_spec` (None: chosen from the config and the device)."""
+    `fused_attention`: see `specs.replay_decoder_block_spec` (None: chosen from the config and the device).
+    `block_spec_of(config, vp_stage=, use_transformer_engine=, fused_attention=)`: the decoder block spec of one
+    chunk (a model family's `decoder_block_spec`; default megatron's GPT spec with the replay router)."""
     vp_size = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
     for vp_stage in range(vp_size) if vp_size else [None]:
-        spec = replay_decoder_block_spec(config, use_transformer_engine=use_transformer_engine, vp_stage=vp_stage,
-                                         fused_attention=fused_attention)
+        spec = block_spec_of(config, use_transformer_engine=use_transformer_engine, vp_stage=vp_stage,
+                             fused_attention=fused_attention)
         model = GPTModel(
             config=config,
             transformer_layer_spec=spec,

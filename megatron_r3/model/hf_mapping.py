@@ -1,5 +1,6 @@
-"""The ONE place for the Megatron <-> HF *checkpoint* mapping of the Qwen-MoE family: names, shapes, QKV interleave,
-[gate; up] fusion, tensor-parallel split dims, expert ids.
+"""The Megatron <-> HF *checkpoint* mapping machinery: `ParamMapping`, QKV interleave, [gate; up] fusion,
+tensor-parallel split dims, expert ids. The name tables are the model family's (`megatron_r3.model.families`);
+the functions here dispatch on `arch.model_type`. The table below is the Qwen-MoE family's.
 
 HF names are the on-disk checkpoint names (`save_pretrained` output, hub checkpoints, SGLang `load_weights`), with
 one tensor per expert. transformers 5 keeps experts fused *in memory* (`mlp.experts.gate_up_proj` [E, 2I, H] =
@@ -45,13 +46,12 @@ Everything here is pure tensor code: no process group. `megatron_r3.model.weight
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
-from megatron_r3.model.qwen3_moe import ModelArch
+from megatron_r3.model.families.base import ModelArch
 
 COPY, QKV, GATE_UP = "copy", "qkv", "gate_up"
 
@@ -90,61 +90,11 @@ class ParamMapping:
         return self.expert_id is not None
 
 
-# ------------------------------------------------------------------------------------------------ the name table
-# Per decoder layer: (megatron suffixes - local spec first, then TE spec variants), (HF suffixes), kind, tp_dim.
-_ATTN = [
-    (("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"), ("input_layernorm.weight",), COPY, None),
-    (
-        ("self_attention.linear_qkv.weight",),
-        ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-        QKV,
-        0,
-    ),
-    (
-        ("self_attention.linear_qkv.bias",),
-        ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
-        QKV,
-        0,
-    ),
-    (("self_attention.q_layernorm.weight",), ("self_attn.q_norm.weight",), COPY, None),
-    (("self_attention.k_layernorm.weight",), ("self_attn.k_norm.weight",), COPY, None),
-    (("self_attention.linear_proj.weight",), ("self_attn.o_proj.weight",), COPY, 1),
-    (("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"), ("post_attention_layernorm.weight",), COPY, None),
-]
-_DENSE_MLP = [
-    (("mlp.linear_fc1.weight",), ("mlp.gate_proj.weight", "mlp.up_proj.weight"), GATE_UP, 0),
-    (("mlp.linear_fc2.weight",), ("mlp.down_proj.weight",), COPY, 1),
-]
-_ROUTER = [(("mlp.router.weight",), ("mlp.gate.weight",), COPY, None)]
-_SHARED = [
-    (
-        ("mlp.shared_experts.linear_fc1.weight",),
-        ("mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight"),
-        GATE_UP,
-        0,
-    ),
-    (("mlp.shared_experts.linear_fc2.weight",), ("mlp.shared_expert.down_proj.weight",), COPY, 1),
-    (("mlp.shared_experts.gate_weight",), ("mlp.shared_expert_gate.weight",), COPY, None),
-]
-# Routed experts: (megatron regexes with a `l` group), (HF suffixes with {e}), kind, tp_dim.
-_EXPERTS = [
-    (
-        (r"mlp\.experts\.local_experts\.(?P<l>\d+)\.linear_fc1\.weight", r"mlp\.experts\.linear_fc1\.weight(?P<l>\d+)"),
-        ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"),
-        GATE_UP,
-        0,
-    ),
-    (
-        (r"mlp\.experts\.local_experts\.(?P<l>\d+)\.linear_fc2\.weight", r"mlp\.experts\.linear_fc2\.weight(?P<l>\d+)"),
-        ("mlp.experts.{e}.down_proj.weight",),
-        COPY,
-        1,
-    ),
-]
-_LAYER_RE = re.compile(r"^decoder\.layers\.(?P<j>\d+)\.(?P<rest>.+)$")
-_EMBEDDING = "embedding.word_embeddings.weight"
-_FINAL_NORM = "decoder.final_layernorm.weight"
-_OUTPUT = "output_layer.weight"
+# ------------------------------------------------------------------------------------------------ names (per family)
+def _family(arch: ModelArch):
+    from megatron_r3.model.families import family_for
+
+    return family_for(arch.model_type)
 
 
 def map_megatron_name(
@@ -154,45 +104,28 @@ def map_megatron_name(
     layer_number_of: Callable[[int], int] = lambda j: j + 1,
     expert_offset: int = 0,
 ) -> ParamMapping:
-    """The mapping of megatron parameter `name` (as in `GPTModel.named_parameters()` of one chunk).
+    """The mapping of megatron parameter or persistent buffer `name` (as in `GPTModel.named_parameters()` /
+    `persistent_buffers` of one chunk), by the family of `arch`.
 
     layer_number_of(j): the global 1-based `layer_number` of `decoder.layers.{j}` in this chunk (PP/VP offset).
     expert_offset: global id of this rank's first local expert (ep_rank * num_local_experts).
     """
-    if name == _EMBEDDING:
-        return ParamMapping(name, ("model.embed_tokens.weight",), COPY, 0, vocab=True)
-    if name == _FINAL_NORM:
-        return ParamMapping(name, ("model.norm.weight",), COPY, None)
-    if name == _OUTPUT:
-        if arch.tie_word_embeddings:
-            return ParamMapping(name, ("model.embed_tokens.weight",), COPY, 0, vocab=True, tied=True)
-        return ParamMapping(name, ("lm_head.weight",), COPY, 0, vocab=True)
-    match = _LAYER_RE.match(name)
-    if not match:
-        raise MappingError(
-            f"no HF mapping for megatron parameter {name!r} (MTP and other extra modules are not mapped)"
-        )
-    layer = layer_number_of(int(match["j"])) - 1
-    rest = match["rest"]
-    prefix = f"model.layers.{layer}."
-    for megatron_suffixes, hf_suffixes, kind, tp_dim in _ATTN + _DENSE_MLP + _ROUTER + _SHARED:
-        if rest in megatron_suffixes:
-            return ParamMapping(name, tuple(prefix + s for s in hf_suffixes), kind, tp_dim, layer=layer)
-    for patterns, hf_suffixes, kind, tp_dim in _EXPERTS:
-        for pattern in patterns:
-            expert = re.fullmatch(pattern, rest)
-            if expert:
-                e = expert_offset + int(expert["l"])
-                if not 0 <= e < arch.num_experts:
-                    raise MappingError(f"{name!r}: global expert id {e} outside [0, {arch.num_experts})")
-                names = tuple(prefix + s.format(e=e) for s in hf_suffixes)
-                return ParamMapping(name, names, kind, tp_dim, expert_id=e, layer=layer)
-    raise MappingError(f"no HF mapping for megatron parameter {name!r}")
+    return _family(arch).map_megatron_name(name, arch, layer_number_of=layer_number_of, expert_offset=expert_offset)
+
+
+def persistent_buffers(module: torch.nn.Module):
+    """(name, tensor) of every persistent buffer of `module` (what `state_dict` saves besides parameters: e.g. the
+    router's `expert_bias`); non-persistent ones (token counters, caches) are model state, not weights."""
+    for module_name, sub in module.named_modules():
+        for buffer_name, tensor in sub._buffers.items():
+            if tensor is not None and buffer_name not in sub._non_persistent_buffers_set:
+                yield (f"{module_name}.{buffer_name}" if module_name else buffer_name), tensor
 
 
 def chunk_param_mappings(chunk: torch.nn.Module, arch: ModelArch, *, expert_offset: int = 0):
-    """[(parameter, ParamMapping)] for every parameter of one megatron model chunk, with global layer numbers read
-    from each layer's `layer_number` (so PP and VP offsets come from megatron itself)."""
+    """[(tensor, ParamMapping)] for every parameter *and persistent buffer* of one megatron model chunk, with global
+    layer numbers read from each layer's `layer_number` (so PP and VP offsets come from megatron itself). A buffer
+    the family does not map raises `MappingError` rather than being dropped."""
     module = getattr(chunk, "module", chunk)  # DDP / Float16Module wrappers
     while hasattr(module, "module") and not hasattr(module, "decoder"):
         module = module.module
@@ -201,82 +134,23 @@ def chunk_param_mappings(chunk: torch.nn.Module, arch: ModelArch, *, expert_offs
     def layer_number_of(j: int) -> int:
         return int(layers[j].layer_number)
 
+    tensors = list(module.named_parameters()) + list(persistent_buffers(module))
     return [
-        (param, map_megatron_name(name, arch, layer_number_of=layer_number_of, expert_offset=expert_offset))
-        for name, param in module.named_parameters()
+        (tensor, map_megatron_name(name, arch, layer_number_of=layer_number_of, expert_offset=expert_offset))
+        for name, tensor in tensors
     ]
 
 
-# ------------------------------------------------------------------------------------------------ the HF side
-def hf_layer_names(arch: ModelArch, layer: int) -> list[str]:
-    """Checkpoint names of decoder layer `layer`, in export order."""
-    p = f"model.layers.{layer}."
-    names = [p + "input_layernorm.weight"]
-    names += [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
-    if arch.qkv_bias:
-        names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
-    if arch.qk_norm:
-        names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
-    names += [p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight"]
-    if arch.moe_layers[layer]:
-        names.append(p + "mlp.gate.weight")
-        for e in range(arch.num_experts):
-            names += [p + f"mlp.experts.{e}.{x}_proj.weight" for x in ("gate", "up", "down")]
-        if arch.shared_expert_intermediate_size:
-            names += [p + f"mlp.shared_expert.{x}_proj.weight" for x in ("gate", "up", "down")]
-            if arch.shared_expert_gate:
-                names.append(p + "mlp.shared_expert_gate.weight")
-    else:
-        names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
-    return names
-
-
 def hf_checkpoint_names(arch: ModelArch) -> list[str]:
-    """Every checkpoint tensor name of the model, in the deterministic export order (embedding, layers 0..L-1,
-    final norm, lm_head; lm_head absent with tied embeddings, as `save_pretrained` writes it)."""
-    names = ["model.embed_tokens.weight"]
-    for layer in range(arch.num_layers):
-        names += hf_layer_names(arch, layer)
-    names.append("model.norm.weight")
-    if not arch.tie_word_embeddings:
-        names.append("lm_head.weight")
-    return names
+    """Every checkpoint tensor name of the model, in the deterministic export order (the family's; for Qwen:
+    embedding, layers 0..L-1, final norm, lm_head, which is absent with tied embeddings as `save_pretrained`
+    writes it)."""
+    return _family(arch).hf_checkpoint_names(arch)
 
 
 def hf_checkpoint_shape(arch: ModelArch, name: str) -> tuple[int, ...]:
     """The shape of checkpoint tensor `name`."""
-    h, d = arch.hidden_size, arch.head_dim
-    if name in ("model.embed_tokens.weight", "lm_head.weight"):
-        return (arch.vocab_size, h)
-    if name == "model.norm.weight" or name.endswith("layernorm.weight"):
-        return (h,)
-    rest = name.split(".", 3)[3]
-    q_out, kv_out = arch.num_attention_heads * d, arch.num_query_groups * d
-    shapes = {
-        "self_attn.q_proj.weight": (q_out, h),
-        "self_attn.k_proj.weight": (kv_out, h),
-        "self_attn.v_proj.weight": (kv_out, h),
-        "self_attn.q_proj.bias": (q_out,),
-        "self_attn.k_proj.bias": (kv_out,),
-        "self_attn.v_proj.bias": (kv_out,),
-        "self_attn.q_norm.weight": (d,),
-        "self_attn.k_norm.weight": (d,),
-        "self_attn.o_proj.weight": (h, q_out),
-        "mlp.gate.weight": (arch.num_experts, h),
-        "mlp.gate_proj.weight": (arch.intermediate_size, h),
-        "mlp.up_proj.weight": (arch.intermediate_size, h),
-        "mlp.down_proj.weight": (h, arch.intermediate_size),
-        "mlp.shared_expert_gate.weight": (1, h),
-    }
-    if rest in shapes:
-        return shapes[rest]
-    if rest.startswith("mlp.shared_expert."):
-        f = arch.shared_expert_intermediate_size
-        return (h, f) if rest.endswith("down_proj.weight") else (f, h)
-    if rest.startswith("mlp.experts."):
-        f = arch.moe_intermediate_size
-        return (h, f) if rest.endswith("down_proj.weight") else (f, h)
-    raise MappingError(f"unknown checkpoint name {name!r}")
+    return _family(arch).hf_checkpoint_shape(arch, name)
 
 
 # ------------------------------------------------------------------------------------------------ tensor transforms

@@ -1,5 +1,8 @@
 """HF checkpoint tensors <-> this rank's Megatron model chunks, with explicit process groups.
 
+Parameters *and persistent buffers* (e.g. a router's `expert_bias`) are walked alike (`hf_mapping.chunk_param_mappings`);
+an unmapped buffer is an error, never silently dropped.
+
 (a) `load_hf_weights(chunks, source, arch)`: every rank reads only the checkpoint tensors its own parameters need
     (its TP / expert-TP slice, its experts, its layers) from a state dict or a safetensors directory (single file or
     sharded with `model.safetensors.index.json`), and copies its shard in.
@@ -47,7 +50,7 @@ from megatron_r3.model.hf_mapping import (
     map_megatron_name,
     to_megatron_shard,
 )
-from megatron_r3.model.qwen3_moe import ModelArch, hf_config_to_json_dict
+from megatron_r3.model.families import ModelArch, family_for, hf_config_to_json_dict
 from megatron_r3.platform import collectives
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -275,27 +278,31 @@ class _Item:
     names: tuple[str, ...]
     leader: int  # global rank that ends up with the full tensors
     dtype: str
+    expert: Optional[tuple[int, str]] = None  # (layer, "fc1" | "fc2") of a routed-experts item
 
 
 def _expert_item_names(arch: ModelArch, layer: int, projection: str) -> tuple[str, ...]:
-    p = f"model.layers.{layer}.mlp.experts."
-    if projection == "fc1":
-        return tuple(p + f"{e}.{x}_proj.weight" for e in range(arch.num_experts) for x in ("gate", "up"))
-    return tuple(p + f"{e}.down_proj.weight" for e in range(arch.num_experts))
+    return family_for(arch.model_type).expert_hf_names(arch, layer, projection)
 
 
 def export_order(arch: ModelArch) -> list[str]:
     """The HF names in the order `export_hf_weights` yields them: `hf_checkpoint_names` with each MoE layer's
-    experts reordered to gate/up of every expert, then down of every expert (one gather per projection)."""
-    out = []
+    routed experts (the family's `expert_hf_names`) reordered to gate/up of every expert, then down of every
+    expert (one gather per projection), at the place of the layer's first expert name."""
+    expert_layer = {
+        name: layer
+        for layer, moe in enumerate(arch.moe_layers) if moe
+        for projection in ("fc1", "fc2")
+        for name in _expert_item_names(arch, layer, projection)
+    }
+    out, emitted = [], set()
     for name in hf_checkpoint_names(arch):
-        if ".mlp.experts." in name:
-            layer = int(name.split(".")[2])
-            first = f"model.layers.{layer}.mlp.experts.0.gate_proj.weight"
-            if name == first:
-                out += list(_expert_item_names(arch, layer, "fc1")) + list(_expert_item_names(arch, layer, "fc2"))
-            continue
-        out.append(name)
+        layer = expert_layer.get(name)
+        if layer is None:
+            out.append(name)
+        elif layer not in emitted:
+            emitted.add(layer)
+            out += list(_expert_item_names(arch, layer, "fc1")) + list(_expert_item_names(arch, layer, "fc2"))
     return out
 
 
@@ -328,7 +335,7 @@ class _LocalPlan:
         if g.expert_source and g.etp_rank == 0 and g.ep_rank == 0:
             for (layer, projection), entries in self.experts.items():
                 names = _expert_item_names(self.arch, layer, projection)
-                items.append(_Item(order[names[0]], names, self.rank, str(entries[0][0].dtype)))
+                items.append(_Item(order[names[0]], names, self.rank, str(entries[0][0].dtype), (layer, projection)))
         return items
 
 
@@ -410,8 +417,7 @@ class _Exporter:
 
     def _experts(self, item: _Item) -> Optional[dict[str, torch.Tensor]]:
         g = self.groups
-        layer = int(item.names[0].split(".")[2])
-        projection = "fc1" if item.names[0].endswith("gate_proj.weight") else "fc2"
+        layer, projection = item.expert
         entries = self.local.experts.get((layer, projection))
         if not entries or not g.expert_source:
             return None
@@ -440,11 +446,7 @@ class _Exporter:
     def __iter__(self) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
         world_group = self.groups.world
         for item in self.items:
-            full = None
-            if any(".mlp.experts." in n for n in item.names[:1]):
-                full = self._experts(item)
-            else:
-                full = self._dense(item)
+            full = self._experts(item) if item.expert is not None else self._dense(item)
             if full is not None and self.cast is not None:
                 full = {n: t.to(self.cast) for n, t in full.items()}
             dtype = self.cast or _dtype(item.dtype)

@@ -18,44 +18,19 @@ from typing import Optional
 
 import torch
 
+from megatron_r3.model.families import family_of
 from megatron_r3.replay.routes import compact_index_dtype
 
 
 def moe_layer_map(config) -> list[bool]:
-    """Which decoder layers are MoE blocks under a Qwen3-MoE config (the rule of ``Qwen3MoeDecoderLayer``)."""
-    sparse_step = getattr(config, "decoder_sparse_step", 1) or 1
-    dense = set(getattr(config, "mlp_only_layers", None) or [])
-    return [
-        (i not in dense) and config.num_experts > 0 and (i + 1) % sparse_step == 0
-        for i in range(config.num_hidden_layers)
-    ]
+    """Which decoder layers are MoE blocks under an HF config (its model family's rule)."""
+    return list(family_of(config).moe_layers(config))
 
 
 def find_routers(model) -> dict[int, torch.nn.Module]:
-    """Global decoder layer index -> the router module (``mlp.gate``) of that layer's MoE block.
-
-    Checks the model's MoE layers against :func:`moe_layer_map` of its config: if they disagree, the layer axis of
-    the emitted routes would not mean what the trainer thinks, so refuse rather than emit misplaced ids.
-    """
-    layers = model.model.layers
-    routers: dict[int, torch.nn.Module] = {}
-    for index, layer in enumerate(layers):
-        mlp = layer.mlp
-        gate = getattr(mlp, "gate", None)
-        if hasattr(mlp, "experts") and gate is not None:
-            if not hasattr(gate, "top_k"):
-                raise RuntimeError(
-                    f"layer {index}: the MoE router {type(gate).__name__} does not select experts itself (transformers "
-                    "4.x routes inside the block); route capture needs transformers >= 5 (Qwen3MoeTopKRouter)"
-                )
-            routers[index] = gate
-    expected = [i for i, moe in enumerate(moe_layer_map(model.config)) if moe]
-    if sorted(routers) != expected:
-        raise RuntimeError(
-            f"MoE layers found in the model {sorted(routers)} differ from the config's mlp_only_layers / "
-            f"decoder_sparse_step map {expected}; cannot place routes on the layer axis"
-        )
-    return routers
+    """Global decoder layer index -> the router module of that layer's MoE block (the model family's finder, which
+    refuses a model whose MoE layers disagree with its config)."""
+    return family_of(model.config).find_routers(model)
 
 
 class RouteCapture:

@@ -455,7 +455,7 @@ def client_config_from_args(args) -> SGLangClientConfig:
 
 def build_sglang_engine(args, hf_config) -> SGLangEngine:
     """``--rollout-engine sglang``: the client for the servers named by the arguments (rank 0 only)."""
-    from megatron_r3.model.qwen3_moe import arch_from_hf_config
+    from megatron_r3.model.families import arch_from_hf_config
     from megatron_r3.rollout.weight_sync import settings_from_args
 
     arch = arch_from_hf_config(hf_config)

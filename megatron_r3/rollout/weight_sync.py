@@ -478,7 +478,7 @@ def _save_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], directory: 
         with open(os.path.join(directory, "model.safetensors.index.json"), "w") as handle:
             json.dump({"metadata": {}, "weight_map": weight_map}, handle, indent=2)
     if hf_config is not None:
-        from megatron_r3.model.qwen3_moe import hf_config_to_json_dict
+        from megatron_r3.model.families import hf_config_to_json_dict
 
         config = hf_config_to_json_dict(hf_config)
         config["dtype"] = str(dtype).replace("torch.", "")

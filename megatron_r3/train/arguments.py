@@ -439,19 +439,17 @@ def disable_fusions_without_transformer_engine(args: argparse.Namespace) -> None
 
 
 def load_hf_config_arg(args: argparse.Namespace):
-    from transformers import AutoConfig
+    """The HF config of --hf-checkpoint DIR or --hf-config FILE (any file name), refused here when no model family
+    represents it or when the chosen rollout engine cannot run it."""
+    from megatron_r3.model.families import family_of, load_hf_config
 
-    source = args.hf_checkpoint or args.hf_config
-    if os.path.isdir(source):
-        return AutoConfig.from_pretrained(source)
-    import json
-
-    with open(source) as handle:
-        values = json.load(handle)
-    model_type = values.pop("model_type", None)
-    if model_type is None:
-        raise ValueError(f"{source}: a Hugging Face config.json needs a model_type")
-    return AutoConfig.for_model(model_type, **values)
+    hf_config = load_hf_config(args.hf_checkpoint or args.hf_config)
+    family = family_of(hf_config)
+    family.arch(hf_config)
+    refusal = family.hf_engine_refusal(hf_config) if getattr(args, "rollout_engine", None) == "hf" else None
+    if refusal:
+        raise ValueError(f"--rollout-engine hf: {refusal}")
+    return hf_config
 
 
 # Megatron network-size arguments the HF config decides; giving one of them a different value is a conflict.
@@ -464,8 +462,13 @@ _ARCH_ARGS = (
 def check_architecture_conflicts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """A network-size flag set (CLI or YAML) to something other than the HF config's value is an error, not
     silently overridden."""
+    from megatron_r3.model.families import family_of
+
     before = {name: getattr(args, name) for name in _ARCH_ARGS}
-    apply_hf_architecture(args, args.hf_model_config)
+    overridable = family_of(args.hf_model_config).training_overridable_fields()
+    explicit = frozenset(name for name in overridable
+                         if hasattr(args, name) and getattr(args, name) != parser.get_default(name))
+    apply_hf_architecture(args, args.hf_model_config, explicit)
     conflicts = [
         f"--{name.replace('_', '-')} {before[name]} (the HF config says {getattr(args, name)})"
         for name in _ARCH_ARGS
@@ -475,41 +478,13 @@ def check_architecture_conflicts(args: argparse.Namespace, parser: argparse.Argu
         raise ValueError("the model architecture comes from the HF config; conflicting flags: " + ", ".join(conflicts))
 
 
-def apply_hf_architecture(args: argparse.Namespace, hf_config) -> None:
-    """Write the HF model's architecture into megatron's arguments (the TransformerConfig then comes from
-    megatron's own `core_transformer_config_from_args`)."""
-    from megatron_r3.model.qwen3_moe import arch_from_hf_config, rope_theta
+def apply_hf_architecture(args: argparse.Namespace, hf_config, explicit: frozenset = frozenset()) -> None:
+    """Write the HF model's megatron fields (its family's `megatron_fields`, the same the conversion path uses)
+    into megatron's arguments; the TransformerConfig then comes from megatron's `core_transformer_config_from_args`.
+    `explicit`: training-choice arguments the user set, which win over the HF config's (e.g. --moe-aux-loss-coeff)."""
+    from megatron_r3.model.families import megatron_args_from_hf
 
-    arch = arch_from_hf_config(hf_config)
-    args.hf_model_config = hf_config
-    args.num_layers = arch.num_layers
-    args.hidden_size = arch.hidden_size
-    args.ffn_hidden_size = arch.intermediate_size
-    args.num_attention_heads = arch.num_attention_heads
-    args.group_query_attention = arch.num_query_groups != arch.num_attention_heads
-    args.num_query_groups = arch.num_query_groups
-    args.kv_channels = arch.head_dim
-    args.num_experts = arch.num_experts
-    args.moe_router_topk = arch.topk
-    args.moe_ffn_hidden_size = arch.moe_intermediate_size
-    args.moe_layer_freq = arch.moe_layer_freq
-    args.normalization = "RMSNorm"
-    args.layernorm_epsilon = float(hf_config.rms_norm_eps)
-    args.swiglu = True
-    args.add_bias_linear = False
-    args.add_qkv_bias = arch.qkv_bias
-    args.qk_layernorm = arch.qk_norm
-    args.position_embedding_type = "rope"
-    args.rotary_base = rope_theta(hf_config)
-    args.untie_embeddings_and_output_weights = not arch.tie_word_embeddings
-    args.moe_router_pre_softmax = not bool(getattr(hf_config, "norm_topk_prob", False))
-    args.moe_router_score_function = "softmax"
-    args.max_position_embeddings = int(getattr(hf_config, "max_position_embeddings", 4096))
-    args.padded_vocab_size = arch.vocab_size if args.make_vocab_size_divisible_by == 1 else None
-    args.vocab_size = arch.vocab_size
-    if arch.shared_expert_intermediate_size:
-        args.moe_shared_expert_intermediate_size = arch.shared_expert_intermediate_size
-        args.moe_shared_expert_gate = arch.shared_expert_gate
+    megatron_args_from_hf(args, hf_config, explicit)
     if args.seq_length is None:
         args.seq_length = args.max_position_embeddings
     args.use_cpu_initialization = True

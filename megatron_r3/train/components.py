@@ -14,8 +14,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_r3.model.gpt import build_gpt_chunks
-from megatron_r3.model.qwen3_moe import ModelArch, arch_from_hf_config, padded_vocab_size
+from megatron_r3.model.families import ModelArch, arch_from_hf_config, family_of, padded_vocab_size
 from megatron_r3.model.weights import export_hf_weights, load_hf_weights
 from megatron_r3.platform.distributed import ParallelSizes, initialize_model_parallel
 from megatron_r3.replay.schedule import ReplayRouters
@@ -120,7 +119,7 @@ def initial_hf_weights(args, hf_config):
 
 
 def build_policy(args, config, arch, vocab_size, weights):
-    chunks = build_gpt_chunks(
+    chunks = family_of(args.hf_model_config).build_chunks(
         config,
         vocab_size=vocab_size,
         max_sequence_length=args.max_position_embeddings,

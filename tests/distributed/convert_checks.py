@@ -208,7 +208,7 @@ def check_layout(name: str, ctx: Context, workdir: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    from megatron_r3.model.qwen3_moe import arch_from_hf_config, build_from_hf_config
+    from megatron_r3.model.families import arch_from_hf_config, build_from_hf_config
     from megatron_r3.model.weights import (
         SafetensorsSource,
         export_hf_buckets,

@@ -164,7 +164,7 @@ def test_weights_stay_one_view_inside_megatron_ddp_param_buffer():
 
 def test_parameter_names_are_the_ones_the_hf_mapping_reads():
     from megatron_r3.model.hf_mapping import map_megatron_name
-    from megatron_r3.model.qwen3_moe import ModelArch
+    from megatron_r3.model.families import ModelArch
 
     config = make_config()
     _, grouped = build_pair(config)
@@ -172,6 +172,7 @@ def test_parameter_names_are_the_ones_the_hf_mapping_reads():
     assert names == [f"linear_fc{p}.weight{e}" for p in (1, 2) for e in reversed(range(config.num_moe_experts))]
     arch = ModelArch.__new__(ModelArch)
     object.__setattr__(arch, "num_experts", 10)
+    object.__setattr__(arch, "model_type", "qwen3_moe")
     mapping = map_megatron_name("decoder.layers.1.mlp.experts.linear_fc1.weight3", arch, expert_offset=5)
     assert mapping.expert_id == 8 and mapping.hf_names == (
         "model.layers.1.mlp.experts.8.gate_proj.weight", "model.layers.1.mlp.experts.8.up_proj.weight")

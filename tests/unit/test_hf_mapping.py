@@ -27,11 +27,10 @@ from megatron_r3.model.hf_module import (
     hf_state_dict_to_checkpoint_names,
     load_checkpoint_tensors_into_hf_module,
 )
-from megatron_r3.model.qwen3_moe import (
+from megatron_r3.model.families import (
     UnsupportedHFConfig,
     arch_from_hf_config,
-    gpt_model_kwargs_from_hf,
-    hf_config_from_megatron,
+    family_of,
     hf_config_to_json_dict,
     padded_vocab_size,
     transformer_config_from_hf,
@@ -284,7 +283,7 @@ def test_checkpoint_tensors_load_into_live_hf_module(make):
 def test_transformer_config_from_hf():
     from megatron_r3.platform.distributed import ParallelSizes
 
-    config = qwen3_config(rms_norm_eps=1e-5, decoder_sparse_step=1, router_aux_loss_coef=0.01)
+    config = qwen3_config(rms_norm_eps=1e-5, decoder_sparse_step=1, router_aux_loss_coef=0.01, output_router_logits=True)
     tc = transformer_config_from_hf(config, parallel=ParallelSizes(tensor_model_parallel_size=2,
                                                                    expert_model_parallel_size=2))
     assert (tc.num_layers, tc.hidden_size, tc.ffn_hidden_size, tc.moe_ffn_hidden_size) == (4, 64, 96, 32)
@@ -296,7 +295,7 @@ def test_transformer_config_from_hf():
     assert tc.moe_router_pre_softmax is False and tc.moe_router_score_function == "softmax"
     assert tc.moe_aux_loss_coeff == 0.01 and tc.moe_router_load_balancing_type == "aux_loss"
     assert tc.tensor_model_parallel_size == 2 and tc.expert_model_parallel_size == 2
-    kwargs = gpt_model_kwargs_from_hf(config)
+    kwargs = family_of(config).model_kwargs(config)
     assert kwargs["rotary_base"] == 10000.0 and kwargs["share_embeddings_and_output_weights"] is False
     assert transformer_config_from_hf(qwen3_config(norm_topk_prob=False)).moe_router_pre_softmax is True
     sparse = transformer_config_from_hf(qwen3_config(decoder_sparse_step=2, mlp_only_layers=[]))
@@ -311,8 +310,8 @@ def test_transformer_config_from_hf():
 def test_hf_config_round_trip(make, tmp_path):
     config = make(rope_parameters={"rope_type": "default", "rope_theta": 5e5})
     tc = transformer_config_from_hf(config)
-    kwargs = gpt_model_kwargs_from_hf(config)
-    back = hf_config_from_megatron(tc, vocab_size=config.vocab_size, max_position_embeddings=kwargs["max_sequence_length"],
+    kwargs = family_of(config).model_kwargs(config)
+    back = family_of(config).hf_config_from_megatron(tc, vocab_size=config.vocab_size, max_position_embeddings=kwargs["max_sequence_length"],
                                    rotary_base=kwargs["rotary_base"],
                                    tie_word_embeddings=kwargs["share_embeddings_and_output_weights"])
     assert type(back) is type(config)
