@@ -13,9 +13,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
-from megatron_r3.model import deepseek_v3 as ds  # noqa: E402
+from megatron_r3.model import families  # noqa: E402
+from megatron_r3.model.families import UnsupportedHFConfig  # noqa: E402
+from megatron_r3.model.families import deepseek_v3 as ds  # noqa: E402
 from megatron_r3.model.hf_module import hf_state_dict_to_checkpoint_names  # noqa: E402
-from megatron_r3.model.qwen3_moe import UnsupportedHFConfig  # noqa: E402
+from megatron_r3.model.weights import export_hf_weights, export_order, load_hf_weights  # noqa: E402
 
 TOLERANCE = 1e-4
 SEQ, BATCH = 12, 2
@@ -109,10 +111,11 @@ def megatron_forward(chunk, tokens, routes=None):
 
 
 def convert(world_of_one, model):
-    arch = ds.arch_from_hf_config(model.config)
-    config, chunks = ds.build_from_hf_config(model.config, use_cpu_initialization=True)
+    arch = families.arch_from_hf_config(model.config)
+    assert families.family_of(model.config) is ds.FAMILY
+    config, chunks = families.build_from_hf_config(model.config, use_cpu_initialization=True)
     hf = dict(hf_state_dict_to_checkpoint_names(model))
-    filled = ds.load_state_dict_into_chunk(chunks[0], hf, arch)
+    filled = load_hf_weights(chunks, hf, arch)
     return arch, config, chunks[0].eval(), hf, filled
 
 
@@ -140,8 +143,8 @@ def test_logits_equal_hf_under_replay_and_export_is_bit_identical(world_of_one, 
     shifted = {i: (r + 1) % arch.num_experts for i, r in routes.items()}
     assert (megatron_forward(chunk, tokens, shifted) - ref).abs().max().item() > 1e-2
 
-    exported = ds.export_chunk_state_dict(chunk, arch)
-    assert list(exported) == [n for n in ds.hf_checkpoint_names(arch) if n in exported]
+    exported = dict(export_hf_weights([chunk], arch, receivers="all"))
+    assert list(exported) == export_order(arch)
     assert sorted(exported) == sorted(hf)
     for name, tensor in hf.items():
         assert torch.equal(exported[name], tensor), name
@@ -169,7 +172,7 @@ def test_planted_bugs_are_caught(world_of_one):
 
 def test_config_mapping_and_round_trip():
     model_config = DeepseekV3Config(**{**BASE, **CASES["q_lora_groups"]})
-    config = ds.transformer_config_from_hf(model_config, use_cpu_initialization=True)
+    config = families.transformer_config_from_hf(model_config, use_cpu_initialization=True)
     assert (config.multi_latent_attention, config.q_lora_rank, config.kv_lora_rank) == (True, 24, 16)
     assert (config.qk_head_dim, config.qk_pos_emb_head_dim, config.v_head_dim) == (16, 8, 12)
     assert (config.moe_router_score_function, config.moe_router_enable_expert_bias) == ("sigmoid", True)

@@ -79,46 +79,25 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_r3.model.families.base import ModelArch, ModelFamily, UnsupportedHFConfig, padded_vocab_size
 from megatron_r3.model.hf_mapping import COPY, GATE_UP, MappingError, ParamMapping
-from megatron_r3.model.qwen3_moe import UnsupportedHFConfig, padded_vocab_size
 
 MODEL_TYPE = "deepseek_v3"
 
 
 @dataclass(frozen=True)
-class DeepseekV3Arch:
-    """The architecture facts the name/shape mapping needs, independent of HF and megatron objects."""
+class DeepseekV3Arch(ModelArch):
+    """`ModelArch` plus the MLA ranks, the dense-first layout and the shared-expert count. The inherited
+    `num_query_groups` = heads and `head_dim` = qk_nope + qk_rope (MLA has no grouped K/V projection)."""
 
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    intermediate_size: int
-    moe_intermediate_size: int
-    num_experts: int
-    topk: int
-    first_k_dense: int
-    n_shared_experts: int
-    q_lora_rank: Optional[int]
-    kv_lora_rank: int
-    qk_nope_head_dim: int
-    qk_rope_head_dim: int
-    v_head_dim: int
-    vocab_size: int
-    tie_word_embeddings: bool = False
+    first_k_dense: int = 0
+    n_shared_experts: int = 0
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
     num_mtp_layers: int = 0
-    model_type: str = MODEL_TYPE
-
-    @property
-    def moe_layers(self) -> tuple[bool, ...]:
-        return tuple(i >= self.first_k_dense for i in range(self.num_layers))
-
-    @property
-    def moe_layer_freq(self) -> list[int]:
-        return [1 if moe else 0 for moe in self.moe_layers]
-
-    @property
-    def shared_expert_intermediate_size(self) -> int:
-        return self.n_shared_experts * self.moe_intermediate_size
 
 
 def _get(hf_config, name: str, default=None):
@@ -195,48 +174,40 @@ def arch_from_hf_config(hf_config) -> DeepseekV3Arch:
     first_k = int(_get(hf_config, "first_k_dense_replace", 0) or 0)
     if not 0 <= first_k <= layers:
         raise UnsupportedHFConfig(f"first_k_dense_replace={first_k} outside [0, {layers}]")
+    shared = int(_get(hf_config, "n_shared_experts", 0) or 0)
     return DeepseekV3Arch(
+        model_type=MODEL_TYPE,
         num_layers=layers,
         hidden_size=int(hf_config.hidden_size),
         num_attention_heads=int(hf_config.num_attention_heads),
+        num_query_groups=int(hf_config.num_attention_heads),
+        head_dim=int(hf_config.qk_nope_head_dim) + int(hf_config.qk_rope_head_dim),
         intermediate_size=int(hf_config.intermediate_size),
         moe_intermediate_size=int(hf_config.moe_intermediate_size),
         num_experts=int(hf_config.n_routed_experts),
         topk=int(hf_config.num_experts_per_tok),
+        moe_layers=tuple(i >= first_k for i in range(layers)),
+        vocab_size=int(hf_config.vocab_size),
+        tie_word_embeddings=bool(_get(hf_config, "tie_word_embeddings", False)),
+        qk_norm=True,
+        shared_expert_intermediate_size=shared * int(hf_config.moe_intermediate_size) or None,
         first_k_dense=first_k,
-        n_shared_experts=int(_get(hf_config, "n_shared_experts", 0) or 0),
+        n_shared_experts=shared,
         q_lora_rank=None if _get(hf_config, "q_lora_rank") is None else int(hf_config.q_lora_rank),
         kv_lora_rank=int(hf_config.kv_lora_rank),
         qk_nope_head_dim=int(hf_config.qk_nope_head_dim),
         qk_rope_head_dim=int(hf_config.qk_rope_head_dim),
         v_head_dim=int(hf_config.v_head_dim),
-        vocab_size=int(hf_config.vocab_size),
-        tie_word_embeddings=bool(_get(hf_config, "tie_word_embeddings", False)),
         num_mtp_layers=int(_get(hf_config, "num_nextn_predict_layers", 0) or 0),
     )
 
 
-def transformer_config_from_hf(
-    hf_config,
-    *,
-    parallel=None,
-    sequence_parallel: bool = False,
-    params_dtype: torch.dtype = torch.float32,
-    moe_token_dispatcher_type: str = "alltoall",
-    moe_grouped_gemm: bool = False,
-    **overrides: Any,
-):
-    """A megatron `MLATransformerConfig` reproducing `hf_config` for the parallel layout `parallel`
-    (`megatron_r3.platform.distributed.ParallelSizes`). The expert bias is never updated
-    (`moe_router_bias_update_rate=0`): RL keeps the checkpoint's selection bias unless an override asks otherwise."""
-    from megatron.core.transformer.transformer_config import MLATransformerConfig
-
-    from megatron_r3.platform.distributed import ParallelSizes
-
+def megatron_fields(hf_config) -> dict[str, Any]:
+    """The `MLATransformerConfig` fields `hf_config` decides. The expert bias is never updated
+    (`moe_router_bias_update_rate=0`): RL keeps the checkpoint's selection bias unless a flag asks otherwise."""
     arch = arch_from_hf_config(hf_config)
     num_groups, group_topk = _check_router(hf_config)
-    parallel = parallel or ParallelSizes()
-    kwargs: dict[str, Any] = dict(
+    fields: dict[str, Any] = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
         ffn_hidden_size=arch.intermediate_size,
@@ -253,11 +224,8 @@ def transformer_config_from_hf(
         layernorm_epsilon=float(hf_config.rms_norm_eps),
         gated_linear_unit=True,
         activation_func=F.silu,
-        bias_activation_fusion=False,
         add_bias_linear=False,
         add_qkv_bias=False,
-        apply_rope_fusion=False,
-        hidden_dropout=0.0,
         attention_dropout=float(_get(hf_config, "attention_dropout", 0.0) or 0.0),
         init_method_std=float(_get(hf_config, "initializer_range", 0.02)),
         num_moe_experts=arch.num_experts,
@@ -273,69 +241,34 @@ def transformer_config_from_hf(
         moe_router_pre_softmax=False,
         moe_router_load_balancing_type="none",
         moe_aux_loss_coeff=0.0,
-        moe_token_dispatcher_type=moe_token_dispatcher_type,
-        moe_grouped_gemm=moe_grouped_gemm,
-        moe_router_fusion=False,
-        moe_permute_fusion=False,
-        moe_expert_capacity_factor=None,
-        params_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
-        pipeline_dtype=params_dtype,
-        sequence_parallel=sequence_parallel,
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
-        context_parallel_size=parallel.context_parallel_size,
-        expert_model_parallel_size=parallel.expert_model_parallel_size,
-        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
     )
     if arch.n_shared_experts:
-        kwargs.update(
+        fields.update(
             moe_shared_expert_intermediate_size=arch.shared_expert_intermediate_size,
             moe_shared_expert_gate=False,
             moe_shared_expert_overlap=False,
         )
-    kwargs.update(overrides)
-    if kwargs.get("expert_tensor_parallel_size") is None:
-        kwargs.pop("expert_tensor_parallel_size")
-    return MLATransformerConfig(**kwargs)
+    return fields
 
 
-def gpt_model_kwargs_from_hf(
-    hf_config, *, tensor_model_parallel_size: int = 1, make_vocab_size_divisible_by: int = 1
-) -> dict:
-    """Keyword arguments of `megatron_r3.model.gpt.build_gpt_chunks` (GPTModel). MLA builds its own rotary
-    embedding from the config, so GPTModel's is off (megatron skips it for MLA anyway)."""
+def model_kwargs(hf_config, *, tensor_model_parallel_size: int = 1, make_vocab_size_divisible_by: int = 1) -> dict:
+    """Keyword arguments of `build_chunks` (GPTModel). GPTModel builds no rotary embedding for MLA (the attention
+    makes its own from the config's rope fields), so `rotary_base` here only mirrors the config."""
     arch = arch_from_hf_config(hf_config)
     return dict(
         vocab_size=padded_vocab_size(arch.vocab_size, tensor_model_parallel_size, make_vocab_size_divisible_by),
         max_sequence_length=int(_get(hf_config, "max_position_embeddings", 4096)),
-        position_embedding_type="none",
+        position_embedding_type="rope",
+        rotary_base=rope_settings(hf_config)["rotary_base"],
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
     )
 
 
-def build_from_hf_config(hf_config, *, parallel=None, make_vocab_size_divisible_by: int = 1, **config_kwargs):
-    """(MLATransformerConfig, this rank's GPTModel chunks) for `hf_config` in the initialised layout."""
-    from megatron_r3.model.gpt import build_gpt_chunks
-
-    config = transformer_config_from_hf(hf_config, parallel=parallel, **config_kwargs)
-    chunks = build_gpt_chunks(
-        config,
-        **gpt_model_kwargs_from_hf(
-            hf_config,
-            tensor_model_parallel_size=config.tensor_model_parallel_size,
-            make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-        ),
-    )
-    return config, chunks
-
-
-def hf_config_from_megatron(config, *, vocab_size: int, max_position_embeddings: int, tie_word_embeddings=False,
-                            extra: Optional[dict] = None):
+def hf_config_from_megatron(config, *, vocab_size: int, max_position_embeddings: int, rotary_base=None,
+                            tie_word_embeddings=False, extra: Optional[dict] = None):
     """The `DeepseekV3Config` of a megatron model built from `config` (an MLATransformerConfig); `vocab_size` is the
-    unpadded vocabulary. Inverse of `transformer_config_from_hf` (checked by a round trip in the tests)."""
+    unpadded vocabulary; the RoPE base is the config's own (`rotary_base`, GPTModel's argument, is not used by
+    MLA). Inverse of `megatron_fields` (checked by a round trip in the tests)."""
     from transformers import DeepseekV3Config
 
     from megatron_r3.replay.layout import moe_layer_pattern
@@ -538,85 +471,66 @@ def hf_checkpoint_shape(arch: DeepseekV3Arch, name: str) -> tuple[int, ...]:
     raise MappingError(f"unknown checkpoint name {name!r}")
 
 
-def chunk_tensor_mappings(chunk, arch: DeepseekV3Arch, *, expert_offset: int = 0):
-    """[(tensor, ParamMapping)] for every parameter of one megatron chunk *and* every router `expert_bias` buffer
-    (the checkpoint's `e_score_correction_bias`), with global layer numbers read from the layers."""
-    module = getattr(chunk, "module", chunk)
-    while hasattr(module, "module") and not hasattr(module, "decoder"):
-        module = module.module
-    layers = module.decoder.layers if getattr(module, "decoder", None) is not None else []
-
-    def layer_number_of(j: int) -> int:
-        return int(layers[j].layer_number)
-
-    tensors = list(module.named_parameters())
-    tensors += [(name, buf) for name, buf in module.named_buffers() if name.endswith(_EXPERT_BIAS)]
-    return [
-        (tensor, map_megatron_name(name, arch, layer_number_of=layer_number_of, expert_offset=expert_offset))
-        for name, tensor in tensors
-    ]
+def find_routers(hf_model) -> dict[int, torch.nn.Module]:
+    """Global decoder layer index -> `mlp.gate` (`DeepseekV3TopkRouter`, whose forward returns (router_logits,
+    topk_weights, topk_indices), the capture contract) of each MoE layer; refuses a model whose MoE layers are not
+    the config's first_k_dense_replace rule (the captured layer axis would be misplaced)."""
+    arch = arch_from_hf_config(hf_model.config)
+    routers = {}
+    for index, layer in enumerate(hf_model.model.layers[: arch.num_layers]):
+        gate = getattr(layer.mlp, "gate", None)
+        if gate is not None and hasattr(layer.mlp, "experts"):
+            routers[index] = gate
+    expected = [i for i, moe in enumerate(arch.moe_layers) if moe]
+    if sorted(routers) != expected:
+        raise RuntimeError(f"HF model has routers in layers {sorted(routers)}, its config says MoE layers {expected}")
+    return routers
 
 
-# ------------------------------------------------------------------------------------------------ tensor transforms
-def to_megatron_shard(mapping: ParamMapping, hf, arch: DeepseekV3Arch, *, tp_size: int = 1, tp_rank: int = 0,
-                      local_shape=None) -> torch.Tensor:
-    """This rank's megatron shard of `mapping`'s tensor from the checkpoint tensors in `hf`."""
-    missing = [n for n in mapping.hf_names if n not in hf]
-    if missing:
-        raise MappingError(f"{mapping.megatron_name}: missing checkpoint tensors {missing}")
-    tensors = [hf[n] for n in mapping.hf_names]
-    for name, tensor in zip(mapping.hf_names, tensors):
-        if tuple(tensor.shape) != hf_checkpoint_shape(arch, name):
-            raise MappingError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected "
-                               f"{hf_checkpoint_shape(arch, name)}")
-    if mapping.kind == GATE_UP:
-        gate, up = tensors
-        shard = torch.cat([gate.chunk(tp_size, dim=0)[tp_rank], up.chunk(tp_size, dim=0)[tp_rank]], dim=0)
-    else:
-        full = tensors[0]
-        if mapping.vocab and local_shape is not None and full.shape[0] < int(local_shape[0]) * tp_size:
-            pad = int(local_shape[0]) * tp_size - full.shape[0]
-            full = torch.cat([full, full.new_zeros((pad,) + tuple(full.shape[1:]))], dim=0)
-        dim = mapping.tp_dim
-        shard = full.chunk(tp_size, dim=dim)[tp_rank] if dim is not None and tp_size > 1 else full
-    if local_shape is not None and tuple(shard.shape) != tuple(local_shape):
-        raise MappingError(f"{mapping.megatron_name}: built a shard of shape {tuple(shard.shape)}, the megatron "
-                           f"tensor has shape {tuple(local_shape)} (tp_size={tp_size})")
-    return shard.contiguous()
+class DeepseekV3Family(ModelFamily):
+    """DeepSeek-V3 / Moonlight / Kimi-K2 (`model_type: deepseek_v3`): MLA + sigmoid router with expert bias."""
+
+    name = "deepseek_v3"
+    model_types = (MODEL_TYPE,)
+
+    def arch(self, hf_config) -> DeepseekV3Arch:
+        return arch_from_hf_config(hf_config)
+
+    def moe_layers(self, hf_config) -> tuple[bool, ...]:
+        return arch_from_hf_config(hf_config).moe_layers
+
+    def megatron_fields(self, hf_config) -> dict[str, Any]:
+        return megatron_fields(hf_config)
+
+    def training_overridable_fields(self) -> tuple[str, ...]:
+        return ("moe_aux_loss_coeff", "moe_router_bias_update_rate")
+
+    def transformer_config_class(self, hf_config) -> type:
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        return MLATransformerConfig
+
+    def model_kwargs(self, hf_config, *, tensor_model_parallel_size: int = 1,
+                     make_vocab_size_divisible_by: int = 1) -> dict[str, Any]:
+        return model_kwargs(hf_config, tensor_model_parallel_size=tensor_model_parallel_size,
+                            make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+
+    def map_megatron_name(self, name: str, arch, *, layer_number_of, expert_offset: int):
+        return map_megatron_name(name, arch, layer_number_of=layer_number_of, expert_offset=expert_offset)
+
+    def hf_checkpoint_names(self, arch) -> list[str]:
+        return hf_checkpoint_names(arch)
+
+    def hf_checkpoint_shape(self, arch, name: str) -> tuple[int, ...]:
+        return hf_checkpoint_shape(arch, name)
+
+    def hf_config_from_megatron(self, config, *, vocab_size: int, max_position_embeddings: int, rotary_base=None,
+                                tie_word_embeddings: bool = False, extra: Optional[dict] = None):
+        return hf_config_from_megatron(config, vocab_size=vocab_size, max_position_embeddings=max_position_embeddings,
+                                       tie_word_embeddings=tie_word_embeddings, extra=extra)
+
+    def find_routers(self, hf_model) -> dict[int, torch.nn.Module]:
+        return find_routers(hf_model)
 
 
-def from_megatron_shards(mapping: ParamMapping, shards, arch: DeepseekV3Arch) -> dict[str, torch.Tensor]:
-    """Full checkpoint tensors from the TP shards of `mapping`'s tensor (TP rank order); vocab padding dropped."""
-    if mapping.kind == GATE_UP:
-        halves = [shard.chunk(2, dim=0) for shard in shards]
-        out = dict(zip(mapping.hf_names, (torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves]))))
-    else:
-        dim = mapping.tp_dim
-        full = shards[0] if dim is None or len(shards) == 1 else torch.cat(list(shards), dim=dim)
-        out = {mapping.hf_names[0]: full[: arch.vocab_size] if mapping.vocab else full}
-    for name, tensor in out.items():
-        if tuple(tensor.shape) != hf_checkpoint_shape(arch, name):
-            raise MappingError(f"{mapping.megatron_name} -> {name!r}: shape {tuple(tensor.shape)}, expected "
-                               f"{hf_checkpoint_shape(arch, name)}")
-    return {name: tensor.contiguous() for name, tensor in out.items()}
-
-
-@torch.no_grad()
-def load_state_dict_into_chunk(chunk, hf, arch: DeepseekV3Arch) -> int:
-    """Fill one unsharded chunk (TP = EP = 1) from checkpoint-named tensors `hf`; MTP tensors are ignored.
-    Returns the number of megatron tensors filled. (Sharded TP/EP/PP loads go through the family seam.)"""
-    count = 0
-    for tensor, mapping in chunk_tensor_mappings(chunk, arch):
-        tensor.copy_(to_megatron_shard(mapping, hf, arch, local_shape=tensor.shape))
-        count += 1
-    return count
-
-
-@torch.no_grad()
-def export_chunk_state_dict(chunk, arch: DeepseekV3Arch) -> dict[str, torch.Tensor]:
-    """Checkpoint-named tensors of one unsharded chunk (the inverse of `load_state_dict_into_chunk`)."""
-    out: dict[str, torch.Tensor] = {}
-    for tensor, mapping in chunk_tensor_mappings(chunk, arch):
-        if not mapping.tied:
-            out.update(from_megatron_shards(mapping, [tensor.detach().clone()], arch))
-    return {name: out[name] for name in hf_checkpoint_names(arch) if name in out}
+FAMILY = DeepseekV3Family()
