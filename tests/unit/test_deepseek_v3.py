@@ -83,7 +83,7 @@ def hf_forward(model, tokens):
     return logits, routes, unbiased
 
 
-def megatron_forward(chunk, tokens, routes=None):
+def megatron_forward(chunk, tokens, routes=None, grad=False):
     """Logits [B, S, V]; `routes` {layer: [B*S, K] batch-major} are replayed (the router sees sequence-major)."""
     from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
@@ -100,7 +100,7 @@ def megatron_forward(chunk, tokens, routes=None):
             state.action = RouterReplayAction.REPLAY_FORWARD
     try:
         position_ids = torch.arange(seq).unsqueeze(0).expand(batch, -1)
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             logits = chunk(tokens, position_ids, None)
     finally:
         errors = [e for r in routers for e in r.router_replay.errors]
