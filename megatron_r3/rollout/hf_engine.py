@@ -44,7 +44,7 @@ from megatron_r3.replay.routes import Routes, routes_from_array
 from megatron_r3.rollout.base import RolloutResult, RolloutSample, SamplingParams
 from megatron_r3.rollout.hf_capture import RouteCapture, moe_layer_map
 from megatron_r3.rollout.multiturn import check_routes_start_len
-from megatron_r3.model.hf_module import WeightLoader
+from megatron_r3.model.families import family_of
 from megatron_r3.rollout.sampling import sample_tokens
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
@@ -59,23 +59,31 @@ def _as_dtype(dtype) -> torch.dtype:
     raise ValueError(f"dtype must be a torch dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
 
 
+# model_type -> the transformers class the embedded engine runs (its router must answer the capture contract of
+# `hf_capture`, found through the model family's `find_routers`).
+_ENGINE_MODELS = {"qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+
+
 def _build_model(model_or_config):
-    from transformers import PretrainedConfig, Qwen3MoeForCausalLM
+    import transformers
+    from transformers import PretrainedConfig
 
     if isinstance(model_or_config, PretrainedConfig):
-        if getattr(model_or_config, "model_type", None) != "qwen3_moe":
-            raise TypeError(f"expected a Qwen3MoeConfig, got model_type {model_or_config.model_type!r}")
-        return Qwen3MoeForCausalLM(model_or_config)
+        model_type = getattr(model_or_config, "model_type", None)
+        if model_type not in _ENGINE_MODELS:
+            raise TypeError(f"expected a config of model_type {' or '.join(_ENGINE_MODELS)}, got {model_type!r}")
+        return getattr(transformers, _ENGINE_MODELS[model_type])(model_or_config)
     if isinstance(model_or_config, torch.nn.Module):
         config = getattr(model_or_config, "config", None)
-        if getattr(config, "model_type", None) != "qwen3_moe" or not hasattr(model_or_config, "model"):
+        if getattr(config, "model_type", None) not in _ENGINE_MODELS or not hasattr(model_or_config, "model"):
             raise TypeError(
-                f"expected a transformers Qwen3MoeForCausalLM, got {type(model_or_config).__name__} "
-                f"(model_type {getattr(config, 'model_type', None)!r})"
+                f"expected a transformers {' or '.join(_ENGINE_MODELS.values())}, got "
+                f"{type(model_or_config).__name__} (model_type {getattr(config, 'model_type', None)!r})"
             )
         return model_or_config
     raise TypeError(
-        f"HFRolloutEngine takes a Qwen3MoeForCausalLM or a Qwen3MoeConfig, got {type(model_or_config).__name__}"
+        f"HFRolloutEngine takes a transformers model or config of model_type {' or '.join(_ENGINE_MODELS)}, got "
+        f"{type(model_or_config).__name__}"
     )
 
 
@@ -137,7 +145,7 @@ class HFRolloutEngine:
         self._capture = RouteCapture(model)
         # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name is deprecated)
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self._loader = WeightLoader(model)
+        self._loader = family_of(model.config).weight_loader(model)  # the family's (buffers included)
         self._closed = False
         if state_dict is not None:
             self.update_weights(state_dict.items())
@@ -326,7 +334,7 @@ class HFRolloutEngine:
             if routes_buffer is not None:
                 routes = routes_from_array(
                     routes_buffer[row, : prompt_length + length - 1],
-                    num_experts=self.config.num_experts, source="hf", sample_id=first + row,
+                    num_experts=self._capture.num_experts, source="hf", sample_id=first + row,
                 )
             samples.append(
                 RolloutSample(

@@ -487,6 +487,19 @@ def find_routers(hf_model) -> dict[int, torch.nn.Module]:
     return routers
 
 
+def weight_loader(hf_model):
+    """transformers' `WeightLoader` that also resolves each router's `e_score_correction_bias` (a persistent buffer,
+    part of every checkpoint and weight sync of this family) to the live buffer."""
+    from megatron_r3.model.hf_module import WeightLoader
+
+    loader = WeightLoader(hf_model)
+    for name, buffer in hf_model.named_buffers():
+        if name.endswith(".e_score_correction_bias"):
+            loader._params[name] = buffer
+            loader._alias[name] = name
+    return loader
+
+
 class DeepseekV3Family(ModelFamily):
     """DeepSeek-V3 / Moonlight / Kimi-K2 (`model_type: deepseek_v3`): MLA + sigmoid router with expert bias."""
 
@@ -531,6 +544,9 @@ class DeepseekV3Family(ModelFamily):
 
     def find_routers(self, hf_model) -> dict[int, torch.nn.Module]:
         return find_routers(hf_model)
+
+    def weight_loader(self, hf_model):
+        return weight_loader(hf_model)
 
 
 FAMILY = DeepseekV3Family()
