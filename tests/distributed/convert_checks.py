@@ -56,6 +56,10 @@ def make_hf_model(kind: str):
     elif kind == "qwen2_shared":  # shared expert with sigmoid gate, q/k/v bias, no q/k norm, norm_topk_prob=False
         config = Qwen2MoeConfig(**common, shared_expert_intermediate_size=48, norm_topk_prob=False, qkv_bias=True)
         cls = Qwen2MoeForCausalLM
+    elif kind.startswith("deepseek"):  # DeepSeek-V3 family: MLA, sigmoid router with a large expert bias
+        from tests.unit.test_deepseek_v3 import make_hf
+
+        return make_hf({"deepseek": "gloo_q_lora_groups", "deepseek_noq": "gloo_no_q_lora"}[kind])
     else:
         raise KeyError(kind)
     torch.manual_seed(0)
@@ -91,9 +95,9 @@ def hf_reference(model, tokens):
     routes = torch.zeros(B, S, config.num_hidden_layers, K, dtype=torch.uint8)
     for i, ids in captured.items():
         routes[:, :, i] = ids.view(B, S, K).to(torch.uint8)
-        # cross-check with the router logits transformers returns: same top-k, same order
-        logits = out.router_logits[sorted(captured).index(i)]
-        assert torch.equal(torch.topk(torch.softmax(logits.float(), -1), K, dim=-1).indices, ids)
+        if config.model_type != "deepseek_v3":  # softmax routers: same top-k, same order as the router logits
+            logits = out.router_logits[sorted(captured).index(i)]
+            assert torch.equal(torch.topk(torch.softmax(logits.float(), -1), K, dim=-1).indices, ids)
     return out.logits.detach(), [routes[b] for b in range(B)]
 
 
@@ -128,6 +132,16 @@ LAYOUTS = {
         dict(tensor_model_parallel_size=2, expert_model_parallel_size=2),
         dict(sequence_parallel=True, moe_grouped_gemm=True),
         ("saved_dir", "replay_sensitive"),
+    ),
+    # DeepSeek-V3 family (MLA with and without q LoRA, expert_bias buffer, shared experts, dense-first layers)
+    "ds_tp2sp": ("deepseek", dict(tensor_model_parallel_size=2), dict(sequence_parallel=True), ("replay_sensitive",)),
+    "ds_ep2": ("deepseek", dict(expert_model_parallel_size=2), {}, ("buckets",)),
+    "ds_pp2_noq": ("deepseek_noq", dict(pipeline_model_parallel_size=2), {}, ("saved_dir",)),
+    "ds_tp2ep2_noq": (
+        "deepseek_noq",
+        dict(tensor_model_parallel_size=2, expert_model_parallel_size=2),
+        dict(sequence_parallel=True),
+        ("replay_sensitive",),
     ),
 }
 

@@ -43,10 +43,15 @@ CASES = {
                               num_experts_per_tok=1, n_group=1, topk_group=1, norm_topk_prob=False,
                               routed_scaling_factor=2.0),
 }
+# the gloo layout checks (tests/distributed/convert_checks.py): 4 layers so that PP2 splits them 2 + 2
+GLOO_CASES = {
+    "gloo_q_lora_groups": dict(CASES["q_lora_groups"], num_hidden_layers=4),
+    "gloo_no_q_lora": dict(CASES["no_q_lora_yarn"], tie_word_embeddings=False, n_shared_experts=2),
+}
 
 
 def make_hf(case: str, seed: int = 0):
-    config = DeepseekV3Config(**{**BASE, **CASES[case]})
+    config = DeepseekV3Config(**{**BASE, **{**CASES, **GLOO_CASES}[case]})
     torch.manual_seed(seed)
     model = DeepseekV3ForCausalLM(config).eval()
     gen = torch.Generator().manual_seed(seed + 1)
