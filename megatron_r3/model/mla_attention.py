@@ -54,6 +54,9 @@ class _MLAChannels:
         # defaults apply) and `MultiLatentAttention.__init__` then replaces it with one built with them.
         if k_channels is not None:
             self.hidden_size_per_attention_head = int(k_channels)
+            # MLA's keys and values carry every head (the latent is expanded per head by linear_kv_up_proj), so the
+            # parent's GQA expansion (heads // num_query_groups repeats) must be 1 whatever num_query_groups says.
+            self.num_query_groups_per_partition = self.num_attention_heads_per_partition
         if v_channels is not None:
             self.hidden_size_per_partition = int(v_channels) * self.num_attention_heads_per_partition
 
