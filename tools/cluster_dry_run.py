@@ -261,11 +261,12 @@ def check_cluster(
 
 def _parameter_counts(args) -> tuple[float, float]:
     """(dense, routed-expert) parameter counts from the megatron arguments (embeddings and output included)."""
+    from megatron_r3.replay.layout import moe_layer_pattern
+
     h, layers = args.hidden_size, args.num_layers
     heads, groups, kv = args.num_attention_heads, args.num_query_groups or args.num_attention_heads, args.kv_channels
     attention = h * kv * (heads + 2 * groups) + heads * kv * h
-    freq = args.moe_layer_freq if isinstance(args.moe_layer_freq, list) else [1] * layers
-    moe_layers = sum(1 for f in freq if f)
+    moe_layers = sum(moe_layer_pattern(layers, args.moe_layer_freq))
     dense_mlp = 3 * h * args.ffn_hidden_size * (layers - moe_layers)
     shared = 3 * h * (args.moe_shared_expert_intermediate_size or 0) * moe_layers
     router = h * (args.num_experts or 0) * moe_layers

@@ -279,6 +279,7 @@ class _Item:
     leader: int  # global rank that ends up with the full tensors
     dtype: str
     expert: Optional[tuple[int, str]] = None  # (layer, "fc1" | "fc2") of a routed-experts item
+    buffer: bool = False  # a persistent buffer (e.g. expert_bias): exported in its own dtype, never cast
 
 
 def _expert_item_names(arch: ModelArch, layer: int, projection: str) -> tuple[str, ...]:
@@ -331,7 +332,8 @@ class _LocalPlan:
         items = []
         if g.dense_source and g.tp_rank == 0:
             for first, (param, mapping) in self.dense.items():
-                items.append(_Item(order[first], mapping.hf_names, self.rank, str(param.dtype)))
+                buffer = not isinstance(param, torch.nn.Parameter)
+                items.append(_Item(order[first], mapping.hf_names, self.rank, str(param.dtype), buffer=buffer))
         if g.expert_source and g.etp_rank == 0 and g.ep_rank == 0:
             for (layer, projection), entries in self.experts.items():
                 names = _expert_item_names(self.arch, layer, projection)
@@ -386,10 +388,15 @@ class _Exporter:
                 break
         self.device = device or torch.device("cpu")
 
+    def _cast_of(self, item: _Item) -> Optional[torch.dtype]:
+        """The export dtype of `item`: `dtype` for parameters; buffers keep theirs (megatron keeps e.g. the router's
+        expert_bias in fp32 on purpose: a bf16 copy would move routing decisions)."""
+        return None if item.buffer else self.cast
+
     def nbytes(self) -> dict[str, int]:
         out = {}
         for item in self.items:
-            dtype = self.cast or _dtype(item.dtype)
+            dtype = self._cast_of(item) or _dtype(item.dtype)
             for name in item.names:
                 numel = 1
                 for dim in hf_checkpoint_shape(self.arch, name):
@@ -447,9 +454,10 @@ class _Exporter:
         world_group = self.groups.world
         for item in self.items:
             full = self._experts(item) if item.expert is not None else self._dense(item)
-            if full is not None and self.cast is not None:
-                full = {n: t.to(self.cast) for n, t in full.items()}
-            dtype = self.cast or _dtype(item.dtype)
+            cast = self._cast_of(item)
+            if full is not None and cast is not None:
+                full = {n: t.to(cast) for n, t in full.items()}
+            dtype = cast or _dtype(item.dtype)
             for name in item.names:
                 tensor = None
                 if self.rank == item.leader:
@@ -484,7 +492,8 @@ def export_hf_weights(
     dtype: Optional[torch.dtype] = None,
 ) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
     """(HF checkpoint name, full tensor) for the whole model, in `export_order(arch)`; see the module docstring for
-    which ranks receive tensors. `dtype` casts on the leaders before anything moves (e.g. bf16 for a bf16 engine).
+    which ranks receive tensors. `dtype` casts parameters on the leaders before anything moves (e.g. bf16 for a
+    bf16 engine); persistent buffers keep their dtype.
     Every rank must run the iterator to the end."""
     exporter = _Exporter(chunks, arch, groups or ExportGroups.from_parallel_state(), receivers, dtype)
     with torch.no_grad():

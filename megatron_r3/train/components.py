@@ -119,13 +119,9 @@ def initial_hf_weights(args, hf_config):
 
 
 def build_policy(args, config, arch, vocab_size, weights):
-    chunks = family_of(args.hf_model_config).build_chunks(
-        config,
-        vocab_size=vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        rotary_base=args.rotary_base,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-    )
+    """The model chunks of the HF config's family (it chooses the model class, spec and model arguments)."""
+    family = family_of(args.hf_model_config)
+    chunks = family.build_chunks(config, **{**family.model_kwargs(args.hf_model_config), "vocab_size": vocab_size})
     load_hf_weights(chunks, weights, arch)
     return chunks
 

@@ -23,7 +23,8 @@ __all__ = [
     "padded_vocab_size", "registered_model_types", "transformer_config_from_hf",
 ]
 
-# HF model_type -> the module of megatron_r3.model.families that defines FAMILY.
+# HF model_type -> the module of megatron_r3.model.families that defines FAMILY (a dotted path names a module
+# elsewhere, e.g. a test's family).
 REGISTRY: dict[str, str] = {
     "qwen3_moe": "qwen_moe",
     "qwen2_moe": "qwen_moe",
@@ -44,7 +45,7 @@ def family_for(model_type) -> ModelFamily:
             f"{', '.join(registered_model_types())} (a family is one module in megatron_r3/model/families/ plus "
             "one line in its REGISTRY)"
         )
-    family = importlib.import_module(f"{__name__}.{module}").FAMILY
+    family = importlib.import_module(module if "." in module else f"{__name__}.{module}").FAMILY
     if model_type not in family.model_types:
         raise RuntimeError(f"REGISTRY maps {model_type!r} to {module}, whose family {family.name} does not list it")
     return family
