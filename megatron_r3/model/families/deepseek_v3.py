@@ -212,6 +212,7 @@ def megatron_fields(hf_config) -> dict[str, Any]:
         hidden_size=arch.hidden_size,
         ffn_hidden_size=arch.intermediate_size,
         num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_attention_heads,  # MLA expands its latent K/V to every head (no GQA)
         multi_latent_attention=True,
         q_lora_rank=arch.q_lora_rank,
         kv_lora_rank=arch.kv_lora_rank,
