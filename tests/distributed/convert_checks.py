@@ -312,7 +312,7 @@ def check_layout(name: str, ctx: Context, workdir: str) -> dict:
     return dict(results=agreed, report=report)
 
 
-def check_tools(ctx: Context, workdir: str) -> dict:
+def check_tools(ctx: Context, workdir: str, kind: str = "qwen3") -> dict:
     """HF dir -> convert_hf_to_mcore (TP2, SP) -> convert_mcore_to_hf (EP2) -> identical safetensors."""
     import torch
     import torch.distributed as dist
@@ -321,8 +321,8 @@ def check_tools(ctx: Context, workdir: str) -> dict:
     import convert_hf_to_mcore
     import convert_mcore_to_hf
 
-    ref = ctx.get("qwen3")
-    hf_dir, mcore_dir, back_dir = (os.path.join(workdir, d) for d in ("hf", "mcore", "hf_back"))
+    ref = ctx.get(kind)
+    hf_dir, mcore_dir, back_dir = (os.path.join(workdir, f"{d}_{kind}") for d in ("hf", "mcore", "hf_back"))
     if dist.get_rank() == 0:
         ref["model"].save_pretrained(hf_dir)
     dist.barrier()
@@ -345,7 +345,7 @@ def check_tools(ctx: Context, workdir: str) -> dict:
                 original.update(load_file(os.path.join(hf_dir, file)))
         ok &= sorted(original) == sorted(back.names())
         with open(os.path.join(back_dir, "config.json")) as handle:
-            ok &= json.load(handle)["num_experts"] == 8
+            ok &= json.load(handle)["n_routed_experts" if kind.startswith("deepseek") else "num_experts"] == 8
     flag = torch.tensor([int(ok)])
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return dict(results={"tools_roundtrip": bool(flag.item())}, report={})
@@ -353,7 +353,7 @@ def check_tools(ctx: Context, workdir: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("layouts", nargs="*", default=list(LAYOUTS) + ["tools"])
+    parser.add_argument("layouts", nargs="*", default=list(LAYOUTS) + ["tools", "tools_deepseek"])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -383,7 +383,10 @@ def main() -> None:
     for name in args.layouts:
         start = time.time()
         try:
-            outcome = check_tools(ctx, workdir) if name == "tools" else check_layout(name, ctx, workdir)
+            if name.startswith("tools"):
+                outcome = check_tools(ctx, workdir, "deepseek" if name == "tools_deepseek" else "qwen3")
+            else:
+                outcome = check_layout(name, ctx, workdir)
             error = None
         except Exception as exc:  # report, keep going with the next layout
             outcome = dict(results={}, report={})
