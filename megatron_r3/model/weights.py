@@ -1,7 +1,7 @@
 """HF checkpoint tensors <-> this rank's Megatron model chunks, with explicit process groups.
 
-Parameters *and persistent buffers* (e.g. a router's `expert_bias`) are walked alike (`hf_mapping.chunk_param_mappings`);
-an unmapped buffer is an error, never silently dropped.
+Parameters *and persistent buffers* (e.g. a router's `expert_bias`) are walked alike
+(`hf_mapping.chunk_param_mappings`); an unmapped buffer is an error, never silently dropped.
 
 (a) `load_hf_weights(chunks, source, arch)`: every rank reads only the checkpoint tensors its own parameters need
     (its TP / expert-TP slice, its experts, its layers) from a state dict or a safetensors directory (single file or

@@ -145,7 +145,7 @@ class HFRolloutEngine:
         self._capture = RouteCapture(model)
         # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name is deprecated)
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self._loader = family_of(model.config).weight_loader(model)  # the family's (buffers included)
+        self._loader = family_of(model.config).weight_loader(model)
         self._closed = False
         if state_dict is not None:
             self.update_weights(state_dict.items())

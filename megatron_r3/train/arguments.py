@@ -462,17 +462,20 @@ _ARCH_ARGS = (
 def check_architecture_conflicts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """A network-size flag set (CLI or YAML) to something other than the HF config's value is an error, not
     silently overridden."""
-    from megatron_r3.model.families import family_of
+    from megatron_r3.model.families import architecture_arg_names, family_of
 
-    before = {name: getattr(args, name) for name in _ARCH_ARGS}
+    names = tuple(dict.fromkeys(_ARCH_ARGS + architecture_arg_names(args.hf_model_config)))
+    before = {name: getattr(args, name, None) for name in names}
     overridable = family_of(args.hf_model_config).training_overridable_fields()
     explicit = frozenset(name for name in overridable
                          if hasattr(args, name) and getattr(args, name) != parser.get_default(name))
     apply_hf_architecture(args, args.hf_model_config, explicit)
+    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
     conflicts = [
-        f"--{name.replace('_', '-')} {before[name]} (the HF config says {getattr(args, name)})"
-        for name in _ARCH_ARGS
-        if before[name] != parser.get_default(name) and before[name] != getattr(args, name)
+        f"{flags.get(name, '--' + name.replace('_', '-'))} {before[name]} "
+        f"(the HF config says {getattr(args, name, None)})"
+        for name in names
+        if before[name] != parser.get_default(name) and before[name] != getattr(args, name, None)
     ]
     if conflicts:
         raise ValueError("the model architecture comes from the HF config; conflicting flags: " + ", ".join(conflicts))

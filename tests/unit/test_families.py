@@ -190,13 +190,18 @@ def test_persistent_buffers_round_trip_through_load_and_export(world_of_one, mon
         "decoder.layers.1.mlp.router.expert_bias", "decoder.layers.2.mlp.router.expert_bias"}
 
     # a family that does not map the buffer refuses it instead of dropping it
-    with pytest.raises(MappingError, match="decoder.layers.1.mlp.router.expert_bias"):
-        list(export_hf_weights(chunks, arch_from_hf_config(hf_config)))
+    for walk in (lambda arch: list(export_hf_weights(chunks, arch)), lambda arch: load_hf_weights(chunks, {}, arch)):
+        with pytest.raises(MappingError) as error:
+            walk(arch_from_hf_config(hf_config))
+        assert error.value.args[0] == (
+            "no HF mapping for megatron parameter or persistent buffer 'decoder.layers.1.mlp.router.expert_bias' in "
+            "the qwen_moe family (a buffer such as a router expert_bias or qb_beta has no Qwen-MoE checkpoint tensor)")
 
     monkeypatch.setitem(REGISTRY, "biased_qwen", "tests.unit.test_families")
     arch = FAMILY.arch(hf_config)
     torch.manual_seed(1)
-    checkpoint = {name: torch.randn(FAMILY.hf_checkpoint_shape(arch, name)) for name in FAMILY.hf_checkpoint_names(arch)}
+    checkpoint = {name: torch.randn(FAMILY.hf_checkpoint_shape(arch, name))
+                  for name in FAMILY.hf_checkpoint_names(arch)}
     load_hf_weights(chunks, checkpoint, arch)
     router = chunks[0].decoder.layers[2].mlp.router
     assert torch.equal(router.expert_bias, checkpoint["model.layers.2.mlp.gate.e_score_correction_bias"])
@@ -208,3 +213,16 @@ def test_persistent_buffers_round_trip_through_load_and_export(world_of_one, mon
     bias = "model.layers.1.mlp.gate.e_score_correction_bias"
     assert bf16[bias].dtype == torch.float32 and torch.equal(bf16[bias], checkpoint[bias])
     assert bf16["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16
+
+
+def test_training_choices_are_honoured_and_architecture_flags_conflict(tmp_path):
+    hf_path = write_config(tmp_path / "model.json", model_type="qwen3_moe", **TINY)
+    assert training_config(tmp_path, hf_path).moe_router_load_balancing_type == "aux_loss"
+    sinkhorn = training_config(tmp_path, hf_path, "--moe-router-load-balancing-type", "sinkhorn")
+    assert sinkhorn.moe_router_load_balancing_type == "sinkhorn"  # a training choice: the flag is kept
+    with pytest.raises(ValueError) as error:
+        training_config(tmp_path, hf_path, "--moe-router-pre-softmax", "--norm-epsilon", "1e-4")
+    assert str(error.value) == (
+        "the model architecture comes from the HF config; conflicting flags: --norm-epsilon 0.0001 (the HF "
+        "config says 1e-06), --moe-router-pre-softmax True (the HF config says False)"
+    )

@@ -19,7 +19,8 @@ from megatron_r3.model.families.base import ModelArch, ModelFamily, UnsupportedH
 
 __all__ = [
     "REGISTRY", "ModelArch", "ModelFamily", "UnsupportedHFConfig", "arch_from_hf_config", "build_from_hf_config",
-    "family_for", "family_of", "hf_config_to_json_dict", "load_hf_config", "megatron_args_from_hf",
+    "architecture_arg_names", "family_for", "family_of", "hf_config_to_json_dict", "load_hf_config",
+    "megatron_args_from_hf",
     "padded_vocab_size", "registered_model_types", "transformer_config_from_hf",
 ]
 
@@ -130,6 +131,18 @@ def transformer_config_from_hf(
 
 
 # TransformerConfig fields whose megatron argument has another name or form (`core_transformer_config_from_args`).
+_ARG_NAMES = {"num_moe_experts": "num_experts", "gated_linear_unit": "swiglu", "activation_func": "swiglu"}
+
+
+def architecture_arg_names(hf_config) -> tuple[str, ...]:
+    """The megatron argument names the family's architecture fields (all but the training-overridable ones) are
+    written to: a flag set to another value than the HF config's is a conflict, not silently replaced."""
+    family = family_of(hf_config)
+    overridable = set(family.training_overridable_fields())
+    names = [_ARG_NAMES.get(field, field) for field in family.megatron_fields(hf_config) if field not in overridable]
+    return tuple(dict.fromkeys(names))
+
+
 def _set_arg(args, field: str, value) -> None:
     if field == "num_moe_experts":
         args.num_experts = value

@@ -114,7 +114,10 @@ class ModelFamily:
         return ("moe_aux_loss_coeff",)
 
     def transformer_config_class(self, hf_config) -> type:
-        """megatron's config class for this family (`TransformerConfig`; `MLATransformerConfig` for MLA)."""
+        """megatron's config class for the conversion path (`TransformerConfig`; `MLATransformerConfig` for MLA). The
+        training path builds its config with megatron's `core_transformer_config_from_args`, which picks the class
+        from the arguments: an MLA family puts `multi_latent_attention=True` (and the MLA fields) in
+        `megatron_fields`, so both paths agree."""
         from megatron.core.transformer.transformer_config import TransformerConfig
 
         return TransformerConfig
@@ -134,7 +137,9 @@ class ModelFamily:
                                          fused_attention=fused_attention)
 
     def build_chunks(self, config, **model_kwargs) -> list:
-        """This rank's model chunks (one per virtual pipeline stage); the family chooses the model class."""
+        """This rank's model chunks (one per virtual pipeline stage); the family chooses the model class (GPTModel
+        here; a family on megatron's `HybridModel` overrides this and `decoder_block_spec`). `model_kwargs` are
+        `model_kwargs(...)`'s, the trainer passing its padded vocabulary."""
         from megatron_r3.model.gpt import build_gpt_chunks
 
         return build_gpt_chunks(config, block_spec_of=self.decoder_block_spec, **model_kwargs)

@@ -38,8 +38,12 @@ Not representable (raise `UnsupportedHFConfig`): rope scaling other than the def
 sliding-window attention, a Qwen3 `attention_bias=True` (it also biases o_proj, which megatron only does together
 with the MLP biases), activations other than SiLU, and top-1 routing with norm_topk_prob=True: HF then weights
 the single expert by exactly 1.0, which megatron's softmax router cannot express (it refuses softmax-after-top-k for
-top-1, and pre-softmax weights the expert by its probability, so the logits differ from HF's). HF's load-balancing loss is computed over all layers at once
-(`load_balancing_loss_func`); megatron's "aux_loss" is per layer. The coefficient maps across, the formula does not.
+top-1, and pre-softmax weights the expert by its probability, so the logits differ from HF's).
+
+Load balancing: HF adds `router_aux_loss_coef` x its loss only when `output_router_logits` is set, so the coefficient
+both paths use (conversion and training) is that effective one, 0 otherwise; `--moe-aux-loss-coeff` given explicitly
+wins in training. HF's loss is computed over all layers at once (`load_balancing_loss_func`); megatron's "aux_loss"
+is per layer. The coefficient maps across, the formula does not.
 
 Parallel sizes (TP/PP/VP/CP/EP/ETP, sequence parallel) are the caller's choice and are passed in.
 """
@@ -251,7 +255,8 @@ class QwenMoeFamily(ModelFamily):
         return fields
 
     def training_overridable_fields(self) -> tuple[str, ...]:
-        return ("moe_aux_loss_coeff", "attention_dropout", "init_method_std", "moe_shared_expert_overlap")
+        return ("moe_aux_loss_coeff", "moe_router_load_balancing_type", "attention_dropout", "init_method_std",
+                "moe_shared_expert_overlap")
 
     def model_kwargs(self, hf_config, *, tensor_model_parallel_size: int = 1,
                      make_vocab_size_divisible_by: int = 1) -> dict[str, Any]:
@@ -295,7 +300,10 @@ class QwenMoeFamily(ModelFamily):
                         raise MappingError(f"{name!r}: global expert id {e} outside [0, {arch.num_experts})")
                     names = tuple(prefix + s.format(e=e) for s in hf_suffixes)
                     return ParamMapping(name, names, kind, tp_dim, expert_id=e, layer=layer)
-        raise MappingError(f"no HF mapping for megatron parameter {name!r}")
+        raise MappingError(
+            f"no HF mapping for megatron parameter or persistent buffer {name!r} in the {self.name} family (a "
+            "buffer such as a router expert_bias or qb_beta has no Qwen-MoE checkpoint tensor)"
+        )
 
     def hf_layer_names(self, arch: ModelArch, layer: int) -> list[str]:
         """Checkpoint names of decoder layer `layer`, in export order."""
