@@ -211,3 +211,25 @@ def test_mtp_checkpoint_tensors_are_recognised():
     arch = ds.arch_from_hf_config(DeepseekV3Config(**{**BASE, **CASES["q_lora_groups"]}))
     assert ds.is_mtp_name("model.layers.3.eh_proj.weight", arch)
     assert not ds.is_mtp_name("model.layers.2.mlp.gate.weight", arch)
+
+
+def test_training_path_builds_the_conversion_config(tmp_path):
+    """The trainer's config (its argument parsing + megatron's core_transformer_config_from_args) has every field
+    of the family's `megatron_fields` equal to the conversion path's `MLATransformerConfig` (YaRN, groups, bias)."""
+    import json
+
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    from tests.unit.test_families import training_config
+
+    values = DeepseekV3Config(**{**BASE, **CASES["no_q_lora_yarn"], "n_group": 2, "topk_group": 1}).to_dict()
+    path = tmp_path / "deepseek.json"
+    path.write_text(json.dumps(values))
+    hf_config = families.load_hf_config(str(path))
+    trained = training_config(tmp_path, str(path))
+    converted = families.transformer_config_from_hf(hf_config)
+    fields = ds.FAMILY.megatron_fields(hf_config)
+    assert isinstance(trained, MLATransformerConfig) and isinstance(converted, MLATransformerConfig)
+    assert (trained.rope_type, trained.moe_router_num_groups, trained.moe_router_bias_update_rate) == ("yarn", 2, 0.0)
+    assert {n: (getattr(trained, n), getattr(converted, n)) for n in fields
+            if getattr(trained, n) != getattr(converted, n)} == {}
