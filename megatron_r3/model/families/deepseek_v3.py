@@ -63,6 +63,17 @@ Checkpoint names (`{i}` global 0-based layer, `{j}` layer inside the chunk, `{e}
   model.norm.weight                                      decoder.final_layernorm.weight                      -
   lm_head.weight                                         output_layer.weight                                 dim 0 (vocab)
 
+Replay under this router needs no router code of its own: megatron's `topk_routing_with_score_function` asks the
+replay hook (`ReplayTopKRouter`'s state) for the top-k of the *biased* scores, then gathers the *unbiased* sigmoid
+scores at the returned ids, normalises them (top-k > 1) and multiplies by the scaling factor; the group filter lives
+inside the native top-k only, so replayed ids are used as given (tests/unit/test_deepseek_v3_replay.py).
+
+Expert-bias updates: `moe_router_bias_update_rate` is 0 here (megatron's end-of-step update then adds
+`sign(...) * 0`, leaving the checkpoint's bias bit for bit); it is a training choice, so an explicit
+`--moe-router-bias-update-rate r` wins. With r > 0 the counts megatron accumulates (`local_tokens_per_expert`, from
+the routing map the layer used) are the *replayed* routes' under R2/R3 - the bias then balances the rollout
+engine's routing, not the trainer's free routing, and its change moves the engine's next selections once synced.
+
 The MLA projections need no re-layout: megatron's q up-projection output is per head [qk_head_dim; rope] and its kv
 up-projection per head [qk_head_dim; v_head_dim], HF's `view(..., heads, dim)` + `split` read the same rows; the kv
 down-projection is [kv_lora_rank; rope] in both. MTP layers (`model.layers.{L}` and up, `num_nextn_predict_layers`)
