@@ -136,4 +136,5 @@ def mla_local_layer_spec(layer_spec, config):
     attention = dataclasses.replace(
         attention, module=LocalMLASelfAttention, submodules=dataclasses.replace(submodules, q_layernorm=IdentityOp)
     )
-    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(layer_spec.submodules, self_attention=attention))
+    submodules = dataclasses.replace(layer_spec.submodules, self_attention=attention)
+    return dataclasses.replace(layer_spec, submodules=submodules)

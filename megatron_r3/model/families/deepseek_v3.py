@@ -414,7 +414,7 @@ def hf_layer_names(arch: DeepseekV3Arch, layer: int) -> list[str]:
     if arch.q_lora_rank is None:
         names.append(p + "self_attn.q_proj.weight")
     else:
-        names += [p + "self_attn.q_a_proj.weight", p + "self_attn.q_a_layernorm.weight", p + "self_attn.q_b_proj.weight"]
+        names += [p + f"self_attn.{x}.weight" for x in ("q_a_proj", "q_a_layernorm", "q_b_proj")]
     names += [p + f"self_attn.{x}" for x in ("kv_a_proj_with_mqa.weight", "kv_a_layernorm.weight",
                                              "kv_b_proj.weight", "o_proj.weight")]
     names.append(p + "post_attention_layernorm.weight")
