@@ -37,7 +37,10 @@ MEMORY_PRESETS = {
 
 
 def load_baseline_state(rev: str):
-    source = revision_source(rev, "megatron_r3/model/replay_router.py")
+    try:
+        source = revision_source(rev, "megatron_r3/replay/router.py")
+    except (OSError, subprocess.CalledProcessError):  # revisions before the router moved into replay/
+        source = revision_source(rev, "megatron_r3/model/replay_router.py")
     name = f"_baseline_replay_router_{rev}"
     module = types.ModuleType(name)
     sys.modules[name] = module

@@ -197,7 +197,7 @@ def router_times(model, num_tokens: int, preset: dict, dtype, dev, iters: int) -
     alone, without the step's noise. Arms alternate; CUDA events on the GPU, perf_counter on the CPU."""
     from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
-    from megatron_r3.model.replay_router import InstalledRoutes, ReplayTopKRouter
+    from megatron_r3.replay.router import InstalledRoutes, ReplayTopKRouter
 
     router = next(m for m in model.modules() if isinstance(m, ReplayTopKRouter))
     state = router.replay

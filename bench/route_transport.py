@@ -34,10 +34,10 @@ from _common import environment, print_table, resolve_device, write_json  # noqa
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from megatron_r3.replay import routes as route_module  # noqa: E402
+from megatron_r3.rollout.engines.sglang import codec as route_module  # noqa: E402
 from megatron_r3.replay.layout import pack_bshd, pack_thd, router_token_slots, sequence_pad_multiple  # noqa: E402
 from megatron_r3.replay.microbatch import localize_routes  # noqa: E402
-from megatron_r3.replay.routes import decode_sglang_routed_experts, encode_sglang_routed_experts  # noqa: E402
+from megatron_r3.rollout.engines.sglang.codec import decode_sglang_routed_experts, encode_sglang_routed_experts  # noqa: E402
 
 LAYERS, TOPK, EXPERTS = 48, 8, 128
 

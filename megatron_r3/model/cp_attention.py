@@ -54,7 +54,6 @@ import dataclasses
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core import tensor_parallel
 from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
 from megatron.core.packed_seq_params import PackedSeqParams

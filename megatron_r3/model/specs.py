@@ -25,7 +25,7 @@ from megatron_r3.model.fused_attention import FusedDotProductAttention
 from megatron_r3.model.grouped_experts import GroupedExperts
 from megatron_r3.model.mla_attention import mla_core_attention, mla_local_layer_spec
 from megatron_r3.model.norm import SequenceParallelNorm
-from megatron_r3.model.replay_router import ReplayTopKRouter
+from megatron_r3.replay.router import ReplayTopKRouter
 
 
 def transformer_engine_available() -> bool:

@@ -21,12 +21,15 @@ Only megatron_r3's own collectives are checked (megatron-core's run on GPUs alre
 test_collective_devices.py` keeps any new `dist.<collective>(` in the package from bypassing this module.
 Object collectives (`all_gather_object`, `broadcast_object_list`) and barriers move no caller tensor and are not
 wrapped.
+
+Also here: the one way a per-rank failure becomes collective (`agree_on_failures`, `raise_if_any_rank_failed`).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -100,3 +103,72 @@ def recv(tensor, src=None, group=None):
 def gather(tensor, gather_list=None, dst=0, group=None):
     _check([tensor, *(gather_list or [])], group, "gather")
     return dist.gather(tensor, gather_list, dst=dst, group=group)
+
+
+# ================================================================================================ agreeing on errors
+@dataclass(frozen=True)
+class RankFailure:
+    """One rank's failure as every rank sees it after `agree_on_failures`."""
+
+    rank: int  # global rank
+    message: str
+    detail: Any = None  # a picklable extra the caller attached (e.g. the sample id of bad routes)
+
+
+class RanksFailedError(RuntimeError):
+    """Raised alike on every rank by `raise_if_any_rank_failed` (the default error type); `.failures` lists them."""
+
+    def __init__(self, message: str, failures: Sequence[RankFailure] = ()):
+        super().__init__(message)
+        self.failures = list(failures)
+
+    def __reduce__(self):  # keep `failures` across pickling
+        return type(self), (str(self), self.failures)
+
+
+def agree_on_failures(messages: Sequence[str], group, *, detail: Any = None) -> list[RankFailure]:
+    """Every rank's failure `messages`, on every rank of `group`, in rank order: the one way this package turns a
+    local check into a collective outcome, so that all ranks raise alike instead of some waiting in the next
+    collective (a hang, not an error). Every rank of `group` calls it at the same point, with `[]` when its own
+    check passed.
+
+    `group` is a host (gloo) group (`ParallelContext.host_group`, `distributed.host_group()`): the agreement moves
+    host memory only, never a device tensor, so it adds no device-to-host sync. One 1-int all-reduce when all is
+    well; the messages travel (one object all-gather) only when some rank has one. Without an initialised process
+    group this rank's messages are returned as rank 0's."""
+    messages = list(messages)
+    if not (dist.is_available() and dist.is_initialized()):
+        return [RankFailure(0, message, detail) for message in messages]
+    flag = torch.tensor([1 if messages else 0], dtype=torch.int32)
+    all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if not int(flag[0]):
+        return []
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (messages, detail), group=group)
+    ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+    return [RankFailure(rank, message, extra) for rank, (texts, extra) in zip(ranks, gathered) for message in texts]
+
+
+def describe_error(error: BaseException) -> str:
+    """`TypeName: text`, the form one rank's exception takes in an agreed message."""
+    return f"{type(error).__name__}: {error}"
+
+
+def raise_if_any_rank_failed(error: BaseException | str | None, group, *, what: str,
+                             error_type: Callable[..., BaseException] = RanksFailedError) -> None:
+    """Raise on every rank of `group` alike when any rank failed (`error` not None), or return on all of them.
+
+    The message is the same on every rank, failing ranks in rank order:
+    `"{what} failed on {n} of {size} ranks: [rank r] message | ..."`, where a rank's message is its string, or
+    `TypeName: text` of its exception (`describe_error`). The raised error is `error_type(message)`, or
+    `RanksFailedError(message, failures)` by default, chained from this rank's own exception. Collective as
+    `agree_on_failures` (same `group` rules; every rank calls it at the same point)."""
+    local = [] if error is None else [error if isinstance(error, str) else describe_error(error)]
+    failures = agree_on_failures(local, group)
+    if not failures:
+        return
+    size = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+    message = f"{what} failed on {len(failures)} of {size} ranks: " + " | ".join(
+        f"[rank {failure.rank}] {failure.message}" for failure in failures)
+    raised = RanksFailedError(message, failures) if error_type is RanksFailedError else error_type(message)
+    raise raised from (error if isinstance(error, BaseException) else None)

@@ -1,8 +1,9 @@
 """torch.distributed and megatron-core model-parallel state, from the usual torchrun environment.
 
 GPU: nccl, one device per LOCAL_RANK. CPU: gloo, with `cpu_support` applied. A single `python` process (no torchrun
-variables) becomes a world of one. Process groups are megatron's own (`parallel_state`), and callers that need them
-take them from there or from a `ProcessGroupCollection`, explicitly.
+variables) becomes a world of one. Process groups are megatron's own (`parallel_state`); this module is where the
+package reads them: `initialize_model_parallel` returns this rank's `ParallelContext` (coordinates, groups as a
+`ProcessGroupCollection`, the host group, the named rules), which callers pass on explicitly.
 """
 
 from __future__ import annotations
@@ -10,28 +11,13 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from megatron_r3.platform import collectives, cpu_support
+from megatron_r3.platform.parallel_context import ParallelContext, ParallelSizes
 from megatron_r3.platform.process import exit_with_parent
-
-
-@dataclass(frozen=True)
-class ParallelSizes:
-    """Megatron's model-parallel sizes (flag names without the dashes)."""
-
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: int | None = None
-    context_parallel_size: int = 1
-    expert_model_parallel_size: int = 1
-    expert_tensor_parallel_size: int | None = None
-
-    def model_parallel_size(self) -> int:
-        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
 
 
 def device() -> torch.device:
@@ -82,25 +68,21 @@ def initialize_torch_distributed(timeout_s: int = 600) -> None:
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def initialize_model_parallel(sizes: ParallelSizes, *, seed: int = 1234, timeout_s: int = 600) -> None:
-    """(Re)initialise megatron's parallel state for `sizes` and seed its RNG tracker.
+def initialize_model_parallel(sizes: ParallelSizes, *, seed: int = 1234, timeout_s: int = 600,
+                              sequence_parallel: bool = False) -> ParallelContext:
+    """(Re)initialise megatron's parallel state for `sizes`, seed its RNG tracker, and return this rank's
+    `ParallelContext` (`sequence_parallel`: megatron's --sequence-parallel, which the context's token rules need).
 
     Calling it again with other sizes tears the previous groups down first, so one launch can test many layouts.
     """
     from megatron.core import parallel_state, tensor_parallel
 
     initialize_torch_distributed(timeout_s=timeout_s)
-    world = dist.get_world_size()
-    if world % sizes.model_parallel_size() != 0:
-        raise ValueError(
-            f"world size {world} is not divisible by tensor x pipeline x context parallel size "
-            f"{sizes.tensor_model_parallel_size} x {sizes.pipeline_model_parallel_size} x "
-            f"{sizes.context_parallel_size}"
-        )
+    sizes.check_world(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized() and _same_layout(sizes):
         torch.manual_seed(seed)  # same layout: keep the groups (every new group costs gloo/NCCL connections)
         tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
-        return
+        return parallel_context(sizes, sequence_parallel=sequence_parallel)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -114,6 +96,23 @@ def initialize_model_parallel(sizes: ParallelSizes, *, seed: int = 1234, timeout
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+    return parallel_context(sizes, sequence_parallel=sequence_parallel)
+
+
+def parallel_context(sizes: ParallelSizes, *, sequence_parallel: bool = False) -> ParallelContext:
+    """This rank's `ParallelContext` from megatron's initialised groups (after `initialize_model_parallel(sizes)`);
+    raises ValueError when megatron's state is another layout than `sizes`. Every rank calls it (the first call
+    may create the gloo host group)."""
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    if not parallel_state.model_parallel_is_initialized():
+        raise ValueError("megatron's parallel state is not initialised: call initialize_model_parallel(sizes) first")
+    if not _same_layout(sizes):
+        raise ValueError(f"megatron's parallel state is another layout than {sizes}: call "
+                         f"initialize_model_parallel(sizes) first")
+    return ParallelContext.build(sizes, ProcessGroupCollection.use_mpu_process_groups(), host_group=host_group(),
+                                 sequence_parallel=sequence_parallel)
 
 
 _HOST_GROUP = None
@@ -141,21 +140,12 @@ def is_host_group(group) -> bool:
 
 
 def agree_on_problems(local_problems: list[str], group=None) -> list[str]:
-    """Every rank's problems, on every rank (rank-prefixed), so all ranks raise alike instead of some hanging.
-
-    One small all-reduce when all is well; the messages travel only when some rank has one.
-    """
+    """Every rank's problems, on every rank, as `rank R: problem` (`collectives.agree_on_failures` over `group`,
+    by default the host group); unprefixed without a process group."""
     if not dist.is_initialized():
         return list(local_problems)
-    group = group or host_group()
-    flag = torch.tensor([1 if local_problems else 0], dtype=torch.int32)
-    collectives.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    if not int(flag[0]):
-        return []
-    gathered: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, list(local_problems), group=group)
-    ranks = dist.get_process_group_ranks(group)
-    return [f"rank {rank}: {problem}" for rank, problems in zip(ranks, gathered) for problem in problems]
+    failures = collectives.agree_on_failures(local_problems, group or host_group())
+    return [f"rank {failure.rank}: {failure.message}" for failure in failures]
 
 
 def _same_layout(sizes: ParallelSizes) -> bool:

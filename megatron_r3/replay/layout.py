@@ -37,7 +37,8 @@ def sequence_pad_multiple(
     return multiple
 
 
-def _round_up(value: int, multiple: int) -> int:
+def padded_length(value: int, multiple: int) -> int:
+    """`value` rounded up to a multiple of `multiple` (a sample's or a row's length after padding)."""
     return -(-value // multiple) * multiple
 
 
@@ -88,7 +89,7 @@ def pack_bshd(lengths: Sequence[int], *, seq_length: Optional[int] = None, pad_m
         seq_length = longest
     if seq_length < longest:
         raise ValueError(f"seq_length {seq_length} is shorter than the longest sample ({longest} tokens)")
-    seq_length = _round_up(seq_length, pad_multiple)
+    seq_length = padded_length(seq_length, pad_multiple)
     positions = torch.arange(seq_length).expand(len(lengths), seq_length)
     real = positions < torch.tensor(lengths).unsqueeze(1)
     rows = torch.arange(len(lengths)).unsqueeze(1).expand_as(positions)
@@ -103,13 +104,21 @@ def pack_bshd(lengths: Sequence[int], *, seq_length: Optional[int] = None, pad_m
     )
 
 
-def pack_thd(lengths: Sequence[int], *, pad_multiple: int = 1) -> PackedLayout:
-    """Packed layout: samples concatenated in one row, each padded up to a multiple of `pad_multiple`."""
+def pack_thd(lengths: Sequence[int], *, pad_multiple: int = 1, seq_length: Optional[int] = None) -> PackedLayout:
+    """Packed layout: samples concatenated in one row, each padded up to a multiple of `pad_multiple`.
+
+    seq_length: the row's length when it must be longer than the samples need (pipeline parallelism sends one
+    shape for every microbatch): the last sample's padding grows to fill it (rounded up to `pad_multiple`)."""
     lengths = _check_lengths(lengths)
-    padded = tuple(_round_up(n, pad_multiple) for n in lengths)
+    padded = [padded_length(n, pad_multiple) for n in lengths]
+    if seq_length is not None:
+        seq_length = padded_length(seq_length, pad_multiple)
+        if seq_length < sum(padded):
+            raise ValueError(f"seq_length {seq_length} is shorter than the {sum(padded)} packed (padded) tokens")
+        padded[-1] += seq_length - sum(padded)
+    padded = tuple(padded)
     slot_sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(padded))
-    starts = torch.tensor([0, *padded[:-1]]).cumsum(0)
-    slot_position = torch.arange(sum(padded)) - torch.repeat_interleave(starts, torch.tensor(padded))
+    slot_position = _thd_positions(padded)
     real = slot_position < torch.repeat_interleave(torch.tensor(lengths), torch.tensor(padded))
     return PackedLayout(
         qkv_format="thd",
@@ -120,6 +129,21 @@ def pack_thd(lengths: Sequence[int], *, pad_multiple: int = 1) -> PackedLayout:
         slot_sample=torch.where(real, slot_sample, PAD),
         slot_position=torch.where(real, slot_position, PAD),
     )
+
+
+def slot_positions(layout: PackedLayout) -> torch.Tensor:
+    """Position id of every slot: the token's position in its sample; padding slots continue the count (their
+    values never reach a real token under causal attention, but must stay in RoPE's range)."""
+    if layout.qkv_format == "bshd":
+        return torch.arange(layout.seq_length).repeat(layout.batch_size)
+    return _thd_positions(layout.padded_lengths)
+
+
+def _thd_positions(padded_lengths: Sequence[int]) -> torch.Tensor:
+    """Position of every slot of a packed row within its (padded) sample, padding included."""
+    padded = torch.tensor(padded_lengths)
+    starts = torch.tensor([0, *padded_lengths[:-1]]).cumsum(0)
+    return torch.arange(int(sum(padded_lengths))) - torch.repeat_interleave(starts, padded)
 
 
 def cp_zigzag_positions(seq_length: int, context_parallel_size: int, cp_rank: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_r3.model.replay_router import InstalledRoutes
+from megatron_r3.replay.router import InstalledRoutes
 from megatron_r3.replay.layout import PackedLayout, _concat_index, check_per_sample_rows, fill_ids_for_slots
 
 

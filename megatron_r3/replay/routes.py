@@ -6,10 +6,9 @@ them) and the ids are logical expert ids in ``[0, num_experts)``.
 
 Sources:
 
-* SGLang: :func:`decode_sglang_routed_experts` on ``meta_info["routed_experts"]`` (base64 of flat row-major int32
-  in SGLang 0.5.23, which sends no dtype field; a ``routed_experts_dtype`` is still honoured if a server sends one;
-  ``rows = seqlen - 1 - start_len``, ``start_len`` the request's ``routed_experts_start_len``).
-* Our embedded HF engine and any array: :func:`routes_from_array` (numpy or torch, any integer dtype).
+* Any rollout engine and any array: :func:`routes_from_array` (numpy or torch, any integer dtype). An engine with
+  its own wire format decodes it in its own codec and hands the array here (SGLang's base64:
+  :mod:`megatron_r3.rollout.engines.sglang.codec`).
 * R2 records, the routes the trainer itself recorded in its old-logprob pass: ``routes_from_array(ids,
   source="r2", ...)``. They go through the same range check and validation so that a recording bug is caught
   here rather than replayed silently.
@@ -22,7 +21,6 @@ Validation is fully vectorised; a failure is a :class:`RouteError` naming the sa
 
 from __future__ import annotations
 
-import binascii
 import pickle
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -30,19 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-try:  # SIMD base64 (~1.6 GB/s with validation on AVX2); the stdlib decoder manages ~0.45 GB/s.
-    import pybase64 as _pybase64
-except ImportError:  # pragma: no cover - depends on the environment
-    _pybase64 = None
-
 ROUTE_SOURCES = frozenset({"sglang", "hf", "array", "r2"})
 
-# Wire dtypes a server could announce in meta_info["routed_experts_dtype"] (0.5.23 sends none: int32), as explicit
-# little-endian numpy dtypes
-# (SGLang writes ndarray.tobytes() on little-endian hosts; being explicit keeps a big-endian reader correct).
-_WIRE_DTYPES = {
-    "int32": np.dtype("<i4"), "uint8": np.dtype("u1"), "uint16": np.dtype("<u2"), "int16": np.dtype("<i2"),
-}
 _NUMPY_OF_TORCH = {torch.uint8: np.uint8, torch.int16: np.int16}
 
 
@@ -181,77 +168,6 @@ def _narrow(ids: np.ndarray, num_experts: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(ids.astype(target, copy=True)))
 
 
-def _b64decode(payload: str | bytes) -> bytes:
-    if _pybase64 is not None:
-        return _pybase64.b64decode(payload, validate=True)
-    return binascii.a2b_base64(payload, strict_mode=True)
-
-
-def decode_sglang_routed_experts(
-    payload: str | bytes | None,
-    *,
-    num_layers: int,
-    topk: int,
-    num_experts: int,
-    dtype: str | None = None,
-    start_len: int = 0,
-    sample_id=None,
-    rank: int | None = None,
-) -> Routes:
-    """Decode SGLang's ``meta_info["routed_experts"]`` into :class:`Routes`.
-
-    ``payload`` is base64 of a flat row-major array ``[seqlen - 1 - start_len, num_layers, topk]`` in ``dtype``
-    (None means int32, what SGLang 0.5.23 sends, with no ``routed_experts_dtype`` field; other names are tolerated).
-    ``num_layers`` counts all decoder layers (``num_hidden_layers``), ``topk`` is ``num_experts_per_tok``.
-    The bytes are viewed zero-copy with numpy, range-checked, then converted once to the compact dtype.
-    """
-    if payload is None:
-        raise RouteError(
-            "the response has no routed_experts (was the SGLang server started with --enable-return-routed-experts "
-            "and the request sent with return_routed_experts=true?)",
-            sample_id=sample_id,
-            rank=rank,
-        )
-    if not isinstance(payload, (str, bytes, bytearray)):
-        raise RouteError(
-            f"routed_experts must be a base64 string, got {type(payload).__name__} {str(payload)[:40]!r}",
-            sample_id=sample_id,
-            rank=rank,
-        )
-    name = "int32" if dtype is None else str(dtype)
-    wire = _WIRE_DTYPES.get(name)
-    if wire is None:
-        raise RouteError(
-            f"unknown routed_experts_dtype {name!r} (expected one of {', '.join(_WIRE_DTYPES)})",
-            sample_id=sample_id,
-            rank=rank,
-        )
-    if num_layers < 1 or topk < 1:
-        raise ValueError(f"num_layers and topk must be positive, got num_layers={num_layers}, topk={topk}")
-    # Check the length ourselves: the message must not depend on which base64 backend is installed.
-    if len(payload) % 4:
-        raise RouteError(
-            f"routed_experts is not valid base64: length {len(payload)} is not a multiple of 4 (truncated?)",
-            sample_id=sample_id,
-            rank=rank,
-        )
-    try:
-        raw = _b64decode(payload)
-    except (binascii.Error, ValueError, TypeError) as err:
-        raise RouteError(f"routed_experts is not valid base64: {err}", sample_id=sample_id, rank=rank) from err
-    row_bytes = wire.itemsize * num_layers * topk
-    if len(raw) % row_bytes:
-        raise RouteError(
-            f"routed_experts has {len(raw)} bytes of {name}, not a multiple of the row size {row_bytes} bytes "
-            f"({num_layers} layers x top-{topk} x {wire.itemsize} bytes)",
-            sample_id=sample_id,
-            rank=rank,
-        )
-    ids = np.frombuffer(raw, dtype=wire).reshape(-1, num_layers, topk)
-    _check_ids_in_range(ids, num_experts, sample_id, rank)
-    return Routes(_narrow(ids, num_experts), num_experts=num_experts, start_row=start_len, source="sglang")
-
-
 def routes_from_array(
     array,
     *,
@@ -287,27 +203,6 @@ def routes_from_array(
     compact_index_dtype(num_experts)  # a clear ValueError for an unusable expert count, before any data check
     _check_ids_in_range(ids, num_experts, sample_id, rank)
     return Routes(_narrow(ids, num_experts), num_experts=num_experts, start_row=start_row, source=source)
-
-
-def encode_sglang_routed_experts(expert_ids, dtype: str = "int32") -> str:
-    """Inverse of :func:`decode_sglang_routed_experts`: base64 of the flat row-major array in ``dtype``.
-
-    Used by tests and by the stand-in SGLang server. Refuses values the wire dtype cannot hold instead of wrapping.
-    """
-    wire = _WIRE_DTYPES.get(dtype)
-    if wire is None:
-        raise ValueError(f"unknown routed_experts dtype {dtype!r} (expected one of {', '.join(_WIRE_DTYPES)})")
-    if isinstance(expert_ids, Routes):
-        expert_ids = expert_ids.expert_ids
-    if isinstance(expert_ids, torch.Tensor):
-        expert_ids = expert_ids.detach().cpu().to(torch.int64).numpy()
-    ids = np.asarray(expert_ids)
-    if ids.dtype.kind not in "iu":
-        raise ValueError(f"expert ids must be integers, got {ids.dtype.name}")
-    info = np.iinfo(wire)
-    if ids.size and (int(ids.min()) < info.min or int(ids.max()) > info.max):
-        raise ValueError(f"expert ids span [{int(ids.min())}, {int(ids.max())}], which {dtype} cannot hold")
-    return binascii.b2a_base64(np.ascontiguousarray(ids, dtype=wire).tobytes(), newline=False).decode("ascii")
 
 
 @dataclass(frozen=True, eq=False)
@@ -454,19 +349,3 @@ def raise_if_any_rank_failed(error: Exception | None, group=None) -> None:
     _, sample_id, err_rank, _ = failures[0]
     raise RouteError(message, sample_id=sample_id, rank=err_rank) from error
 
-
-if __name__ == "__main__":  # throughput of the SGLang decoder: python -m megatron_r3.replay.routes
-    import time
-
-    rng = np.random.default_rng(0)
-    sample = rng.integers(0, 128, size=(30_000, 48, 8), dtype=np.int32)  # a 30k-token sample, 48 layers, top-8
-    text = encode_sglang_routed_experts(sample)
-    decode_sglang_routed_experts(text, num_layers=48, topk=8, num_experts=128)
-    runs = 5
-    start = time.perf_counter()
-    for _ in range(runs):
-        decode_sglang_routed_experts(text, num_layers=48, topk=8, num_experts=128)
-    seconds = (time.perf_counter() - start) / runs
-    backend = "pybase64" if _pybase64 is not None else "binascii"
-    print(f"decode ({backend}): {len(text) / 1e6:.1f} MB base64 in {seconds * 1e3:.1f} ms = "
-          f"{len(text) / seconds / 1e9:.2f} GB/s")

@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
-from megatron_r3.model.replay_router import ReplayTopKRouter, RouterReplayState
+from megatron_r3.replay.router import ReplayTopKRouter, RouterReplayState
 from megatron_r3.platform.distributed import agree_on_problems
 from megatron_r3.replay.microbatch import MicrobatchRoutes
 
@@ -30,7 +30,7 @@ class RouteReplayError(RuntimeError):
 @dataclass
 class ReplayStatistics:
     """Per-router counters of one or more schedules: host ints come from shapes (rows include padding); the
-    per-layer device counters (see `replay_router.COUNTERS`) stay on device until the step's metrics are logged."""
+    per-layer device counters (see `router.COUNTERS`) stay on device until the step's metrics are logged."""
 
     replayed_rows: int = 0
     recomputed_rows: int = 0

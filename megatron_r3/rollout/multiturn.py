@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -33,22 +33,6 @@ from megatron_r3.rollout.base import RolloutEngine, RolloutFailure, RolloutResul
 ToolFn = Callable[[int, int, list], Sequence[int]]
 _TURN_SEED_STRIDE = 1_000_033  # turn t samples with seed + t * stride: no two turns share a seed
 _SEED_MASK = (1 << 63) - 1
-
-
-def check_routes_start_len(prompts: Sequence[Sequence[int]], start_lens: Optional[Sequence[int]]) -> list[int]:
-    """Per-prompt ``routed_experts_start_len`` values, checked by SGLang 0.5.23's rule (the scheduler refuses a
-    request whose start_len is below 0 or above its input length); None -> all 0."""
-    if start_lens is None:
-        return [0] * len(prompts)
-    if len(start_lens) != len(prompts):
-        raise ValueError(f"routes_start_len has {len(start_lens)} entries for {len(prompts)} prompts; give one per prompt")
-    out = []
-    for index, (prompt, start) in enumerate(zip(prompts, start_lens)):
-        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= len(prompt):
-            raise ValueError(f"routes_start_len[{index}] = {start!r} must be an int in [0, {len(prompt)}] (the "
-                             "prompt's length), as SGLang requires of routed_experts_start_len")
-        out.append(int(start))
-    return out
 
 
 def stitch_routes(parts: Sequence[Routes], turn_lengths: Sequence[int], *, sample_id) -> Routes:

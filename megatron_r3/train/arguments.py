@@ -21,8 +21,11 @@ from typing import Optional, Sequence
 
 import yaml
 
-from megatron_r3.model.config_checks import REPLAY_MODES, check_layout, check_replay_config
+from megatron_r3.platform.typed_config import add_config_arguments
+from megatron_r3.replay.config import ReplayConfig
+from megatron_r3.replay.config_checks import check_layout, check_replay_config
 from megatron_r3.platform.python_compat import apply_python_compat
+from megatron_r3.rollout.engines import add_rollout_arguments
 
 # Megatron defaults we change for RL, stated once (all still overridable by YAML / CLI).
 GRPO_DEFAULTS = dict(
@@ -53,26 +56,6 @@ def add_grpo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     """`extra_args_provider` for Megatron's parser: the flags megatron does not have."""
     group = parser.add_argument_group(title="megatron_r3 (GRPO with router replay)")
     group.add_argument("--config", type=str, default=None, help="YAML file; keys are flag names with '_'.")
-    group.add_argument("--router-replay", choices=REPLAY_MODES, default="off",
-                       help="off: native routing; R2: replay the trainer's old-logprob routes in the updates; "
-                            "R3: replay the rollout engine's routes in the old-logprob pass and the updates.")
-    group.add_argument("--reference-replay", choices=("on", "off"), default="on",
-                       help="Whether the reference-model (KL) pass replays the same routes as the policy.")
-    group.add_argument("--route-fallback", choices=("raise", "native"), default="raise",
-                       help="Bad routes in a sample: raise an error naming it (default), or route those tokens "
-                            "natively and count them in replay/fallback_tokens.")
-    group.add_argument("--collect-routing-agreement", action=argparse.BooleanOptionalAction, default=True,
-                       help="Measure per layer how often native top-k equals the replayed set (old-logprob pass).")
-    group.add_argument("--rollout-engine", choices=("hf", "sglang"), default="hf")
-    group.add_argument("--rollout-dtype", choices=("bf16", "fp32"), default="bf16",
-                       help="dtype of the embedded hf rollout engine (bf16 vs fp32 training reproduces the real "
-                            "train/inference mismatch).")
-    group.add_argument("--sglang-url", nargs="*", default=None, help="SGLang server URL(s).")
-    group.add_argument("--sglang-address-file", type=str, default=None,
-                       help="File with one SGLang URL per line (written by tools/launch_sglang.py).")
-    group.add_argument("--weight-sync", choices=("distributed", "disk"), default="distributed",
-                       help="How SGLang receives new weights.")
-    add_sglang_arguments(group)
     group.add_argument("--hf-checkpoint", type=str, default=None,
                        help="Hugging Face Qwen3-MoE checkpoint directory: architecture and initial weights.")
     group.add_argument("--hf-config", type=str, default=None,
@@ -95,13 +78,6 @@ def add_grpo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                        help="Fail if train/ppo_kl of the first update exceeds this bound.")
     group.add_argument("--max-rollout-train-logp-abs-diff", type=float, default=None,
                        help="Fail if r3/rollout_train_logp_abs_diff exceeds this bound at any step.")
-    group.add_argument("--max-fallback-fraction", type=float, default=0.01,
-                       help="Under --router-replay R3, fail when more than this fraction of a step's route rows "
-                            "fell back to native routing (--route-fallback native); 1 disables the gate.")
-    group.add_argument("--min-routing-agreement", type=float, default=0.6,
-                       help="Under --router-replay R3, fail when replay/routing_agreement (trainer's native top-k vs "
-                            "the replayed routes) falls below this bound: healthy runs measure ~0.9-0.99, routes "
-                            "shifted to the wrong tokens ~0.3-0.5; 0 disables the gate.")
     group.add_argument("--skip-long-prompts", action="store_true",
                        help="Drop prompts too long for --seq-length minus --max-new-tokens (counted and reported) "
                             "instead of refusing to start.")
@@ -121,47 +97,6 @@ def add_grpo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
-def add_sglang_arguments(group) -> None:
-    """SGLang client, weight sync and rollout-failure flags (see megatron_r3/rollout/sglang_engine.py)."""
-    group.add_argument("--rollout-failure-policy", choices=("raise", "skip"), default="raise",
-                       help="Prompts the rollout engine could not serve (after retries): raise (default), or skip "
-                            "their groups (and trim whole groups to fill mini-batches of --global-batch-size), "
-                            "reported as rollout/failed_prompts and rollout/trimmed_prompts.")
-    group.add_argument("--sglang-max-concurrency", type=int, default=64,
-                       help="Most /generate requests in flight over all SGLang servers.")
-    group.add_argument("--sglang-request-size", type=int, default=1,
-                       help="Samples per /generate request: 1 = one request per sample (default); N > 1 = SGLang's "
-                            "batch form with N samples; 0 = the whole step in one request.")
-    group.add_argument("--sglang-request-timeout", type=float, default=600.0,
-                       help="Read timeout (s) of a /generate request; a timeout is retried.")
-    group.add_argument("--sglang-connect-timeout", type=float, default=10.0, help="Connect timeout (s) of any call.")
-    group.add_argument("--sglang-rollout-deadline", type=float, default=None,
-                       help="Seconds one rollout (all its /generate requests) may take; default derived from the work: "
-                            "300 s + samples x max new tokens / 100 tokens/s. Past it the run fails naming the servers "
-                            "still owing replies.")
-    group.add_argument("--sglang-max-retries", type=int, default=3,
-                       help="Retries of a request after a connection error, timeout, HTTP 5xx or abort (never 4xx).")
-    group.add_argument("--sglang-retry-backoff", type=float, default=1.0,
-                       help="First retry delay (s); doubled per retry, at most 30 s.")
-    group.add_argument("--sglang-startup-timeout", type=float, default=300.0,
-                       help="How long to wait (s) for the address file and for every server's /health.")
-    group.add_argument("--weight-sync-dir", type=str, default=None,
-                       help="--weight-sync disk: directory on storage every SGLang server can read.")
-    group.add_argument("--weight-sync-bucket-mb", type=float, default=512,
-                       help="--weight-sync distributed: tensors per /update_weights_from_distributed call, in MiB.")
-    group.add_argument("--weight-sync-backend", choices=("auto", "nccl", "gloo"), default="auto",
-                       help="Backend of the trainer-rank-0 + servers weight update group (auto: nccl with CUDA).")
-    group.add_argument("--weight-sync-master-address", type=str, default=None,
-                       help="Address of trainer rank 0 that the servers dial (default: the local address that "
-                            "routes to the first server).")
-    group.add_argument("--weight-sync-master-port", type=int, default=0,
-                       help="Port of the weight update group's TCP store on trainer rank 0 (0: a free port).")
-    group.add_argument("--weight-sync-timeout", type=float, default=600.0,
-                       help="Timeout (s) of the weight update group and of each weight update call.")
-    group.add_argument("--weight-sync-load-format", type=str, default=None,
-                       help="--weight-sync disk: SGLang load_format (default: the server's own).")
-
-
 def build_parser() -> argparse.ArgumentParser:
     apply_python_compat()
     from megatron.training.arguments import add_megatron_arguments
@@ -169,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="GRPO with router replay on megatron-core", allow_abbrev=False)
     add_megatron_arguments(parser)
     escape_bare_percent_in_help(parser)
+    add_rollout_arguments(parser)  # --rollout-engine (the registered engines), shared and per-engine flags
+    add_config_arguments(parser, ReplayConfig, "megatron_r3 router replay")
     return add_grpo_arguments(parser)
 
 
@@ -329,6 +266,7 @@ def finish_args(
     """Model size from the HF config, run directory, then megatron's own `validate_args`."""
     from megatron_r3.model.specs import transformer_engine_available
     from megatron_r3.platform.cpu_support import apply_cpu_support
+    from megatron_r3.train.components import check_engine_arguments
 
     apply_cpu_support()  # validate_args itself queries the GPU
     # megatron requires it with TP/CP on pre-Blackwell GPUs (ordering of communication kernels); must precede CUDA init
@@ -340,10 +278,7 @@ def finish_args(
         raise ValueError("give either a built-in --task or --prompt-data FILE, not both (--task '' clears a YAML task)")
     if not args.task and not args.prompt_data:
         raise ValueError("give prompts with --prompt-data FILE (JSONL/parquet) or a built-in --task")
-    if args.rollout_engine == "sglang" and not (args.sglang_url or args.sglang_address_file):
-        raise ValueError("--rollout-engine sglang needs --sglang-url URL [URL ...] or --sglang-address-file FILE")
-    if args.rollout_engine == "sglang" and args.weight_sync == "disk" and not args.weight_sync_dir:
-        raise ValueError("--weight-sync disk needs --weight-sync-dir DIR (storage every SGLang server can read)")
+    check_engine_arguments(args)  # the chosen rollout engine's own flag checks
     args.rank = int(os.getenv("RANK", "0"))
     args.world_size = int(os.getenv("WORLD_SIZE", "1"))
     args.hf_model_config = load_hf_config_arg(args)

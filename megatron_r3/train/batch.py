@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_r3.replay.layout import PackedLayout, cp_local_slots, pack_per_slot
+from megatron_r3.replay.layout import PackedLayout, cp_local_slots, pack_per_slot, slot_positions
 
 
 @dataclass
@@ -34,16 +34,6 @@ class MicrobatchInputs:
             position_ids=self.position_ids.to(device, non_blocking=non_blocking),
             packed_seq_params=self.packed_seq_params,
         )
-
-
-def slot_positions(layout: PackedLayout) -> torch.Tensor:
-    """Position id of every slot: the token's position in its sample; padding slots continue the count (their
-    values never reach a real token under causal attention, but must stay in RoPE's range)."""
-    if layout.qkv_format == "bshd":
-        return torch.arange(layout.seq_length).repeat(layout.batch_size)
-    starts = torch.tensor([0, *layout.padded_lengths[:-1]]).cumsum(0)
-    sample_of_slot = torch.repeat_interleave(torch.arange(len(layout.padded_lengths)), torch.tensor(layout.padded_lengths))
-    return torch.arange(layout.num_slots) - starts[sample_of_slot]
 
 
 def microbatch_inputs(

@@ -15,10 +15,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_r3.model.families import ModelArch, arch_from_hf_config, family_of, padded_vocab_size
-from megatron_r3.model.weights import export_hf_weights, load_hf_weights
+from megatron_r3.model.weights import load_hf_weights
 from megatron_r3.platform.distributed import ParallelSizes, initialize_model_parallel
 from megatron_r3.replay.schedule import ReplayRouters
-from megatron_r3.rollout.base import SamplingParams
+from megatron_r3.platform.typed_config import config_from_args
+from megatron_r3.rollout.base import EngineSetup, PolicyWeights, SamplingParams
+from megatron_r3.rollout.config import RolloutConfig
+from megatron_r3.rollout.engines import engine_class, engine_config_class
 from megatron_r3.train.rollout_phase import RolloutSettings
 
 
@@ -36,6 +39,7 @@ class TrainingSetup:
     tokenizer: object
     sampler: object
     reward_fn: object
+    engine_setup: Optional[EngineSetup] = None  # every rank: what the engine is built and synced from
     engine: Optional[object] = None  # rank 0 only
     reference: Optional[list] = None
     reference_routers: Optional[ReplayRouters] = None
@@ -69,24 +73,15 @@ class TrainingSetup:
             moe_layers=self.moe_layers,
             topk=self.arch.topk,
             route_fallback=args.route_fallback,
-            failure_policy=getattr(args, "rollout_failure_policy", "raise"),
+            failure_policy=self.engine_setup.rollout.rollout_failure_policy,
             global_batch_size=args.global_batch_size,
         )
 
     def sync_weights_to_engine(self) -> None:
-        """Full HF-named weights from the sharded policy to the rollout engine on rank 0 (every rank walks the
-        export: it drives the gathers)."""
-        if self.args.rollout_engine == "sglang":  # buckets or a disk export, pause/flush/send/continue on rank 0
-            from megatron_r3.rollout.weight_sync import settings_from_args, sync_policy_weights
-
-            settings = self.engine.weight_sync if self.engine is not None else settings_from_args(self.args)
-            sync_policy_weights(self.engine, self.chunks, self.arch, self.args.hf_model_config, settings)
-            return
-        exported = export_hf_weights(self.chunks, self.arch)
-        if self.engine is not None:
-            self.engine.update_weights((name, tensor) for name, tensor in exported if tensor is not None)
-        for _ in exported:  # ranks without an engine (and any leftovers) walk the names to the end
-            pass
+        """Full HF-named weights from the sharded policy to the rollout engine on rank 0: the engine's collective
+        `sync_weights`, called on every rank (each drives the export's gathers; rank 0 talks to the engine)."""
+        engine_class(self.engine_setup.rollout.rollout_engine).sync_weights(
+            self.engine, PolicyWeights(self.chunks, self.arch, self.args.hf_model_config), self.engine_setup)
 
     def close(self) -> None:
         if self.engine is not None:
@@ -221,8 +216,9 @@ def build_training_setup(args) -> TrainingSetup:
         reward_fn=get_reward_fn(args.reward_fn), reference=reference, reference_routers=reference_routers,
         eos_token_id=tokenizer.eos_token_id, moe_layers=arch.moe_layers,
     )
+    setup.engine_setup = engine_setup(args, hf_config)
     if rank == 0:
-        setup.engine = build_engine(args, hf_config)
+        setup.engine = build_engine(setup.engine_setup)
     setup.sync_weights_to_engine()
     return setup
 
@@ -252,18 +248,33 @@ def build_data(args):
     return tokenizer, records
 
 
-def build_engine(args, hf_config):
-    if args.rollout_engine == "hf":
-        from transformers import AutoModelForCausalLM
+def engine_setup(args, hf_config) -> EngineSetup:
+    """The chosen engine's settings from the parsed arguments (the engine itself never sees `args`)."""
+    rollout = config_from_args(RolloutConfig, args)
+    return EngineSetup(
+        config=engine_config(args, rollout.rollout_engine),
+        rollout=rollout,
+        hf_config=hf_config,
+        seed=args.seed,
+        max_batch_size=max(1, args.grpo_prompts_per_step * args.grpo_group_size),
+        progress=not args.no_progress,
+        require_routes=args.router_replay == "R3" or bool(args.collect_routing_agreement),
+    )
 
-        from megatron_r3.rollout.hf_engine import HFRolloutEngine
 
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-        return HFRolloutEngine(
-            model, dtype=args.rollout_dtype, device="cuda" if torch.cuda.is_available() else "cpu",
-            max_batch_size=max(1, args.grpo_prompts_per_step * args.grpo_group_size), progress=not args.no_progress,
-            seed=args.seed,
-        )
-    from megatron_r3.rollout.sglang_engine import build_sglang_engine
+def engine_config(args, name: str):
+    """Engine `name`'s config dataclass filled from the parsed arguments (None: it has no flags)."""
+    config_class = engine_config_class(name)
+    return None if config_class is None else config_from_args(config_class, args)
 
-    return build_sglang_engine(args, hf_config)
+
+def check_engine_arguments(args) -> None:
+    """Parse-time checks of the chosen engine's flags (its config's `check()`, when it has one; one-line ValueError)."""
+    config = engine_config(args, args.rollout_engine)
+    if hasattr(config, "check"):
+        config.check()
+
+
+def build_engine(setup: EngineSetup):
+    """The registered engine named by `--rollout-engine` (trainer rank 0 only)."""
+    return engine_class(setup.rollout.rollout_engine).build(setup)

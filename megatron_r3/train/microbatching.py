@@ -22,6 +22,7 @@ from megatron_r3.replay.layout import (
     pack_bshd,
     pack_per_slot,
     pack_thd,
+    padded_length,
     router_token_slots,
 )
 from megatron_r3.replay.microbatch import MicrobatchRoutes, localize_routes
@@ -148,7 +149,7 @@ def group_by_tokens(
     groups: list[list[TrainSample]] = []
     used = 0
     for sample in samples:
-        size = -(-sample.num_slots // pad_multiple) * pad_multiple
+        size = padded_length(sample.num_slots, pad_multiple)
         if size > max_tokens:
             raise ValueError(
                 f"sample {sample.index} needs {size} tokens, more than --max-tokens-per-microbatch {max_tokens}"
@@ -240,21 +241,19 @@ def plan_step(
         groups_per_minibatch.append(groups)
     thd = bool(max_tokens_per_microbatch)
     if thd:
-        lengths = [sum(-(-s.num_slots // pad_multiple) * pad_multiple for s in g) for gs in groups_per_minibatch for g in gs]
+        lengths = [sum(padded_length(s.num_slots, pad_multiple) for s in g) for gs in groups_per_minibatch for g in gs]
     else:
         lengths = [max(s.num_slots for s in g) for gs in groups_per_minibatch for g in gs]
-    seq_length = -(-max(lengths) // pad_multiple) * pad_multiple
+    seq_length = padded_length(max(lengths), pad_multiple)
     if thd and equal_seq_length:
-        seq_length = max(seq_length, -(-max_tokens_per_microbatch // pad_multiple) * pad_multiple)
+        seq_length = max(seq_length, padded_length(max_tokens_per_microbatch, pad_multiple))
     minibatches = []
     for groups in groups_per_minibatch:
         built = []
         for group in groups:
             n = [s.num_slots for s in group]
             if thd:
-                layout = pack_thd(n, pad_multiple=pad_multiple)
-                if equal_seq_length and layout.seq_length < seq_length:
-                    layout = _pad_thd(layout, seq_length, pad_multiple)
+                layout = pack_thd(n, pad_multiple=pad_multiple, seq_length=seq_length if equal_seq_length else None)
             else:
                 layout = pack_bshd(n, seq_length=seq_length if equal_seq_length else None, pad_multiple=pad_multiple)
             built.append(
@@ -276,22 +275,3 @@ def microbatch_counts(samples, rank: RankLayout, *, global_batch_size, micro_bat
         else:
             counts.append(len(group_by_size(minibatch, micro_batch_size)))
     return counts
-
-
-def _pad_thd(layout: PackedLayout, seq_length: int, pad_multiple: int) -> PackedLayout:
-    """Extend a packed layout to `seq_length` by growing the last sample's padding (fixed shapes for PP)."""
-    padded = list(layout.padded_lengths)
-    padded[-1] += seq_length - layout.seq_length
-    out = pack_thd(layout.lengths, pad_multiple=pad_multiple)
-    return _with_padded_lengths(out, tuple(padded))
-
-
-def _with_padded_lengths(layout: PackedLayout, padded: tuple[int, ...]) -> PackedLayout:
-    starts = torch.tensor([0, *padded[:-1]]).cumsum(0)
-    slot_sample = torch.repeat_interleave(torch.arange(len(padded)), torch.tensor(padded))
-    slot_position = torch.arange(sum(padded)) - torch.repeat_interleave(starts, torch.tensor(padded))
-    real = slot_position < torch.repeat_interleave(torch.tensor(layout.lengths), torch.tensor(padded))
-    return PackedLayout(
-        qkv_format="thd", lengths=layout.lengths, batch_size=1, seq_length=sum(padded), padded_lengths=padded,
-        slot_sample=torch.where(real, slot_sample, -1), slot_position=torch.where(real, slot_position, -1),
-    )

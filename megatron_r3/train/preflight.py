@@ -13,6 +13,7 @@ another version the unknown-key check is left to the full parse.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -69,6 +70,8 @@ def _light_parser() -> argparse.ArgumentParser:
 
 def preflight(argv: Sequence[str], environ=os.environ) -> None:
     """Raise UsageError (one line) for the mistakes that can be seen without importing torch or megatron."""
+    from megatron_r3.replay.config import ReplayConfig
+    from megatron_r3.rollout.engines import rollout_flag_dests
     from megatron_r3.train.arguments import add_grpo_arguments, read_yaml_config, unknown_key_message
 
     argv = list(argv)
@@ -84,6 +87,7 @@ def preflight(argv: Sequence[str], environ=os.environ) -> None:
         megatron = megatron_flag_dests()
         if megatron is not None:
             ours = {action.dest for action in add_grpo_arguments(argparse.ArgumentParser(add_help=False))._actions}
+            ours |= rollout_flag_dests() | {field.name for field in dataclasses.fields(ReplayConfig)}
             known = megatron | ours
             unknown = sorted(key.replace("-", "_") for key in values if key.replace("-", "_") not in known)
             if unknown:

@@ -45,7 +45,7 @@ class RolloutSettings:
     moe_layers: tuple[bool, ...]
     topk: int
     route_fallback: str  # "raise" | "native"
-    failure_policy: str = "raise"  # "raise" | "skip": prompts the engine could not serve
+    failure_policy: str  # "raise" | "skip" (--rollout-failure-policy): prompts the engine could not serve
     global_batch_size: Optional[int] = None  # with "skip": kept samples must fill whole mini-batches of this size
 
 

@@ -1,15 +1,7 @@
 """The GRPO engine: rollout -> old logprobs -> (reference logprobs) -> mini-batch updates -> weight sync, per step.
 
-Which routes each pass uses (`--router-replay`):
-
-| pass          | off                          | R2                                   | R3                        |
-|---------------|------------------------------|--------------------------------------|---------------------------|
-| old logprobs  | native (rollout routes observed) | native, recorded (rollout routes observed) | replay rollout routes |
-| reference     | native                       | replay recorded (--reference-replay) | replay rollout routes (--reference-replay) |
-| updates       | native                       | replay recorded                      | replay rollout routes     |
-
-"Observed" routes are compared with the trainer's native top-k without being used, so `replay/routing_agreement`
-measures the engines' disagreement in every mode, and `replay/used_route_match` shows what replay changes.
+Which routes each pass uses is data (`replay/policy.py`, the README's "which pass replays what" table): the trainer
+looks up its `ReplayPolicy` once and drives every pass from it, with no branch on `--router-replay`.
 """
 
 from __future__ import annotations
@@ -21,16 +13,18 @@ import time
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
 from megatron_r3.grpo.losses import PolicyLossConfig
 from megatron_r3.grpo.mismatch import MetricAccumulator
-from megatron_r3.model.config_checks import check_replay_config, replay_bypass_reasons
+from megatron_r3.replay.config_checks import check_replay_config, replay_bypass_reasons
 from megatron_r3.model.flops import grpo_throughput_metrics, peak_tflops, shape_from_config
 from megatron_r3.platform import collectives
 from megatron_r3.platform.distributed import device, host_group
+from megatron_r3.platform.typed_config import config_from_args
+from megatron_r3.replay.config import ReplayConfig
 from megatron_r3.replay.layout import sequence_pad_multiple
 from megatron_r3.replay.microbatch import routes_from_recorded
+from megatron_r3.replay.policy import Action, PassRouting, Source, replay_policy
 from megatron_r3.train import checkpoint as ckpt
 from megatron_r3.train.checkpoint_integrity import check_resume_source
 from megatron_r3.train.metrics_log import MetricsLogger, format_iteration_line
@@ -38,9 +32,6 @@ from megatron_r3.train.microbatching import RankLayout, StepPlan, microbatch_cou
 from megatron_r3.train.passes import PassContext, declare_metrics, logprob_pass, step_metric_names, update_pass
 from megatron_r3.train.rollout_phase import RolloutPayload, RouteShare, generate_batch, share_from_rank0
 from megatron_r3.train.components import TrainingSetup, build_training_setup
-
-REPLAY = RouterReplayAction.REPLAY_FORWARD
-RECORD = RouterReplayAction.RECORD
 
 
 class GateError(RuntimeError):
@@ -56,7 +47,9 @@ class GRPOTrainer:
         if not getattr(args, "verbose", False):  # megatron logs every parameter at INFO while building DDP
             logging.getLogger("megatron").setLevel(logging.WARNING)
         self.setup: TrainingSetup = build_training_setup(args)
-        check_replay_config(self.setup.config, args.router_replay)
+        self.replay = config_from_args(ReplayConfig, args)
+        check_replay_config(self.setup.config, self.replay.router_replay)
+        self.policy = replay_policy(self.replay.router_replay, self.replay.reference_replay)
         # off mode runs what replay cannot hook (e.g. sinkhorn balancing); it then measures no routing agreement
         self.can_observe_routes = not replay_bypass_reasons(self.setup.config)
         self.rank = RankLayout(
@@ -121,7 +114,7 @@ class GRPOTrainer:
             "skipped_steps": self.skipped_steps,
             "scheduler": self.setup.scheduler.state_dict(),
             "sampler": self.setup.sampler.state_dict(),
-            "router_replay": self.args.router_replay,
+            "router_replay": self.replay.router_replay,
         }
         ckpt.save_checkpoint(self.args.save, self.step, self.setup.chunks, self.setup.optimizer, state)
 
@@ -152,7 +145,6 @@ class GRPOTrainer:
         declare_metrics(metrics, step_metric_names(tis=self.loss_config.tis_cap is not None,
                                                    reference=self.loss_config.kl_coef > 0), mismatch=True)
         setup.routers.statistics(reset=True)
-        mode = args.router_replay
         microbatches = plan.microbatches
         for mb in microbatches:  # one asynchronous copy per microbatch, reused by every pass of the step
             if mb.routes is not None:
@@ -162,19 +154,13 @@ class GRPOTrainer:
         # old logprobs (and the mismatch metrics)
         start = time.perf_counter()
         ctx = self._context(setup.model, setup.routers, plan)
-        if mode == "R3":
-            old = logprob_pass(ctx, microbatches, target="old", action=REPLAY, routes=rollout_routes, metrics=metrics,
-                               collect_agreement=args.collect_routing_agreement)
-        elif mode == "R2":
-            old = logprob_pass(ctx, microbatches, target="old", action=RECORD, routes=_observed(rollout_routes),
-                               metrics=metrics, collect_agreement=args.collect_routing_agreement)
+        action, routes = self._pass_routes(self.policy.old_logprob, microbatches, rollout_routes)
+        old = logprob_pass(ctx, microbatches, target="old", action=action, routes=routes, metrics=metrics,
+                           collect_agreement=self.replay.collect_routing_agreement)
+        if self.policy.old_logprob.action is Action.RECORD:  # what the updates (R2) replay
             for mb, recorded in zip(microbatches, old.recorded):
                 valid = mb.layout.valid[mb.token_slots]
                 mb.recorded = routes_from_recorded(recorded, valid.to(device()), int(valid.sum()))
-        else:  # off: observe the engine's routes unless the router chooses outside the hooked top-k (sinkhorn, ...)
-            observed = _observed(rollout_routes) if self.can_observe_routes else None
-            old = logprob_pass(ctx, microbatches, target="old", action=REPLAY if observed else None, routes=observed,
-                               metrics=metrics, collect_agreement=args.collect_routing_agreement)
         replay_stats = setup.routers.statistics(reset=True)
         timings["timing/old_logprob_s"] = time.perf_counter() - start
 
@@ -182,7 +168,7 @@ class GRPOTrainer:
         if self.loss_config.kl_coef > 0:
             start = time.perf_counter()
             ref_ctx = self._context(setup.reference, setup.reference_routers, plan)
-            action, routes = self._update_routes(microbatches, rollout_routes, reference=True)
+            action, routes = self._pass_routes(self.policy.reference, microbatches, rollout_routes)
             logprob_pass(ref_ctx, microbatches, target="ref", action=action, routes=routes, metrics=metrics)
             setup.reference_routers.statistics(reset=True)
             timings["timing/reference_s"] = time.perf_counter() - start
@@ -197,8 +183,8 @@ class GRPOTrainer:
                                                  reference=self.loss_config.kl_coef > 0), mismatch=False)
         for iteration in range(args.grpo_iterations):
             for index, minibatch in enumerate(plan.minibatches):
-                action, routes = self._update_routes(minibatch, [mb.routes for mb in minibatch]
-                                                     if rollout_routes else None)
+                action, routes = self._pass_routes(self.policy.update, minibatch,
+                                                   [mb.routes for mb in minibatch] if rollout_routes else None)
                 setup.zero_grad()
                 result = update_pass(
                     ctx, minibatch, loss_config=self.loss_config, action=action, routes=routes,
@@ -269,16 +255,18 @@ class GRPOTrainer:
     def _temperature(self) -> float:
         return self.args.rl_default_temperature if self.args.rl_default_temperature > 0 else 1.0
 
-    def _update_routes(self, microbatches, rollout_routes, reference: bool = False):
-        """(action, routes) for an update (or reference) pass under --router-replay."""
-        mode = self.args.router_replay
-        if reference and self.args.reference_replay == "off":
-            return None, None
-        if mode == "R3":
-            return REPLAY, rollout_routes
-        if mode == "R2":
-            return REPLAY, [mb.recorded for mb in microbatches]
-        return None, None
+    def _pass_routes(self, routing: PassRouting, microbatches, rollout_routes):
+        """(router action, routes) of one pass over `microbatches`, as the replay policy gives them."""
+        if routing.source is Source.ROLLOUT:
+            routes = rollout_routes
+        elif routing.source is Source.RECORDED:
+            routes = [mb.recorded for mb in microbatches]
+        else:
+            routes = None
+        if routing.observes:
+            # the router chooses outside the hooked top-k (sinkhorn, ... under off): there is nothing to observe
+            routes = _observed(routes) if self.can_observe_routes else None
+        return routing.router_action(have_routes=routes is not None), routes
 
     def _optimizer_step(self) -> float:
         """Finalised grads -> global grad norm -> step; a non-finite norm skips the step on every rank alike (the
@@ -349,19 +337,21 @@ class GRPOTrainer:
 
     def _check_gates(self, metrics: dict) -> None:
         args = self.args
-        # under R3 only: off and R2 merely observe the engine's routes (for replay/routing_agreement)
+        # only when a pass replays the engine's routes (R3): otherwise they are merely observed (routing_agreement)
+        replays_engine_routes = self.policy.replays_rollout_routes
         fraction = metrics.get("replay/fallback_fraction", 0.0)
-        if args.router_replay == "R3" and args.max_fallback_fraction is not None and \
-                fraction > args.max_fallback_fraction:
+        replay = self.replay
+        if replays_engine_routes and replay.max_fallback_fraction is not None and \
+                fraction > replay.max_fallback_fraction:
             raise GateError(
                 f"--max-fallback-fraction: {fraction:.1%} of the route rows at step {self.step} "
                 f"({int(metrics.get('replay/fallback_tokens', 0))} tokens) fell back to native routing, above the "
-                f"bound {args.max_fallback_fraction:.1%}: the engine's routes are unusable, so --router-replay "
-                f"{args.router_replay} is effectively off"
+                f"bound {replay.max_fallback_fraction:.1%}: the engine's routes are unusable, so --router-replay "
+                f"{replay.router_replay} is effectively off"
             )
         agreement = metrics.get("replay/routing_agreement")
-        bound = args.min_routing_agreement
-        if args.router_replay == "R3" and bound and agreement is not None and not (agreement >= bound):
+        bound = replay.min_routing_agreement
+        if replays_engine_routes and bound and agreement is not None and not (agreement >= bound):
             raise GateError(
                 f"--min-routing-agreement: replay/routing_agreement is {agreement:.4f} at step {self.step}, below "
                 f"the bound {bound:.4f}: the trainer's own top-k rarely picks the replayed experts, so the routes "
@@ -373,7 +363,7 @@ class GRPOTrainer:
                 raise GateError(
                     f"--check-step0-kl: train/ppo_kl of the first update at step 0 is {kl:.3e}, above the bound "
                     f"{args.check_step0_kl:.3e}: the old-logprob and update passes disagree on the same weights "
-                    f"(--router-replay {args.router_replay})"
+                    f"(--router-replay {replay.router_replay})"
                 )
         bound = args.max_rollout_train_logp_abs_diff
         if bound is not None:

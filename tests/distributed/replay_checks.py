@@ -39,7 +39,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig  # no
 from megatron.core.utils import get_batch_on_this_cp_rank  # noqa: E402
 
 from megatron_r3.model.gpt import build_gpt_chunks  # noqa: E402
-from megatron_r3.model.replay_router import InstalledRoutes  # noqa: E402
+from megatron_r3.replay.router import InstalledRoutes  # noqa: E402
 from megatron_r3.platform.distributed import device, host_group  # noqa: E402
 from megatron_r3.replay.layout import (  # noqa: E402
     moe_layer_pattern,

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from megatron_r3.rollout.base import SamplingParams
-from megatron_r3.rollout.sglang_engine import SGLangClientConfig, SGLangConfigError, SGLangEngine
+from megatron_r3.rollout.engines.sglang.engine import SGLangClientConfig, SGLangConfigError, SGLangEngine
 from tests.distributed.launch import REPO, free_port, subprocess_env
 from tests.sglang_standin import start_in_thread
 
@@ -79,7 +79,7 @@ def check_complete(result, num_prompts=len(PROMPTS), group=2):
 def test_batch_request_reproduces_the_embedded_engine(standin):
     from transformers import AutoModelForCausalLM
 
-    from megatron_r3.rollout.hf_engine import HFRolloutEngine
+    from megatron_r3.rollout.engines.hf import HFRolloutEngine
 
     torch.manual_seed(0)  # the stand-in's initial weights: seed 0, from_config
     model = AutoModelForCausalLM.from_config(standin.hf_config, dtype=torch.float32)
@@ -245,7 +245,7 @@ def test_start_len_rows_match_the_embedded_engine(standin):
     embedded engine's capture return the same rows, start_row and ids."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_r3.rollout.hf_engine import HFRolloutEngine
+    from megatron_r3.rollout.engines.hf import HFRolloutEngine
 
     torch.manual_seed(0)  # the stand-in's initial weights: seed 0, from_config
     model = AutoModelForCausalLM.from_config(standin.hf_config, dtype=torch.float32)
@@ -357,7 +357,7 @@ def _read_metrics(run_dir):
 
 
 def test_launcher_writes_addresses_and_cleans_up(launched):
-    from megatron_r3.rollout.sglang_protocol import read_address_file
+    from megatron_r3.rollout.engines.sglang.protocol import read_address_file
 
     urls = read_address_file(launched["addresses"])
     assert len(urls) == 2 and all(url.startswith("http://127.0.0.1:") for url in urls)
@@ -398,7 +398,7 @@ def test_multiturn_task_replays_stitched_routes_exactly(launched):
     the old-logprob pass's numbers (ppo_kl_first_minibatch 0)."""
     import requests
 
-    from megatron_r3.rollout.sglang_protocol import read_address_file
+    from megatron_r3.rollout.engines.sglang.protocol import read_address_file
 
     urls = read_address_file(launched["addresses"])
     before = sum(requests.get(url + "/standin/stats", timeout=10).json()["start_len_requests"] for url in urls)
@@ -434,7 +434,7 @@ def sync_check_main(address_dir: str, run_dir: str, disk_dir: str, out: str) -> 
 
     from megatron_r3.model.weights import export_hf_weights
     from megatron_r3.platform.distributed import initialize_torch_distributed
-    from megatron_r3.rollout.hf_engine import HFRolloutEngine
+    from megatron_r3.rollout.engines.hf import HFRolloutEngine
     from megatron_r3.train.arguments import parse_grpo_args
     from megatron_r3.train.trainer import GRPOTrainer
 
@@ -474,7 +474,9 @@ def sync_check_main(address_dir: str, run_dir: str, disk_dir: str, out: str) -> 
     records.append({"stage": "step0-distributed", "servers": on_servers(), "export": from_export()})
     if engine is not None:
         engine.weight_sync = dataclasses.replace(engine.weight_sync, mode="disk", directory=disk_dir)
-    args.weight_sync, args.weight_sync_dir = "disk", disk_dir  # what the other ranks' settings come from
+    setup.engine_setup = dataclasses.replace(  # what the other ranks' settings come from
+        setup.engine_setup, config=dataclasses.replace(setup.engine_setup.config, weight_sync="disk",
+                                                       weight_sync_dir=disk_dir))
     trainer.train_step()  # disk sync at the end
     trainer.step += 1
     records.append({"stage": "step1-disk", "servers": on_servers(), "export": from_export()})
@@ -483,12 +485,13 @@ def sync_check_main(address_dir: str, run_dir: str, disk_dir: str, out: str) -> 
                     for url in engine.urls]
     # a server that refuses the update (here: a weight-update session is already open on server 0): every trainer
     # rank fails promptly with the server's message, never after the group timeout (60 s)
-    from megatron_r3.rollout.weight_sync import WeightSyncError
+    from megatron_r3.rollout.engines.sglang.weight_sync import WeightSyncError
 
     if engine is not None:
         engine.weight_sync = dataclasses.replace(engine.weight_sync, mode="distributed")
         requests.post(engine.urls[0] + "/begin_weight_update", json={}, timeout=10).raise_for_status()
-    args.weight_sync = "distributed"
+    setup.engine_setup = dataclasses.replace(
+        setup.engine_setup, config=dataclasses.replace(setup.engine_setup.config, weight_sync="distributed"))
     start = time.monotonic()
     try:
         setup.sync_weights_to_engine()
@@ -529,9 +532,9 @@ def test_servers_use_the_weights_pushed_after_each_step(launched, tmp_path):
 
 def test_update_weights_from_this_process(launched, tmp_path):
     """`SGLangEngine.update_weights(named HF tensors)` (the engine interface, one process) on both paths."""
-    from megatron_r3.rollout.hf_engine import HFRolloutEngine
-    from megatron_r3.rollout.sglang_protocol import read_address_file
-    from megatron_r3.rollout.weight_sync import WeightSyncSettings
+    from megatron_r3.rollout.engines.hf import HFRolloutEngine
+    from megatron_r3.rollout.engines.sglang.protocol import read_address_file
+    from megatron_r3.rollout.engines.sglang.weight_sync import WeightSyncSettings
     from tests.sglang_standin.server import load_hf_config
 
     config = load_hf_config(TINY)

@@ -25,15 +25,15 @@ import requests
 import torch
 
 from megatron_r3.rollout.base import SamplingParams
-from megatron_r3.rollout.sglang_engine import SGLangClientConfig, SGLangConfigError, SGLangEngine, StaleWeightsError
-from megatron_r3.rollout.sglang_protocol import (
+from megatron_r3.rollout.engines.sglang.engine import SGLangClientConfig, SGLangConfigError, SGLangEngine, StaleWeightsError
+from megatron_r3.rollout.engines.sglang.protocol import (
     generate_payload,
     init_weights_update_group_payload,
     sampling_params_payload,
     update_weights_from_disk_payload,
     update_weights_from_distributed_payload,
 )
-from megatron_r3.rollout.weight_sync import WeightSyncError, WeightSyncSettings, verify_weight_version
+from megatron_r3.rollout.engines.sglang.weight_sync import WeightSyncError, WeightSyncSettings, verify_weight_version
 from tests.distributed.launch import REPO
 from tests.sglang_standin.server import start_subprocess
 from tests.sglang_standin.sglang_code import load, require, validate
@@ -303,8 +303,8 @@ def test_a_shared_cached_prefix_returns_the_routes_that_computed_its_kv():
     and with our decoder to the same array, and ``parse_sample`` accepts it (T-1 rows)."""
     import types
 
-    from megatron_r3.replay.routes import encode_sglang_routed_experts
-    from megatron_r3.rollout.sglang_protocol import parse_sample
+    from megatron_r3.rollout.engines.sglang.codec import encode_sglang_routed_experts
+    from megatron_r3.rollout.engines.sglang.protocol import parse_sample
 
     require()
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool

@@ -1,8 +1,8 @@
 """A stand-in for an SGLang server: SGLang's HTTP wire format, a tiny HF Qwen3-MoE behind it.
 
 SGLang cannot be installed on the development machines (its wheel is CUDA-only), so the client in
-``megatron_r3/rollout/sglang_engine.py`` is tested against this server. It answers the endpoints the trainer uses in
-SGLang's format (REFERENCE §3) and generates through the embedded :class:`~megatron_r3.rollout.hf_engine.HFRolloutEngine`:
+``megatron_r3/rollout/engines/sglang/engine.py`` is tested against this server. It answers the endpoints the trainer uses in
+SGLang's format (REFERENCE §3) and generates through the embedded :class:`~megatron_r3.rollout.engines.hf.HFRolloutEngine`:
 
     POST /generate                      input_ids (single or batch form), sampling_params (dict or list; n), return_logprob,
                                         return_routed_experts, routed_experts_start_len -> text/output_ids/meta_info
@@ -117,7 +117,7 @@ class StandinServer:
     def __init__(self, config: StandinConfig):
         from transformers import AutoModelForCausalLM
 
-        from megatron_r3.rollout.hf_engine import HFRolloutEngine
+        from megatron_r3.rollout.engines.hf import HFRolloutEngine
 
         if config.tp_size != 1:
             raise ValueError("the stand-in serves with one rank (--tp-size 1)")
@@ -379,7 +379,7 @@ class StandinServer:
         return result.samples
 
     def _reply_entry(self, prompt, sp, start_len, sample, routes_wanted, return_logprob, latency) -> dict:
-        from megatron_r3.replay.routes import encode_sglang_routed_experts
+        from megatron_r3.rollout.engines.sglang.codec import encode_sglang_routed_experts
 
         with self.counter_lock:
             number = self._samples_seen
@@ -421,7 +421,7 @@ class StandinServer:
 
     # -- weights
     def init_group(self, body: dict) -> tuple[int, Any]:
-        from megatron_r3.rollout.weight_sync import init_custom_process_group
+        from megatron_r3.rollout.engines.sglang.weight_sync import init_custom_process_group
 
         name = body.get("group_name", "weight_update_group")
         if name in self.groups:

@@ -126,7 +126,7 @@ class SessionManager:
     TP CPU group a one-rank gloo group so its barriers run."""
 
     def __init__(self, ns, *, receive, load_received, load_from_disk, flush, set_version):
-        from megatron_r3.rollout.weight_sync import init_custom_process_group
+        from megatron_r3.rollout.engines.sglang.weight_sync import init_custom_process_group
 
         manager_cls = ns.weight_updater.SchedulerWeightUpdaterManager
         runner = types.SimpleNamespace(weight_updater=types.SimpleNamespace(

@@ -9,8 +9,8 @@ Padding token 99 so that padding is visible in every literal.
 import pytest
 import torch
 
-from megatron_r3.replay.layout import pack_bshd, pack_thd, router_token_slots
-from megatron_r3.train.batch import MicrobatchInputs, microbatch_inputs, slot_positions
+from megatron_r3.replay.layout import pack_bshd, pack_thd, router_token_slots, slot_positions
+from megatron_r3.train.batch import MicrobatchInputs, microbatch_inputs
 
 
 def t(values, dtype=torch.long):

@@ -1,11 +1,11 @@
-"""Unit tests for megatron_r3.model.config_checks: every replay bypass is an error under R2/R3, fine when off."""
+"""Unit tests for megatron_r3.replay.config_checks: every replay bypass is an error under R2/R3, fine when off."""
 
 import re
 import types
 
 import pytest
 
-from megatron_r3.model.config_checks import (
+from megatron_r3.replay.config_checks import (
     REPLAY_MODES,
     ReplayConfigError,
     check_replay_config,

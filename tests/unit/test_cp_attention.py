@@ -158,7 +158,7 @@ def test_thd_rope_is_per_document_and_zigzag(cp, rank, lengths):
     rotating the whole packed row by per-document positions and taking this rank's slots."""
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd, _apply_rotary_pos_emb_thd
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-    from megatron_r3.train.batch import slot_positions
+    from megatron_r3.replay.layout import slot_positions
 
     layout = pack_thd(lengths, pad_multiple=2 * cp)
     freqs = RotaryEmbedding(kv_channels=16, rotary_percent=1.0, use_cpu_initialization=True, cp_group=FakeGroup(1, 0))(

@@ -92,7 +92,7 @@ def megatron_forward(chunk, tokens, routes=None, grad=False):
     """Logits [B, S, V]; `routes` {layer: [B*S, K] batch-major} are replayed (the router sees sequence-major)."""
     from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
-    from megatron_r3.model.replay_router import InstalledRoutes
+    from megatron_r3.replay.router import InstalledRoutes
 
     batch, seq = tokens.shape
     routers = [layer.mlp.router for layer in chunk.decoder.layers if hasattr(layer.mlp, "router")]

@@ -11,17 +11,21 @@ from megatron_r3.model.families import arch_from_hf_config  # noqa: E402
 from megatron_r3.model.hf_module import hf_state_dict_to_checkpoint_names  # noqa: E402
 from megatron_r3.replay.routes import validate_routes  # noqa: E402
 from megatron_r3.rollout.base import SamplingParams  # noqa: E402
-from megatron_r3.rollout.hf_engine import HFRolloutEngine  # noqa: E402
+from megatron_r3.rollout.engines.hf import HFRolloutEngine  # noqa: E402
 from tests.unit.test_deepseek_v3 import hf_forward, make_hf  # noqa: E402
 
 PROMPTS = [[5, 17, 90, 3, 42], [7], [11, 12, 13, 14, 15, 16]]
 
 
-def test_routes_layout_dense_zero_and_equal_to_a_fresh_forward():
+@pytest.mark.parametrize("static_decode", ["off", "on"])  # the first loop (CPU default) and the static-cache loop
+def test_routes_layout_dense_zero_and_equal_to_a_fresh_forward(static_decode):
+    from megatron_r3.rollout.engines.hf_config import HFEngineConfig
+
     model = make_hf("q_lora_groups")  # 3 layers, layer 0 dense, top-4 of 8 in 2 of 4 groups, large expert bias
     arch = arch_from_hf_config(model.config)
     moe = list(arch.moe_layers)
     engine = HFRolloutEngine(make_hf("q_lora_groups"), dtype=torch.float32, progress=False)
+    engine.generate_config = HFEngineConfig(hf_static_decode=static_decode)
     params = SamplingParams(temperature=1.0, max_new_tokens=5, seed=3)
     result = engine.generate(PROMPTS, params, samples_per_prompt=2, return_routes=True)
     assert not result.failures and len(result.samples) == 6

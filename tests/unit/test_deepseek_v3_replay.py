@@ -14,7 +14,7 @@ import torch
 from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias, topk_routing_with_score_function
 from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
-from megatron_r3.model.replay_router import InstalledRoutes, RouterReplayState
+from megatron_r3.replay.router import InstalledRoutes, RouterReplayState
 
 from tests.unit.test_deepseek_v3 import BASE, BATCH, SEQ, convert, hf_forward, make_hf, megatron_forward
 

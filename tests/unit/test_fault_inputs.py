@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from megatron_r3.grpo.mismatch import MetricAccumulator
-from megatron_r3.model.config_checks import LayoutConfigError, check_layout
-from megatron_r3.replay.routes import RouteError, decode_sglang_routed_experts
-from megatron_r3.rollout.sglang_protocol import ProtocolError, output_tokens_and_logprobs
+from megatron_r3.replay.config_checks import LayoutConfigError, check_layout
+from megatron_r3.replay.routes import RouteError
+from megatron_r3.rollout.engines.sglang.codec import decode_sglang_routed_experts
+from megatron_r3.rollout.engines.sglang.protocol import ProtocolError, output_tokens_and_logprobs
 from megatron_r3.train.data import DataError, PromptRecord, check_prompt_lengths, load_prompts
 from megatron_r3.train.preflight import UsageError, preflight
 from megatron_r3.train.rollout_phase import logprob_problem

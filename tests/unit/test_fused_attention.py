@@ -140,7 +140,7 @@ def test_local_spec_selection():
     from megatron_r3.model.cp_attention import ContextParallelDotProductAttention
     from megatron_r3.model.fused_attention import FusedDotProductAttention
     from megatron_r3.model.grouped_experts import GroupedExperts
-    from megatron_r3.model.replay_router import ReplayTopKRouter
+    from megatron_r3.replay.router import ReplayTopKRouter
     from megatron_r3.model.specs import replay_decoder_block_spec
 
     def cores_and_experts(**overrides):

@@ -1,4 +1,4 @@
-"""Unit tests for the embedded HF rollout engine (megatron_r3.rollout.hf_engine) on a tiny random Qwen3-MoE."""
+"""Unit tests for the embedded HF rollout engine (megatron_r3.rollout.engines.hf) on a tiny random Qwen3-MoE."""
 
 import copy
 import re
@@ -12,7 +12,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM  # noqa: E402
 
 from megatron_r3.replay.routes import validate_routes  # noqa: E402
 from megatron_r3.rollout.base import SamplingParams  # noqa: E402
-from megatron_r3.rollout.hf_engine import HFRolloutEngine  # noqa: E402
+from megatron_r3.rollout.engines.hf import HFRolloutEngine  # noqa: E402
 
 NUM_LAYERS, TOPK, EXPERTS = 4, 2, 8
 MOE_LAYERS = [False, True, True, True]

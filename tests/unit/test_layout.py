@@ -23,8 +23,10 @@ from megatron_r3.replay.layout import (
     pack_per_slot,
     pack_routes,
     pack_thd,
+    padded_length,
     router_token_slots,
     sequence_pad_multiple,
+    slot_positions,
     sp_local_range,
     unpack_per_slot,
 )
@@ -136,6 +138,28 @@ def test_pack_thd_uneven_padded_lengths():
     plain = pack_thd([3, 2])
     assert_equal(plain.slot_sample, t([0, 0, 0, 1, 1]))
     assert_equal(plain.slot_position, t([0, 1, 2, 0, 1]))
+
+
+def test_pack_thd_seq_length_grows_the_last_samples_padding():
+    # [3, 2] padded to 4 -> (4, 4) = 8 slots; a fixed row of 11 tokens rounds up to 12 and the last sample takes the
+    # 4 extra slots: padded (4, 8), cu_seqlens_padded 0 4 12, the real tokens stay where they were
+    layout = pack_thd([3, 2], pad_multiple=4, seq_length=11)
+    assert (layout.seq_length, layout.padded_lengths) == (12, (4, 8))
+    assert_equal(layout.slot_sample, t([0, 0, 0, -1, 1, 1, -1, -1, -1, -1, -1, -1]))
+    assert_equal(layout.slot_position, t([0, 1, 2, -1, 0, 1, -1, -1, -1, -1, -1, -1]))
+    assert_equal(layout.cu_seqlens(padded=True), t([0, 4, 12], torch.int32))
+    # position ids continue through the grown padding (RoPE range), restarting per sample
+    assert_equal(slot_positions(layout), t([0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7]))
+    # the natural length is accepted unchanged; a shorter one is refused
+    same = pack_thd([3, 2], pad_multiple=4, seq_length=8)
+    assert same.padded_lengths == (4, 4)
+    with pytest.raises(ValueError, match=exact("seq_length 4 is shorter than the 8 packed (padded) tokens")):
+        pack_thd([3, 2], pad_multiple=4, seq_length=4)
+
+
+def test_padded_length():
+    assert [padded_length(n, 4) for n in (1, 4, 5, 8)] == [4, 4, 8, 8]
+    assert padded_length(7, 1) == 7
 
 
 # ------------------------------------------------------------------------------------- BSHD <-> THD, round trip

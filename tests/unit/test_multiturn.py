@@ -11,8 +11,9 @@ import torch
 
 from megatron_r3.replay.routes import RouteError, routes_from_array, validate_routes
 from megatron_r3.rollout.base import RolloutSample, SamplingParams
-from megatron_r3.rollout.multiturn import check_routes_start_len, generate_multiturn, stitch_routes
-from megatron_r3.rollout.sglang_protocol import generate_payload, plan_samples, split_requests
+from megatron_r3.rollout.base import check_routes_start_len
+from megatron_r3.rollout.multiturn import generate_multiturn, stitch_routes
+from megatron_r3.rollout.engines.sglang.protocol import generate_payload, plan_samples, split_requests
 from megatron_r3.train.microbatching import TrainSample
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -116,7 +117,7 @@ def test_the_reward_sees_the_last_answer():
 def engine():
     from transformers import Qwen3MoeConfig
 
-    from megatron_r3.rollout.hf_engine import HFRolloutEngine
+    from megatron_r3.rollout.engines.hf import HFRolloutEngine
 
     with open(os.path.join(REPO, "configs", "models", "qwen3_moe_tiny.json")) as handle:
         config = Qwen3MoeConfig(**json.load(handle))

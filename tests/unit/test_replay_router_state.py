@@ -13,7 +13,7 @@ import pytest
 import torch
 from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
-from megatron_r3.model.replay_router import InstalledRoutes, ReplayTopKRouter, RouterReplayState
+from megatron_r3.replay.router import InstalledRoutes, ReplayTopKRouter, RouterReplayState
 
 SCORES = torch.tensor(
     [

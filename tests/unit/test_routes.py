@@ -14,12 +14,11 @@ from megatron_r3.replay.routes import (
     RouteError,
     Routes,
     compact_index_dtype,
-    decode_sglang_routed_experts,
-    encode_sglang_routed_experts,
     raise_if_any_rank_failed,
     routes_from_array,
     validate_routes,
 )
+from megatron_r3.rollout.engines.sglang.codec import decode_sglang_routed_experts, encode_sglang_routed_experts
 
 
 def exact(message: str) -> str:

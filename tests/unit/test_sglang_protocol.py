@@ -1,4 +1,4 @@
-"""SGLang wire format (megatron_r3.rollout.sglang_protocol): request bodies, reply parsing, route checks, weight-sync
+"""SGLang wire format (megatron_r3.rollout.engines.sglang.protocol): request bodies, reply parsing, route checks, weight-sync
 payloads, address files, and the trainer's handling of failed prompts (rollout_phase.select_groups)."""
 
 from __future__ import annotations
@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_r3.replay.routes import RouteError, encode_sglang_routed_experts
+from megatron_r3.replay.routes import RouteError
+from megatron_r3.rollout.engines.sglang.codec import encode_sglang_routed_experts
 from megatron_r3.rollout.base import RolloutFailure, RolloutResult, RolloutSample, SamplingParams
-from megatron_r3.rollout.sglang_protocol import (
+from megatron_r3.rollout.engines.sglang.protocol import (
     AbortedError,
     MissingRoutesError,
     ProtocolError,

@@ -6,7 +6,7 @@ failure mode of router replay in the field, so these are errors, never warnings.
 
 from __future__ import annotations
 
-REPLAY_MODES = ("off", "R2", "R3")
+from megatron_r3.replay.policy import REPLAY_MODES
 
 
 class ReplayConfigError(ValueError):

@@ -41,10 +41,18 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from megatron_r3.replay.routes import Routes, routes_from_array
-from megatron_r3.rollout.base import RolloutResult, RolloutSample, SamplingParams
+from megatron_r3.rollout.base import (
+    EngineSetup,
+    RolloutEngine,
+    RolloutResult,
+    RolloutSample,
+    SamplingParams,
+    check_generate_request,
+)
 from megatron_r3.rollout.hf_capture import RouteCapture, moe_layer_map
-from megatron_r3.rollout.multiturn import check_routes_start_len
 from megatron_r3.model.families import family_of
+from megatron_r3.rollout.engines.hf_config import HFEngineConfig
+from megatron_r3.rollout.hf_generate import generate_batch_static
 from megatron_r3.rollout.sampling import sample_tokens
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
@@ -98,8 +106,11 @@ def _cast_keep_fp32_buffers(model, dtype: torch.dtype, device: torch.device) -> 
         module._buffers[leaf] = value.to(device)
 
 
-class HFRolloutEngine:
+class HFRolloutEngine(RolloutEngine):
     """A transformers Qwen3-MoE policy in this process, implementing :class:`~megatron_r3.rollout.base.RolloutEngine`.
+
+    No flags of its own: it reads ``--rollout-dtype`` from the shared rollout config. Weight sync is the interface's
+    default (the full tensors stream into :meth:`update_weights` on trainer rank 0).
 
     Args:
         model_or_config: a built ``Qwen3MoeForCausalLM`` (the engine takes ownership: it is cast and moved in place)
@@ -111,6 +122,8 @@ class HFRolloutEngine:
         progress: show a tqdm bar during :meth:`generate`.
         seed: seed of the generator used by calls whose ``SamplingParams.seed`` is None.
     """
+
+    generate_config = HFEngineConfig()  # the decode loop (--hf-static-decode ...); `build` sets the run's
 
     def __init__(
         self,
@@ -150,6 +163,19 @@ class HFRolloutEngine:
         if state_dict is not None:
             self.update_weights(state_dict.items())
             self.weight_version = 0
+
+    @classmethod
+    def build(cls, setup: EngineSetup) -> "HFRolloutEngine":
+        """``--rollout-engine hf``: a freshly initialised model of the policy's architecture (the trainer's first
+        weight sync loads the policy into it), on the GPU when there is one."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(setup.hf_config, dtype=torch.float32)
+        engine = cls(model, dtype=setup.rollout.rollout_dtype, device="cuda" if torch.cuda.is_available() else "cpu",
+                     max_batch_size=max(1, setup.max_batch_size), progress=setup.progress, seed=setup.seed)
+        if setup.config is not None:
+            engine.generate_config = setup.config
+        return engine
 
     # ------------------------------------------------------------------ weights
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, strict: bool = False) -> int:
@@ -192,12 +218,10 @@ class HFRolloutEngine:
         ``routes_start_len`` (per prompt): routes cover rows ``start_len .. T-2`` only, as SGLang returns them for
         ``routed_experts_start_len`` (the rows are captured in the same forwards; the earlier ones are left out)."""
         self._check_open()
-        if not isinstance(sampling, SamplingParams):
-            raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-        if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 1:
-            raise ValueError(f"samples_per_prompt must be a positive int, got {samples_per_prompt!r}")
-        checked = [self._check_prompt(index, prompt) for index, prompt in enumerate(prompts)]
-        starts = check_routes_start_len(checked, routes_start_len)
+        request = check_generate_request(prompts, sampling, samples_per_prompt, routes_start_len,
+                                         vocab_size=self.config.vocab_size,
+                                         max_positions=self.config.max_position_embeddings)
+        checked, starts = request.prompts, request.routes_start_len
         sequences = [(index, prompt) for index, prompt in enumerate(checked) for _ in range(samples_per_prompt)]
         generator = self._generator
         if sampling.seed is not None:
@@ -228,31 +252,12 @@ class HFRolloutEngine:
         }
         return RolloutResult(samples=samples)
 
-    def _check_prompt(self, index: int, prompt) -> torch.Tensor:
-        tokens = torch.as_tensor(prompt)
-        if tokens.dim() != 1:
-            raise ValueError(f"prompt {index} must be a 1-D sequence of token ids, got shape {tuple(tokens.shape)}")
-        if tokens.numel() == 0:
-            raise ValueError(f"prompt {index} is empty; every prompt needs at least one token")
-        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.dtype.is_complex:
-            raise ValueError(f"prompt {index} must hold integer token ids, got {tokens.dtype}")
-        tokens = tokens.to(torch.int64).cpu()
-        vocab = self.config.vocab_size
-        low, high = int(tokens.min()), int(tokens.max())
-        if low < 0 or high >= vocab:
-            bad = low if low < 0 else high
-            raise ValueError(f"prompt {index} holds token id {bad}, outside the vocabulary [0, {vocab})")
-        limit = self.config.max_position_embeddings
-        if tokens.numel() >= limit:
-            raise ValueError(
-                f"prompt {index} has {tokens.numel()} tokens but the model's max_position_embeddings is {limit}: "
-                f"a prompt may have at most {limit - 1} tokens to leave room for one generated token"
-            )
-        return tokens
-
     @torch.inference_mode()
     def _generate_batch(self, chunk, first: int, sampling: SamplingParams, generator, return_routes: bool, bar):
         """Generate one batch; ``first`` is the index of its first sequence in the whole call (for error messages)."""
+        if self.generate_config.static_decode(self.device.type):  # static KV cache, no per-token host sync: rollout/hf_generate.py
+            return generate_batch_static(self.model, chunk, first, sampling, generator, return_routes, bar,
+                                         self.generate_config)
         from transformers import DynamicCache
 
         device = self.device
@@ -369,7 +374,7 @@ class HFRolloutEngine:
         self.close()
 
 
-if __name__ == "__main__":  # throughput on this machine: python -m megatron_r3.rollout.hf_engine [--samples 64 ...]
+if __name__ == "__main__":  # throughput on this machine: python -m megatron_r3.rollout.engines.hf [--samples 64 ...]
     import argparse
 
     from transformers import Qwen3MoeConfig

@@ -48,7 +48,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from megatron_r3.replay.routes import RouteError, decode_sglang_routed_experts
+from megatron_r3.replay.routes import RouteError
+from megatron_r3.rollout.engines.sglang.codec import decode_sglang_routed_experts
 from megatron_r3.rollout.base import RolloutSample, SamplingParams
 
 ROUTES_HINT = (

@@ -1,7 +1,7 @@
 """HTTP to a set of SGLang servers: timeouts, retries with backoff, the same call on every server, health, facts.
 
-:class:`SGLangHTTP` is the transport under :class:`~megatron_r3.rollout.sglang_engine.SGLangEngine` (generation) and
-:mod:`~megatron_r3.rollout.weight_sync` (control calls). Connection errors, timeouts and HTTP 5xx are retryable, 4xx
+:class:`SGLangHTTP` is the transport under :class:`~megatron_r3.rollout.engines.sglang.engine.SGLangEngine` (generation) and
+:mod:`~megatron_r3.rollout.engines.sglang.weight_sync` (control calls). Connection errors, timeouts and HTTP 5xx are retryable, 4xx
 are not (the request itself is wrong); every call has a timeout. A server found dead before a weight sync is dropped
 (``drop_dead_servers``) so that one dead server of several does not stop the run.
 """
@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from megatron_r3.rollout.sglang_protocol import ServerFacts, normalize_url, server_facts
+from megatron_r3.rollout.engines.sglang.protocol import ServerFacts, normalize_url, server_facts
 
 logger = logging.getLogger("megatron_r3.rollout.sglang")
 

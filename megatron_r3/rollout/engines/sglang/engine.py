@@ -3,7 +3,7 @@
 It implements :class:`~megatron_r3.rollout.base.RolloutEngine`, so the trainer cannot tell it from the embedded
 engine: the same :class:`~megatron_r3.rollout.base.RolloutSample`\\ s, with routes in SGLang's
 ``[T-1, num_hidden_layers, top_k]`` layout as ``Routes(source="sglang")``. The wire format lives in
-:mod:`megatron_r3.rollout.sglang_protocol`; weight sync in :mod:`megatron_r3.rollout.weight_sync`.
+:mod:`megatron_r3.rollout.engines.sglang.protocol`; weight sync in :mod:`megatron_r3.rollout.engines.sglang.weight_sync`.
 
 Requests
     Every sample is its own ``POST /generate`` by default (``request_size=1``): SGLang batches concurrent requests
@@ -21,7 +21,7 @@ Failures
     :class:`~megatron_r3.rollout.base.RolloutFailure`; every prompt of a call ends up either with all its samples
     or as a failure, never neither (checked). A reply without routes when routes were requested means the server
     was started without ``--enable-return-routed-experts``: :class:`SGLangConfigError`, raised at once (and at
-    start-up when ``/server_info`` says so). Every HTTP call has a timeout (transport: :mod:`sglang_http`). The whole
+    start-up when ``/server_info`` says so). Every HTTP call has a timeout (transport: :mod:`~megatron_r3.rollout.engines.sglang.http`). The whole
     call has a deadline derived from the work (``rollout_deadline``), with progress logs naming the servers waited
     on; past it, :class:`RolloutDeadlineError` names them. After a weight sync every reply's
     ``meta_info["weight_version"]`` must be the synced one (:class:`StaleWeightsError` otherwise).
@@ -38,9 +38,18 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from megatron_r3.replay.routes import RouteError
-from megatron_r3.rollout.base import RolloutFailure, RolloutResult, RolloutSample, SamplingParams
-from megatron_r3.rollout.multiturn import check_routes_start_len
-from megatron_r3.rollout.sglang_protocol import (
+from megatron_r3.rollout.base import (
+    EngineSetup,
+    PolicyWeights,
+    RolloutEngine,
+    RolloutFailure,
+    RolloutResult,
+    RolloutSample,
+    SamplingParams,
+    check_generate_request,
+)
+from megatron_r3.rollout.engines.sglang.config import SGLangEngineConfig
+from megatron_r3.rollout.engines.sglang.protocol import (
     ROUTES_HINT,
     AbortedError,
     MissingRoutesError,
@@ -55,13 +64,19 @@ from megatron_r3.rollout.sglang_protocol import (
     split_requests,
     weight_version_of,
 )
-from megatron_r3.rollout.sglang_http import (  # noqa: F401 - re-exported: the engine's public errors and settings
+from megatron_r3.rollout.engines.sglang.http import (
     RolloutDeadlineError,
     SGLangClientConfig,
     SGLangConfigError,
     SGLangHTTP,
     SGLangHTTPError,
     StaleWeightsError,
+)
+from megatron_r3.rollout.engines.sglang.weight_sync import (
+    DistributedWeightSender,
+    WeightSyncSettings,
+    push_named_tensors,
+    sync_policy_weights,
 )
 
 logger = logging.getLogger("megatron_r3.rollout.sglang")
@@ -74,8 +89,11 @@ class _Outcome:
     retries: int = 0
 
 
-class SGLangEngine(SGLangHTTP):
+class SGLangEngine(SGLangHTTP, RolloutEngine):
     """Client for SGLang servers, implementing :class:`~megatron_r3.rollout.base.RolloutEngine`.
+
+    Flags: :class:`~megatron_r3.rollout.engines.sglang.config.SGLangEngineConfig` (``EngineSetup.config``). Weight sync: buckets over a
+    NCCL group or a disk export, driven by :func:`~megatron_r3.rollout.engines.sglang.weight_sync.sync_policy_weights`.
 
     Args:
         urls: server base URLs (``http://host:port``).
@@ -84,7 +102,7 @@ class SGLangEngine(SGLangHTTP):
         vocab_size: generated ids are checked against it when given.
         config: client settings (:class:`SGLangClientConfig`).
         require_routes: fail at start-up when a server reports it runs without --enable-return-routed-experts.
-        weight_sync: :class:`~megatron_r3.rollout.weight_sync.WeightSyncSettings` (``update_weights`` and the
+        weight_sync: :class:`~megatron_r3.rollout.engines.sglang.weight_sync.WeightSyncSettings` (``update_weights`` and the
             trainer's sync); None: distributed sync with defaults.
         hf_config: the model's HF config (written next to disk-path weights).
         wait_for_health: poll ``/health`` of every server (up to ``startup_timeout_s``) before anything else.
@@ -114,8 +132,6 @@ class SGLangEngine(SGLangHTTP):
         self._in_flight: dict[int, str] = {}
         self._deadline = float("inf")
         self.last_stats: dict[str, float] = {}
-        from megatron_r3.rollout.weight_sync import WeightSyncSettings
-
         self.weight_sync = weight_sync or WeightSyncSettings()
         self._weight_sender = None
         if wait_for_health:
@@ -129,6 +145,33 @@ class SGLangEngine(SGLangHTTP):
                     f"routes are needed (--router-replay R3 or --collect-routing-agreement) but {', '.join(off)} "
                     f"report enable_return_routed_experts=false: {ROUTES_HINT}"
                 )
+
+    # ------------------------------------------------------------------ the RolloutEngine class methods
+    @classmethod
+    def build(cls, setup: EngineSetup) -> "SGLangEngine":
+        """``--rollout-engine sglang``: the client for the servers named by the flags (trainer rank 0 only)."""
+        from megatron_r3.model.families import arch_from_hf_config
+
+        arch = arch_from_hf_config(setup.hf_config)
+        config: SGLangEngineConfig = setup.config
+        client = config.client_config()
+        urls = resolve_urls(config.sglang_url, config.sglang_address_file, wait_s=client.startup_timeout_s)
+        engine = cls(
+            urls, num_layers=arch.num_layers, topk=arch.topk, num_experts=arch.num_experts,
+            vocab_size=arch.vocab_size, config=client, require_routes=setup.require_routes,
+            weight_sync=config.weight_sync_settings(setup.rollout.rollout_dtype), hf_config=setup.hf_config,
+        )
+        print(f"rollout engine: SGLang at {', '.join(engine.urls)} (weight sync: {engine.weight_sync.mode})",
+              flush=True)
+        return engine
+
+    @classmethod
+    def sync_weights(cls, engine: Optional["SGLangEngine"], weights: PolicyWeights, setup: EngineSetup) -> None:
+        """Collective: buckets over the weight update group or a disk export; pause/flush/send/continue on rank 0
+        (:func:`~megatron_r3.rollout.engines.sglang.weight_sync.sync_policy_weights`)."""
+        settings = (engine.weight_sync if engine is not None
+                    else setup.config.weight_sync_settings(setup.rollout.rollout_dtype))
+        sync_policy_weights(engine, weights.chunks, weights.arch, weights.hf_config, settings)
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -144,12 +187,10 @@ class SGLangEngine(SGLangHTTP):
         prompts that could not be served come back as failures. ``routes_start_len`` (per prompt) is sent as
         ``routed_experts_start_len``: the server returns rows ``start_len .. T-2`` only (multi-turn rollouts)."""
         self._check_open()
-        if not isinstance(sampling, SamplingParams):
-            raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-        if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 1:
-            raise ValueError(f"samples_per_prompt must be a positive int, got {samples_per_prompt!r}")
-        checked = [self._check_prompt(index, prompt) for index, prompt in enumerate(prompts)]
-        starts = check_routes_start_len(checked, routes_start_len) if return_routes else [0] * len(checked)
+        request = check_generate_request(prompts, sampling, samples_per_prompt, routes_start_len,
+                                         vocab_size=self.vocab_size)
+        checked = [prompt.tolist() for prompt in request.prompts]
+        starts = request.routes_start_len if return_routes else [0] * len(checked)
         if sampling.seed is not None:
             self._check_seeds_honoured()
         start = time.perf_counter()
@@ -247,19 +288,6 @@ class SGLangEngine(SGLangHTTP):
             self._warned_seeds = True
             logger.warning(message)
 
-    def _check_prompt(self, index: int, prompt) -> list[int]:
-        tokens = torch.as_tensor(prompt)
-        if tokens.dim() != 1 or tokens.numel() == 0:
-            raise ValueError(f"prompt {index} must be a non-empty 1-D sequence of token ids, got shape "
-                             f"{tuple(tokens.shape)}")
-        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.dtype.is_complex:
-            raise ValueError(f"prompt {index} must hold integer token ids, got {tokens.dtype}")
-        ids = tokens.to(torch.int64).tolist()
-        if self.vocab_size is not None and (min(ids) < 0 or max(ids) >= self.vocab_size):
-            bad = min(ids) if min(ids) < 0 else max(ids)
-            raise ValueError(f"prompt {index} holds token id {bad}, outside the vocabulary [0, {self.vocab_size})")
-        return ids
-
     def _serve(self, index: int, specs, prompts, sampling: SamplingParams, return_routes: bool,
                start_len: int = 0) -> _Outcome:
         """One /generate request (with retries): every sample of it ends up in ``samples`` or ``errors``."""
@@ -354,10 +382,8 @@ class SGLangEngine(SGLangHTTP):
     # ------------------------------------------------------------------ weights
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Push full HF-named tensors from this process to every server (the configured distributed or disk path).
-        The trainer's multi-rank sync goes through :func:`megatron_r3.rollout.weight_sync.sync_policy_weights`."""
+        The trainer's multi-rank sync goes through :func:`megatron_r3.rollout.engines.sglang.weight_sync.sync_policy_weights`."""
         self._check_open()
-        from megatron_r3.rollout.weight_sync import push_named_tensors
-
         push_named_tensors(self, named_tensors)
 
     def record_weight_version(self, version: Optional[str]) -> None:
@@ -384,8 +410,6 @@ class SGLangEngine(SGLangHTTP):
     def weight_sender(self):
         """The distributed-path sender (its process group is created on first use)."""
         if self._weight_sender is None:
-            from megatron_r3.rollout.weight_sync import DistributedWeightSender
-
             self._weight_sender = DistributedWeightSender(self, self.weight_sync)
         return self._weight_sender
 
@@ -438,33 +462,3 @@ def resolve_urls(urls: Optional[Sequence[str]], address_file: Optional[str], *, 
     if not out:
         raise SGLangConfigError("no SGLang server: give --sglang-url URL [URL ...] or --sglang-address-file FILE")
     return list(dict.fromkeys(out))
-
-
-def client_config_from_args(args) -> SGLangClientConfig:
-    return SGLangClientConfig(
-        max_concurrency=args.sglang_max_concurrency,
-        request_size=args.sglang_request_size,
-        request_timeout_s=args.sglang_request_timeout,
-        connect_timeout_s=args.sglang_connect_timeout,
-        max_retries=args.sglang_max_retries,
-        retry_backoff_s=args.sglang_retry_backoff,
-        startup_timeout_s=args.sglang_startup_timeout,
-        rollout_deadline_s=args.sglang_rollout_deadline,  # None: derived from the work
-    )
-
-
-def build_sglang_engine(args, hf_config) -> SGLangEngine:
-    """``--rollout-engine sglang``: the client for the servers named by the arguments (rank 0 only)."""
-    from megatron_r3.model.families import arch_from_hf_config
-    from megatron_r3.rollout.weight_sync import settings_from_args
-
-    arch = arch_from_hf_config(hf_config)
-    config = client_config_from_args(args)
-    urls = resolve_urls(args.sglang_url, args.sglang_address_file, wait_s=config.startup_timeout_s)
-    engine = SGLangEngine(
-        urls, num_layers=arch.num_layers, topk=arch.topk, num_experts=arch.num_experts, vocab_size=arch.vocab_size,
-        config=config, require_routes=args.router_replay == "R3" or bool(args.collect_routing_agreement),
-        weight_sync=settings_from_args(args), hf_config=hf_config,
-    )
-    print(f"rollout engine: SGLang at {', '.join(engine.urls)} (weight sync: {engine.weight_sync.mode})", flush=True)
-    return engine

@@ -47,7 +47,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_r3.platform import collectives
-from megatron_r3.rollout.sglang_protocol import (
+from megatron_r3.rollout.base import WeightSyncError
+from megatron_r3.rollout.engines.sglang.http import SGLangHTTPError
+from megatron_r3.rollout.engines.sglang.protocol import (
     ProtocolError,
     check_success,
     init_weights_update_group_payload,
@@ -56,15 +58,11 @@ from megatron_r3.rollout.sglang_protocol import (
     weight_version_of,
 )
 
-logger = logging.getLogger("megatron_r3.rollout.weight_sync")
+logger = logging.getLogger("megatron_r3.rollout.engines.sglang.weight_sync")
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
            "fp16": torch.float16, "float16": torch.float16}
 WEIGHTS_DIR_PATTERN = re.compile(r"^weights-v(\d+)$")
-
-
-class WeightSyncError(RuntimeError):
-    """A weight update did not reach the servers; raised on every trainer rank."""
 
 
 @dataclass
@@ -97,21 +95,6 @@ class WeightSyncSettings:
         if self.backend == "auto":
             return "nccl" if torch.cuda.is_available() else "gloo"
         return self.backend
-
-
-def settings_from_args(args) -> WeightSyncSettings:
-    kwargs = dict(
-        mode=args.weight_sync,
-        dtype=args.rollout_dtype,
-        bucket_bytes=int(args.weight_sync_bucket_mb * 1024**2),
-        backend=args.weight_sync_backend,
-        master_address=args.weight_sync_master_address,
-        master_port=args.weight_sync_master_port,
-        timeout_s=args.weight_sync_timeout,
-        directory=args.weight_sync_dir,
-        load_format=args.weight_sync_load_format,
-    )
-    return WeightSyncSettings(**kwargs)
 
 
 # ================================================================================================ process group
@@ -169,7 +152,7 @@ def local_address_towards(url: str) -> str:
 
 # ================================================================================================ distributed path
 class DistributedWeightSender:
-    """Rank 0's side of the distributed path for one :class:`~megatron_r3.rollout.sglang_engine.SGLangEngine`."""
+    """Rank 0's side of the distributed path for one :class:`~megatron_r3.rollout.engines.sglang.engine.SGLangEngine`."""
 
     def __init__(self, engine, settings: WeightSyncSettings):
         self.engine, self.settings = engine, settings
@@ -393,8 +376,6 @@ def verify_weight_version(engine, version: Optional[str]) -> None:
     endpoint never skips the check."""
     if version is None:
         return
-    from megatron_r3.rollout.sglang_engine import SGLangHTTPError
-
     for url in engine.urls:
         try:
             body = engine.call(url, "GET", "/model_info")
