@@ -21,6 +21,17 @@ Why
       replayed (the first decode forward runs eagerly on a side stream as warm-up, followed by the one extra sync
       of the batch); sampling stays outside the graph.
 
+What a replayed decode forward reads (:class:`CUDADecodeGraph`)
+    A replay reruns the kernels recorded at capture on the same addresses and runs no Python, so every input that
+    changes per step lives in a buffer updated in place before the replay: the fed tokens, their positions (rotary),
+    the additive mask (one more slot opened per step), the route recorder's ``step_index``, and the cache slot
+    written, which transformers' ``StaticCache`` (5.x) takes from its device tensor ``cumulative_length``, advanced
+    in place by every forward (the capture records the advance without running it; each replay runs it once).
+    Nothing of the decode forward may read the host (a capture fails on it). The unit tests replay the loop with a
+    CPU stand-in that records the aten ops of the capture and reruns only those, which fails on a per-step value
+    baked into the capture; that the CUDA graph then gives the static loop's tokens is checked by bench/hf_generate.py
+    (greedy, fp32 and bf16).
+
 Sampling semantics (:mod:`megatron_r3.rollout.sampling`, shared with the first loop)
     Temperature, top-k, top-p and the reported logprob are computed by the same functions. The draw is
     ``argmax(probs / Exp(1) noise)`` with the noise from ``exponential_(generator=...)``, which is exactly the
@@ -40,7 +51,7 @@ Equality with the first loop (same seed)
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -167,17 +178,60 @@ def _host_all_done(done: torch.Tensor) -> bool:
     return bool(done.all())
 
 
+class CUDADecodeGraph:
+    """The decode forward of one batch in a CUDA graph: ``warm_up`` runs it eagerly on a side stream (as
+    ``torch.cuda.graphs`` asks before a capture; followed by the one extra sync of the batch), ``capture`` records it
+    without running it, ``replay`` runs the recorded kernels and returns the captured output (the same tensor every
+    time, overwritten by each replay). The loop of :func:`generate_batch_static` takes any object with these three
+    methods (the unit tests pass a CPU stand-in).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.output: Optional[torch.Tensor] = None
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def warm_up(self, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            output = forward()
+        torch.cuda.synchronize(self.device)  # once per batch: the side stream's memory is reused by the main one
+        return output
+
+    def capture(self, forward: Callable[[], torch.Tensor]) -> None:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                output = forward()
+        except RuntimeError as error:
+            raise RuntimeError(f"hf_cuda_graph: capturing the decode forward failed ({error}); "
+                               "turn --hf-cuda-graph off") from error
+        self.graph, self.output = graph, output
+
+    def replay(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.output
+
+
 @torch.inference_mode()
 def generate_batch_static(model, chunk, first: int, sampling: SamplingParams, generator, return_routes: bool,
-                          bar, config: HFEngineConfig, stats: Optional[dict] = None) -> list[RolloutSample]:
+                          bar, config: HFEngineConfig, stats: Optional[dict] = None,
+                          decode_graph: Optional[Callable[[torch.device], CUDADecodeGraph]] = None
+                          ) -> list[RolloutSample]:
     """Generate one batch of ``chunk`` = ``[(prompt_index, prompt int64 CPU tensor), ...]`` with fixed shapes.
 
     Same arguments and samples as ``HFRolloutEngine._generate_batch`` (``first``: index of the batch's first
     sequence in the call, for route ids; ``bar``: a tqdm bar advanced once per batch). ``stats``, if given, receives
-    ``decode_forwards`` and ``host_checks`` (the number of device syncs of the decode loop).
+    ``decode_forwards`` and ``host_checks`` (the number of device syncs of the decode loop). ``decode_graph`` builds
+    the graph of the decode forward when ``config.hf_cuda_graph`` is set (default :class:`CUDADecodeGraph`).
     """
     device = next(model.parameters()).device
-    if config.hf_cuda_graph and device.type != "cuda":
+    if config.hf_cuda_graph and decode_graph is None and device.type != "cuda":
         raise ValueError(f"hf_cuda_graph needs the model on a CUDA device, it is on {device}; turn the flag off")
     _check_attention(model)
     hf_config = model.config
@@ -241,7 +295,7 @@ def generate_batch_static(model, chunk, first: int, sampling: SamplingParams, ge
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         stop_ids = torch.tensor(sorted(set(sampling.stop_token_ids)), dtype=torch.int64, device=device)
         pad = torch.full((), pad_id, dtype=torch.int64, device=device)
-        graph, graph_logits = None, None
+        graph = (decode_graph or CUDADecodeGraph)(device) if config.hf_cuda_graph else None
         forwards = host_checks = 0
         for step in range(max_steps):
             tokens, token_logprobs = sample_on_device(logits, sampling, generator)
@@ -266,29 +320,18 @@ def generate_batch_static(model, chunk, first: int, sampling: SamplingParams, ge
             if recorder is not None:
                 recorder.step_index.fill_(step)
                 recorder.announce("decode")
-            if graph is not None:
-                graph.replay()
-                logits = graph_logits
-            elif config.hf_cuda_graph and forwards >= 1:  # the first decode forward ran eagerly: warm-up done
-                graph = torch.cuda.CUDAGraph()
-                try:
-                    with torch.cuda.graph(graph):
-                        graph_logits = decode_forward()
-                except RuntimeError as error:
-                    raise RuntimeError(f"hf_cuda_graph: capturing the decode forward failed ({error}); "
-                                       "turn --hf-cuda-graph off") from error
-                graph.replay()  # capture records without running: run this step now
-                logits = graph_logits
-            elif config.hf_cuda_graph:  # warm-up before capture, on a side stream as torch.cuda.graphs asks
-                side = torch.cuda.Stream(device=device)
-                side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side):
-                    logits = decode_forward()
-                torch.cuda.synchronize(device)  # once per batch: the side stream's memory is reused by the main one
-            else:
+            hooks_ran = True  # the router hooks run in every forward that runs Python: all but a replay
+            if graph is None:
                 logits = decode_forward()
+            elif graph.captured:
+                logits, hooks_ran = graph.replay(), False
+            elif forwards >= 1:  # the first decode forward ran eagerly: warm-up done
+                graph.capture(decode_forward)
+                logits = graph.replay()  # capture records without running: run this step now
+            else:
+                logits = graph.warm_up(decode_forward)
             if recorder is not None:
-                if graph is None or recorder.reported:  # a replay runs no Python hook; the capture did
+                if hooks_ran:
                     recorder.finish()
                 recorder.mode = None
             forwards += 1

@@ -11,13 +11,14 @@ import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("transformers")
 from tests.unit.test_hf_engine import PROMPTS, random_model  # noqa: E402
 
 from megatron_r3.rollout.base import SamplingParams  # noqa: E402
 from megatron_r3.rollout.engines.hf import HFRolloutEngine  # noqa: E402
-from megatron_r3.rollout.engines.hf_config import HFEngineConfig
+from megatron_r3.rollout.engines.hf_config import HFEngineConfig  # noqa: E402
 from megatron_r3.rollout.hf_generate import generate_batch_static, sample_on_device  # noqa: E402
 from megatron_r3.rollout.sampling import sample_tokens  # noqa: E402
 
@@ -209,3 +210,138 @@ def test_settings_are_flags_of_the_typed_config():
     from megatron_r3.rollout.engines import engine_config_class
 
     assert engine_config_class("hf") is HFEngineConfig  # the hf engine's flags are these
+
+
+# --- the CUDA-graph path, replayed on the CPU -------------------------------------------------------------------------
+
+
+def _tensors(args, kwargs) -> list:
+    flat = [*args, *kwargs.values()]
+    flat = [item for value in flat for item in (value if isinstance(value, (list, tuple)) else [value])]
+    return [value for value in flat if isinstance(value, torch.Tensor)]
+
+
+def _integer_indexing(func, args) -> bool:
+    """``x[index]`` with integer index tensors: its output shape is the index's (tagged dynamic for boolean masks)."""
+    return func is torch.ops.aten.index.Tensor and all(
+        index is None or index.dtype != torch.bool for index in args[1])
+
+
+class _CaptureMode(TorchDispatchMode):
+    """Records every aten op of a forward with the tensors it read and wrote, as a CUDA graph capture records kernels
+    with their addresses. A host read or an op whose output shape depends on data raises (a CUDA capture fails on
+    them); the tensors the forward mutates are restored afterwards (a CUDA capture runs nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.saved = [], {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if torch.Tag.data_dependent_output in func.tags or (
+                torch.Tag.dynamic_output_shape in func.tags and not _integer_indexing(func, args)):
+            raise RuntimeError(f"{func} reads the device from the host: not allowed while capturing a CUDA graph")
+        for index, argument in enumerate(func._schema.arguments):
+            value = kwargs.get(argument.name) if argument.kwarg_only or index >= len(args) else args[index]
+            if argument.alias_info is not None and argument.alias_info.is_write:
+                for tensor in value if isinstance(value, (list, tuple)) else [value]:
+                    if isinstance(tensor, torch.Tensor):
+                        self.saved.setdefault(id(tensor), (tensor, tensor.clone()))
+        out = func(*args, **kwargs)
+        self.ops.append((func, args, kwargs, out))
+        return out
+
+    def restore(self):
+        for tensor, before in reversed(list(self.saved.values())):
+            tensor.copy_(before)
+
+
+class RecordedGraph:
+    """CPU stand-in for :class:`~megatron_r3.rollout.hf_generate.CUDADecodeGraph`: ``replay`` reruns the recorded
+    aten ops on the recorded tensors, writing fresh outputs into the captured ones, and runs no Python. A per-step
+    value the decode forward takes from the host (a Python int, a tensor rebound instead of updated in place) stays
+    at its capture-time value, as on a GPU."""
+
+    instances: list = []
+
+    def __init__(self, device):
+        self.mode, self.output, self.replays = None, None, 0
+        RecordedGraph.instances.append(self)
+
+    @property
+    def captured(self):
+        return self.mode is not None
+
+    def warm_up(self, forward):
+        return forward()
+
+    def capture(self, forward):
+        mode = _CaptureMode()
+        with mode:
+            self.output = forward()
+        mode.restore()
+        self.mode = mode
+
+    def replay(self):
+        for func, args, kwargs, out in self.mode.ops:
+            fresh = func(*args, **kwargs)
+            outs, fresh = (out, fresh) if isinstance(out, (list, tuple)) else ((out,), (fresh,))
+            inputs = {t.untyped_storage().data_ptr() for t in _tensors(args, kwargs)}
+            for old, new in zip(outs, fresh):
+                # views and in-place results alias what the op just wrote (the schema's alias marks are not enough:
+                # `to` is marked as an alias and returns a copy when it converts)
+                if isinstance(old, torch.Tensor) and old.untyped_storage().data_ptr() not in inputs:
+                    old.copy_(new)
+        self.replays += 1
+        return self.output
+
+
+def test_recorded_graph_replays_ops_not_python_and_refuses_host_reads():
+    # the stand-in's two CUDA-graph properties, each shown on a planted bug: a Python value is frozen at capture ...
+    buffer, counter = torch.zeros(3), [1.0]
+    graph = RecordedGraph(None)
+    graph.capture(lambda: (buffer.add_(counter[0]), buffer * 2)[1])
+    assert torch.equal(buffer, torch.zeros(3))  # the capture ran nothing
+    counter[0] = 5.0
+    assert torch.equal(graph.replay(), torch.full((3,), 2.0)) and torch.equal(graph.replay(), torch.full((3,), 4.0))
+    # ... while a buffer updated in place is read afresh by every replay
+    step = torch.zeros(1, dtype=torch.int64)
+    table = torch.zeros(4, dtype=torch.int64)
+    graph = RecordedGraph(None)
+    graph.capture(lambda: table.index_copy_(0, step, step + 10))
+    for value in (2, 3):
+        step.fill_(value)
+        graph.replay()
+    assert table.tolist() == [0, 0, 12, 13]
+    with pytest.raises(RuntimeError, match="reads the device from the host: not allowed while capturing"):
+        RecordedGraph(None).capture(lambda: torch.ones(2) * float(buffer.sum()))
+    with pytest.raises(RuntimeError, match="reads the device from the host: not allowed while capturing"):
+        RecordedGraph(None).capture(lambda: buffer.nonzero())
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.8, top_k=30, max_new_tokens=9, stop_token_ids=(7, 8, 9, 10, 11), seed=5),
+    SamplingParams(temperature=0.0, max_new_tokens=7, stop_token_ids=(5, 39)),
+])
+def test_graph_path_replayed_on_cpu_equals_the_static_loop_bitwise(base_model, params):
+    # The graph branch of the loop (warm-up, capture, replays) with the CPU stand-in: every per-step input of the
+    # decode forward must come from a buffer updated in place (tokens, positions, mask, cache slot, route step), else
+    # a replay reuses the capture's value and tokens, logprobs or routes differ. Same ops on the same inputs: bitwise.
+    chunk = [(i, torch.tensor(p)) for i, p in enumerate(PROMPTS * 2)]
+    samples, stats = {}, {}
+    for graphed in (False, True):
+        RecordedGraph.instances.clear()
+        stats[graphed] = {}
+        samples[graphed] = generate_batch_static(
+            copy.deepcopy(base_model), chunk, 0, params, torch.Generator().manual_seed(0), True, _Bar(),
+            HFEngineConfig(hf_stop_check_interval=4, hf_cuda_graph=graphed), stats[graphed],
+            decode_graph=RecordedGraph)
+    (graph,) = RecordedGraph.instances
+    assert graph.replays == stats[True]["decode_forwards"] - 1 >= 4  # all but the warm-up forward were replays
+    assert stats[True] == stats[False]
+    for a, b in zip(samples[False], samples[True]):
+        assert torch.equal(a.tokens, b.tokens), (a.tokens.tolist(), b.tokens.tolist())
+        assert torch.equal(a.response_logprobs, b.response_logprobs)
+        assert torch.equal(a.routes.expert_ids, b.routes.expert_ids)
+        assert a.finish_reason == b.finish_reason
+    assert {s.finish_reason for s in samples[True]} == {"stop", "length"}
