@@ -53,10 +53,9 @@ Everything here is pure tensor code: no process group. `megatron_r3.model.weight
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
-
-import re
 
 import torch
 
@@ -110,7 +109,8 @@ def _family(arch: ModelArch):
 # and TEGroupedMLP / GroupedExperts `...mlp.experts.linear_fc1.weight{l}`.
 _ROUTED_EXPERT_RE = re.compile(
     r"^decoder\.layers\.(?P<j>\d+)\.mlp\.experts\."
-    r"(?:local_experts\.(?P<seq_l>\d+)\.linear_fc(?P<seq_fc>[12])\.weight|linear_fc(?P<grp_fc>[12])\.weight(?P<grp_l>\d+))$"
+    r"(?:local_experts\.(?P<seq_l>\d+)\.linear_fc(?P<seq_fc>[12])\.weight"
+    r"|linear_fc(?P<grp_fc>[12])\.weight(?P<grp_l>\d+))$"
 )
 
 
@@ -149,11 +149,12 @@ def map_megatron_name(
     if not 0 <= e < arch.num_experts:
         raise MappingError(f"{name!r}: global expert id {e} outside [0, {arch.num_experts})")
     hf_names = tuple(family.routed_expert_hf_names(arch, layer, e, projection))
+    if len(hf_names) != (2 if projection == "fc1" else 1):
+        raise MappingError(f"{name!r}: the {family.name} family names {hf_names} for {projection}; the mapping needs "
+                           "(gate, up) for fc1 (SwiGLU experts) and (down,) for fc2")
     if projection == "fc1":
-        kind, tp_dim = (GATE_UP if len(hf_names) == 2 else COPY), 0
-    else:
-        kind, tp_dim = COPY, 1
-    return ParamMapping(name, hf_names, kind, tp_dim, expert_id=e, layer=layer)
+        return ParamMapping(name, hf_names, GATE_UP, 0, expert_id=e, layer=layer)
+    return ParamMapping(name, hf_names, COPY, 1, expert_id=e, layer=layer)
 
 
 def persistent_buffers(module: torch.nn.Module):

@@ -106,7 +106,10 @@ def test_load_export_round_trip_with_either_experts_module(model_type, experts):
             continue
         j, fc, e = parsed
         p = f"model.layers.{int(chunk.decoder.layers[j].layer_number) - 1}.mlp.experts.{e}."
-        want = torch.cat([hf[p + "gate_proj.weight"], hf[p + "up_proj.weight"]]) if fc == 1 else hf[p + "down_proj.weight"]
+        if fc == 1:
+            want = torch.cat([hf[p + "gate_proj.weight"], hf[p + "up_proj.weight"]])
+        else:
+            want = hf[p + "down_proj.weight"]
         assert torch.equal(param.detach(), want), name
         experts_seen += 1
     assert experts_seen == 2 * arch.num_experts * sum(arch.moe_layers)
@@ -117,3 +120,21 @@ def test_load_export_round_trip_with_either_experts_module(model_type, experts):
     for name, tensor in hf.items():
         assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
 
+
+
+def test_a_family_naming_a_fused_expert_tensor_is_refused(monkeypatch):
+    """fc1 is [gate; up] per expert-TP shard: a family that names one HF tensor for it fails loudly, naming both."""
+    from megatron_r3.model.families.qwen_moe import QwenMoeFamily
+    from megatron_r3.model.hf_mapping import MappingError, map_megatron_name
+
+    from transformers import AutoConfig
+
+    arch = families.arch_from_hf_config(AutoConfig.for_model("qwen3_moe", **TINY["qwen3_moe"]))
+    monkeypatch.setattr(QwenMoeFamily, "routed_expert_hf_names",
+                        lambda self, arch, layer, e, projection: (f"model.layers.{layer}.mlp.experts.{e}.w",))
+    with pytest.raises(MappingError) as error:
+        map_megatron_name("decoder.layers.1.mlp.experts.linear_fc1.weight2", arch)
+    assert str(error.value) == (
+        "'decoder.layers.1.mlp.experts.linear_fc1.weight2': the qwen_moe family names "
+        "('model.layers.1.mlp.experts.2.w',) for fc1; the mapping needs (gate, up) for fc1 (SwiGLU experts) and "
+        "(down,) for fc2")
