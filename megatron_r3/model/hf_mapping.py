@@ -2,6 +2,13 @@
 tensor-parallel split dims, expert ids. The name tables are the model family's (`megatron_r3.model.families`);
 the functions here dispatch on `arch.model_type`. The table below is the Qwen-MoE family's.
 
+Routed experts are the one exception, written here once for every family: megatron names local expert l's weights
+`mlp.experts.local_experts.{l}.linear_fc{1,2}.weight` (`SequentialMLP`) or `mlp.experts.linear_fc{1,2}.weight{l}`
+(`TEGroupedMLP` and our `GroupedExperts`, which the trainer uses in bf16 on a GPU), whatever the family; so
+`map_megatron_name` maps both namings itself (`routed_expert_of`) and asks the family only for the HF names of
+global expert e (`ModelFamily.routed_expert_hf_names`). A family's `map_megatron_name` never sees an expert name,
+so no family can map one naming and forget the other.
+
 HF names are the on-disk checkpoint names (`save_pretrained` output, hub checkpoints, SGLang `load_weights`), with
 one tensor per expert. transformers 5 keeps experts fused *in memory* (`mlp.experts.gate_up_proj` [E, 2I, H] =
 [gate; up] per expert, `mlp.experts.down_proj` [E, H, I]) and converts on load/save; `megatron_r3.model.hf_module`
@@ -46,6 +53,7 @@ Everything here is pure tensor code: no process group. `megatron_r3.model.weight
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -97,6 +105,26 @@ def _family(arch: ModelArch):
     return family_for(arch.model_type)
 
 
+# Local expert l's weights in megatron's two namings: SequentialMLP `...mlp.experts.local_experts.{l}.linear_fc1.weight`
+# and TEGroupedMLP / GroupedExperts `...mlp.experts.linear_fc1.weight{l}`.
+_ROUTED_EXPERT_RE = re.compile(
+    r"^decoder\.layers\.(?P<j>\d+)\.mlp\.experts\."
+    r"(?:local_experts\.(?P<seq_l>\d+)\.linear_fc(?P<seq_fc>[12])\.weight"
+    r"|linear_fc(?P<grp_fc>[12])\.weight(?P<grp_l>\d+))$"
+)
+
+
+def routed_expert_of(name: str) -> Optional[tuple[int, str, int]]:
+    """(j: the layer's index in its chunk, projection "fc1" | "fc2", l: the local expert) of a routed-expert weight
+    of one chunk in either megatron naming (see `_ROUTED_EXPERT_RE`), None for any other name."""
+    match = _ROUTED_EXPERT_RE.match(name)
+    if match is None:
+        return None
+    if match["seq_l"] is not None:
+        return int(match["j"]), f"fc{match['seq_fc']}", int(match["seq_l"])
+    return int(match["j"]), f"fc{match['grp_fc']}", int(match["grp_l"])
+
+
 def map_megatron_name(
     name: str,
     arch: ModelArch,
@@ -105,12 +133,28 @@ def map_megatron_name(
     expert_offset: int = 0,
 ) -> ParamMapping:
     """The mapping of megatron parameter or persistent buffer `name` (as in `GPTModel.named_parameters()` /
-    `persistent_buffers` of one chunk), by the family of `arch`.
+    `persistent_buffers` of one chunk), by the family of `arch`. Routed-expert weights (both megatron namings) are
+    mapped here for every family: fc1 = [gate; up] per expert-TP shard (GATE_UP, split dim 0), fc2 = down (split
+    dim 1), with the HF names of global expert `expert_offset + l` from the family's `routed_expert_hf_names`.
 
     layer_number_of(j): the global 1-based `layer_number` of `decoder.layers.{j}` in this chunk (PP/VP offset).
     expert_offset: global id of this rank's first local expert (ep_rank * num_local_experts).
     """
-    return _family(arch).map_megatron_name(name, arch, layer_number_of=layer_number_of, expert_offset=expert_offset)
+    family = _family(arch)
+    expert = routed_expert_of(name)
+    if expert is None:
+        return family.map_megatron_name(name, arch, layer_number_of=layer_number_of, expert_offset=expert_offset)
+    j, projection, local = expert
+    layer, e = layer_number_of(j) - 1, expert_offset + local
+    if not 0 <= e < arch.num_experts:
+        raise MappingError(f"{name!r}: global expert id {e} outside [0, {arch.num_experts})")
+    hf_names = tuple(family.routed_expert_hf_names(arch, layer, e, projection))
+    if len(hf_names) != (2 if projection == "fc1" else 1):
+        raise MappingError(f"{name!r}: the {family.name} family names {hf_names} for {projection}; the mapping needs "
+                           "(gate, up) for fc1 (SwiGLU experts) and (down,) for fc2")
+    if projection == "fc1":
+        return ParamMapping(name, hf_names, GATE_UP, 0, expert_id=e, layer=layer)
+    return ParamMapping(name, hf_names, COPY, 1, expert_id=e, layer=layer)
 
 
 def persistent_buffers(module: torch.nn.Module):

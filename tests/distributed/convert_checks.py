@@ -137,10 +137,11 @@ LAYOUTS = {
     "ds_tp2sp": ("deepseek", dict(tensor_model_parallel_size=2), dict(sequence_parallel=True), ("replay_sensitive",)),
     "ds_ep2": ("deepseek", dict(expert_model_parallel_size=2), {}, ("buckets",)),
     "ds_pp2_noq": ("deepseek_noq", dict(pipeline_model_parallel_size=2), {}, ("saved_dir",)),
-    "ds_tp2ep2_noq": (
+    # ... with the grouped experts a bf16 GPU run builds (GroupedExperts' `linear_fc1.weight{l}` names) over ETP2 x EP2
+    "ds_tp2ep2_noq_grouped": (
         "deepseek_noq",
         dict(tensor_model_parallel_size=2, expert_model_parallel_size=2),
-        dict(sequence_parallel=True),
+        dict(sequence_parallel=True, moe_grouped_gemm=True),
         ("replay_sensitive",),
     ),
 }

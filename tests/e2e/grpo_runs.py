@@ -5,8 +5,15 @@
 
 RUNS.json: a list of {"name": str, "flags": [CLI flags]} run in order (a later run may `--load` an earlier run's
 checkpoints). Each run gets `--run-dir ROOT/NAME` (ROOT = the --root argument). Rank 0 writes
-[{"name", "metrics": [metrics.jsonl rows]}] to --out. One interpreter per launch instead of one per run: megatron's
-import and the process-group set-up (most of a tiny run's time on a small CPU) are paid once.
+[{"name", "metrics": [metrics.jsonl rows], "experts": [class names of the routed-experts modules]}] to --out.
+
+A run may add "gpu_settings": {argument: value}, set on the parsed arguments before the trainer is built: the
+settings `train.arguments.apply_trainer_dtype` makes only on a GPU (`moe_grouped_gemm`, whose megatron flag
+`validate_args` refuses without CUDA), so the CPU runs the GPU's code path (`GroupedExperts` in the layer spec,
+their weight load/export and dist checkpoint). Only the names in `GPU_SETTINGS` are accepted.
+
+One interpreter per launch instead of one per run: megatron's import and the process-group set-up (most of a tiny
+run's time on a small CPU) are paid once.
 """
 
 from __future__ import annotations
@@ -17,6 +24,21 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+GPU_SETTINGS = ("moe_grouped_gemm",)
+
+
+def experts_modules(chunks) -> list[str]:
+    """Class names of the routed-experts modules (`MoELayer.experts`) of the trainer's model chunks."""
+    import torch
+
+    names = set()
+    for chunk in chunks:
+        for module in chunk.modules():
+            experts = getattr(module, "experts", None)
+            if isinstance(experts, torch.nn.Module) and hasattr(module, "router"):
+                names.add(type(experts).__name__)
+    return sorted(names)
 
 
 def main() -> None:
@@ -40,14 +62,20 @@ def main() -> None:
     for run in runs:
         run_dir = os.path.join(options.root, run["name"])
         args = parse_grpo_args([*run["flags"], "--run-dir", run_dir])
-        GRPOTrainer(args).train()
+        for name, value in run.get("gpu_settings", {}).items():
+            if name not in GPU_SETTINGS:
+                raise ValueError(f"gpu_settings {name!r}: only {GPU_SETTINGS} are settings the GPU adds")
+            setattr(args, name, value)
+        trainer = GRPOTrainer(args)
+        experts = experts_modules(trainer.setup.chunks)
+        trainer.train()
         dist.barrier()
         metrics = []
         path = os.path.join(run_dir, "metrics.jsonl")
         if dist.get_rank() == 0 and os.path.exists(path):
             with open(path) as handle:
                 metrics = [json.loads(line) for line in handle if line.strip()]
-        records.append({"name": run["name"], "metrics": metrics})
+        records.append({"name": run["name"], "metrics": metrics, "experts": experts})
         if dist.get_rank() == 0:
             print(f"RUN {run['name']} done ({len(metrics)} steps)", flush=True)
     finish_launch(records, options.out)

@@ -227,3 +227,47 @@ def test_training_path_builds_the_conversion_config(tmp_path):
     assert (trained.rope_type, trained.moe_router_num_groups, trained.moe_router_bias_update_rate) == ("yarn", 2, 0.0)
     assert {n: (getattr(trained, n), getattr(converted, n)) for n in fields
             if getattr(trained, n) != getattr(converted, n)} == {}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gpu_modules_match_hf_and_the_cpu_modules(world_of_one, case):
+    """The modules a GPU run builds - grouped-GEMM experts (`GroupedExperts`, `--trainer-dtype auto` on Hopper) and
+    SDPA core attention (`FusedDotProductAttention` through MLA's k/v widths, `attention_backend` auto on a GPU) -
+    built on the CPU in fp32: the replayed logits equal HF's within the fp32 TOLERANCE and the gradients of every
+    parameter equal those of the CPU default modules (SequentialMLP, megatron's attention math) to fp32
+    reassociation noise (relative 1e-4 of each parameter's gradient scale, where a dropped expert or a wrong head
+    width is O(1))."""
+    from megatron_r3.model.fused_attention import FusedDotProductAttention
+    from megatron_r3.model.grouped_experts import GroupedExperts
+
+    model = make_hf(case)
+    arch, _, reference, hf, _ = convert(world_of_one, model)
+    config = families.transformer_config_from_hf(model.config, use_cpu_initialization=True, moe_grouped_gemm=True)
+    (chunk,) = ds.FAMILY.build_chunks(config, fused_attention=True, **ds.FAMILY.model_kwargs(model.config))
+    assert load_hf_weights([chunk], hf, arch) == len(list(chunk.parameters())) + sum(arch.moe_layers)
+    chunk.eval()
+    layers = chunk.decoder.layers
+    assert all(isinstance(layer.self_attention.core_attention, FusedDotProductAttention) for layer in layers)
+    assert all(isinstance(layer.mlp.experts, GroupedExperts) for i, layer in enumerate(layers) if arch.moe_layers[i])
+
+    tokens = torch.randint(0, BASE["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
+    ref, routes, _ = hf_forward(model, tokens)
+    grads = []
+    for built in (chunk, reference):
+        built.zero_grad(set_to_none=True)
+        logits = megatron_forward(built, tokens, routes, grad=True)
+        assert (logits.detach() - ref).abs().max().item() <= TOLERANCE
+        (logits.float() ** 2).mean().backward()
+        grads.append({ds_name(n): p.grad.clone() for n, p in built.named_parameters()})
+    assert sorted(grads[0]) == sorted(grads[1])
+    for name, grad in grads[0].items():
+        scale = grads[1][name].abs().max().item()
+        assert (grad - grads[1][name]).abs().max().item() <= 1e-4 * max(scale, 1e-6), name
+
+
+def ds_name(name: str) -> str:
+    """A routed-expert parameter in SequentialMLP's naming (the grouped `linear_fc1.weight{l}` -> local_experts)."""
+    import re
+
+    return re.sub(r"mlp\.experts\.linear_fc([12])\.weight(\d+)$", r"mlp.experts.local_experts.\2.linear_fc\1.weight",
+                  name)

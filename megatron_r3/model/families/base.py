@@ -12,7 +12,9 @@ single source of:
 - which decoder layers are MoE layers (`moe_layers`, HF's own rule);
 - the model class and layer spec (`decoder_block_spec`, `build_chunks`: GPTModel for the Qwen families, room for `HybridModel`);
 - the checkpoint name mapping in both directions, buffers included (`map_megatron_name`, `hf_checkpoint_names`,
-  `hf_checkpoint_shape`, `expert_hf_names`);
+  `hf_checkpoint_shape`, `routed_expert_hf_names`); routed-expert *megatron* names (SequentialMLP's and the
+  grouped experts') are mapped once for every family by `hf_mapping.map_megatron_name`, which asks the family
+  only for the HF names of one expert;
 - the megatron -> HF config direction (`hf_config_from_megatron`, `hf_config_to_json_dict`);
 - the in-process hf-engine hooks (`hf_engine_refusal`, `find_routers`, `weight_loader`).
 
@@ -147,7 +149,8 @@ class ModelFamily:
     # ------------------------------------------------------------------------------------------------ names
     def map_megatron_name(self, name: str, arch: ModelArch, *, layer_number_of: Callable[[int], int],
                           expert_offset: int):
-        """The `hf_mapping.ParamMapping` of megatron parameter or persistent buffer `name` of one chunk."""
+        """The `hf_mapping.ParamMapping` of megatron parameter or persistent buffer `name` of one chunk, routed
+        experts excepted: `hf_mapping.map_megatron_name` maps those (both megatron namings) before asking here."""
         raise NotImplementedError
 
     def hf_checkpoint_names(self, arch: ModelArch) -> list[str]:
@@ -158,13 +161,19 @@ class ModelFamily:
         """The shape of checkpoint tensor `name`."""
         raise NotImplementedError
 
+    def routed_expert_hf_names(self, arch: ModelArch, layer: int, expert: int, projection: str) -> tuple[str, ...]:
+        """HF names of megatron's "fc1" (gate, up: fused [gate; up]) or "fc2" (down) of global routed expert
+        `expert` of decoder layer `layer` (0-based)."""
+        p = f"model.layers.{layer}.mlp.experts.{expert}."
+        if projection == "fc1":
+            return (p + "gate_proj.weight", p + "up_proj.weight")
+        return (p + "down_proj.weight",)
+
     def expert_hf_names(self, arch: ModelArch, layer: int, projection: str) -> tuple[str, ...]:
         """HF names of one projection ("fc1": gate/up of every expert, "fc2": down of every expert) of the routed
-        experts of `layer`, in export order."""
-        p = f"model.layers.{layer}.mlp.experts."
-        if projection == "fc1":
-            return tuple(p + f"{e}.{x}_proj.weight" for e in range(arch.num_experts) for x in ("gate", "up"))
-        return tuple(p + f"{e}.down_proj.weight" for e in range(arch.num_experts))
+        experts of `layer`, in export order (`routed_expert_hf_names` of expert 0, 1, ...)."""
+        return tuple(name for e in range(arch.num_experts)
+                     for name in self.routed_expert_hf_names(arch, layer, e, projection))
 
     # ------------------------------------------------------------------------------------------------ ours -> HF
     def hf_config_from_megatron(self, config, *, vocab_size: int, max_position_embeddings: int, rotary_base: float,

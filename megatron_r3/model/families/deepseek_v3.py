@@ -363,11 +363,8 @@ _ATTN = [
     ),
     ("mlp.shared_experts.linear_fc2.weight", ("mlp.shared_experts.down_proj.weight",), COPY, 1),
 ]
-_EXPERTS = [
-    (r"mlp\.experts\.local_experts\.(?P<l>\d+)\.linear_fc1\.weight",
-     ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"), GATE_UP, 0),
-    (r"mlp\.experts\.local_experts\.(?P<l>\d+)\.linear_fc2\.weight", ("mlp.experts.{e}.down_proj.weight",), COPY, 1),
-]
+# Routed experts (`mlp.experts.local_experts.{l}.*` and the grouped `mlp.experts.linear_fc1.weight{l}`) are mapped by
+# `hf_mapping.map_megatron_name` for every family, with the default `ModelFamily.routed_expert_hf_names`.
 _LAYER_RE = re.compile(r"^decoder\.layers\.(?P<j>\d+)\.(?P<rest>.+)$")
 
 
@@ -378,7 +375,8 @@ def map_megatron_name(
     layer_number_of: Callable[[int], int] = lambda j: j + 1,
     expert_offset: int = 0,
 ) -> ParamMapping:
-    """The mapping of megatron parameter or buffer `name` (`expert_bias` is the router's buffer)."""
+    """The mapping of megatron parameter or buffer `name` (`expert_bias` is the router's buffer); routed experts
+    are mapped by `hf_mapping.map_megatron_name` before this is asked."""
     if name == "embedding.word_embeddings.weight":
         return ParamMapping(name, ("model.embed_tokens.weight",), COPY, 0, vocab=True)
     if name == "decoder.final_layernorm.weight":
@@ -395,15 +393,7 @@ def map_megatron_name(
     for suffix, hf_suffixes, kind, tp_dim in _ATTN:
         if rest == suffix:
             return ParamMapping(name, tuple(prefix + s for s in hf_suffixes), kind, tp_dim, layer=layer)
-    for pattern, hf_suffixes, kind, tp_dim in _EXPERTS:
-        expert = re.fullmatch(pattern, rest)
-        if expert:
-            e = expert_offset + int(expert["l"])
-            if not 0 <= e < arch.num_experts:
-                raise MappingError(f"{name!r}: global expert id {e} outside [0, {arch.num_experts})")
-            return ParamMapping(name, tuple(prefix + s.format(e=e) for s in hf_suffixes), kind, tp_dim,
-                                expert_id=e, layer=layer)
-    raise MappingError(f"no HF mapping for megatron parameter {name!r}")
+    raise MappingError(f"no HF mapping for megatron parameter {name!r} in the deepseek_v3 family")
 
 
 def hf_layer_names(arch: DeepseekV3Arch, layer: int) -> list[str]:

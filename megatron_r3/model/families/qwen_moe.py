@@ -123,21 +123,8 @@ _SHARED = [
     (("mlp.shared_experts.linear_fc2.weight",), ("mlp.shared_expert.down_proj.weight",), COPY, 1),
     (("mlp.shared_experts.gate_weight",), ("mlp.shared_expert_gate.weight",), COPY, None),
 ]
-# Routed experts: (megatron regexes with a `l` group), (HF suffixes with {e}), kind, tp_dim.
-_EXPERTS = [
-    (
-        (r"mlp\.experts\.local_experts\.(?P<l>\d+)\.linear_fc1\.weight", r"mlp\.experts\.linear_fc1\.weight(?P<l>\d+)"),
-        ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"),
-        GATE_UP,
-        0,
-    ),
-    (
-        (r"mlp\.experts\.local_experts\.(?P<l>\d+)\.linear_fc2\.weight", r"mlp\.experts\.linear_fc2\.weight(?P<l>\d+)"),
-        ("mlp.experts.{e}.down_proj.weight",),
-        COPY,
-        1,
-    ),
-]
+# Routed experts (`mlp.experts.local_experts.{l}.linear_fc1.weight` and the grouped `mlp.experts.linear_fc1.weight{l}`)
+# are mapped for every family by `hf_mapping.map_megatron_name`, with `ModelFamily.routed_expert_hf_names`.
 LAYER_RE = re.compile(r"^decoder\.layers\.(?P<j>\d+)\.(?P<rest>.+)$")
 EMBEDDING = "embedding.word_embeddings.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
@@ -291,15 +278,6 @@ class QwenMoeFamily(ModelFamily):
         for megatron_suffixes, hf_suffixes, kind, tp_dim in _ATTN + _DENSE_MLP + _ROUTER + _SHARED:
             if rest in megatron_suffixes:
                 return ParamMapping(name, tuple(prefix + s for s in hf_suffixes), kind, tp_dim, layer=layer)
-        for patterns, hf_suffixes, kind, tp_dim in _EXPERTS:
-            for pattern in patterns:
-                expert = re.fullmatch(pattern, rest)
-                if expert:
-                    e = expert_offset + int(expert["l"])
-                    if not 0 <= e < arch.num_experts:
-                        raise MappingError(f"{name!r}: global expert id {e} outside [0, {arch.num_experts})")
-                    names = tuple(prefix + s.format(e=e) for s in hf_suffixes)
-                    return ParamMapping(name, names, kind, tp_dim, expert_id=e, layer=layer)
         raise MappingError(
             f"no HF mapping for megatron parameter or persistent buffer {name!r} in the {self.name} family (a "
             "buffer such as a router expert_bias or qb_beta has no Qwen-MoE checkpoint tensor)"
