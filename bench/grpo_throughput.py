@@ -53,6 +53,8 @@ def run_mode(args, mode: str, work: str) -> dict:
         cmd += ["--trainer-dtype", args.trainer_dtype]
     if args.recompute:
         cmd += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+    if args.hf_cuda_graph:
+        cmd.append("--hf-cuda-graph")
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
@@ -108,6 +110,9 @@ def main() -> None:
     parser.add_argument("--trainer-dtype", choices=("auto", "bf16", "fp32"), default="auto",
                         help="pretrain_grpo.py --trainer-dtype (auto: bf16 + grouped-GEMM experts on a GPU, fp32 on CPU)")
     parser.add_argument("--recompute", action="store_true", help="full activation recompute")
+    parser.add_argument("--hf-cuda-graph", action="store_true",
+                        help="the hf engine replays its decode forward from a CUDA graph "
+                             "(pretrain_grpo.py --hf-cuda-graph)")
     parser.add_argument("--modes", nargs="*", default=["R3", "off"])
     parser.add_argument("--timeout", type=int, default=1800, help="per mode, seconds")
     parser.add_argument("--json", default=None)
@@ -143,7 +148,8 @@ def main() -> None:
         model = os.path.basename(args.hf_config)
         print_table(f"GRPO step on {args.device}: {model}, {args.prompts} prompts x {args.group_size} samples, "
                     f"<= {args.max_new_tokens} new tokens, mini-batch {args.global_batch_size}, micro-batch "
-                    f"{args.micro_batch_size}, {'bf16' if args.bf16 else args.trainer_dtype} trainer, bf16 hf engine; medians "
+                    f"{args.micro_batch_size}, {'bf16' if args.bf16 else args.trainer_dtype} trainer, bf16 hf engine"
+                    f"{' (CUDA-graph decode)' if args.hf_cuda_graph else ''}; medians "
                     f"of steps 1..{args.steps - 1}",
                     ["mode", "tokens/step", "tokens/s", "step s", *(f"{p} s" for p in PHASES), "step 0 s",
                      "process wall s", "TFLOP/s/GPU (step)", "TFLOP/s/GPU (trainer passes)", "MFU (trainer passes)"],
