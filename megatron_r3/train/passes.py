@@ -22,6 +22,7 @@ from megatron.core.transformer.moe.router_replay import RouterReplayAction
 from megatron_r3.grpo.losses import PolicyLossConfig, masked_sum, policy_loss
 from megatron_r3.grpo.mismatch import MetricAccumulator
 from megatron_r3.grpo.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
+from megatron_r3.platform.distributed import host_group
 from megatron_r3.replay.microbatch import MicrobatchRoutes
 from megatron_r3.replay.schedule import ReplayRouters, ScheduleResult, run_schedule
 from megatron_r3.train.microbatching import TrainMicrobatch
@@ -84,6 +85,7 @@ def _run(ctx: PassContext, microbatches: Sequence[TrainMicrobatch], loss_of, *, 
         collect_agreement=collect_agreement,
         seq_length=ctx.seq_length,
         micro_batch_size=ctx.micro_batch_size,
+        host_group=host_group(),
     )
 
 

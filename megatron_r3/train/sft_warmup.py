@@ -181,7 +181,7 @@ def save_hf_export(trainer: GRPOTrainer) -> str:
 
     setup = trainer.setup
     directory = os.path.join(trainer.args.run_dir, HF_EXPORT_DIR)
-    save_hf_checkpoint(setup.chunks, setup.arch, trainer.args.hf_model_config, directory)
+    save_hf_checkpoint(setup.chunks, setup.arch, trainer.args.hf_model_config, directory, setup.parallel)
     if trainer.is_logger:
         print(f"sft_warmup: wrote the warmed-up policy to {directory} (start GRPO with --hf-checkpoint {directory})",
               flush=True)
