@@ -22,6 +22,7 @@ def _main(argv, run_log):
     import torch.distributed as dist
 
     from megatron_r3.platform.distributed import initialize_torch_distributed
+    from megatron_r3.platform.logging import get_logger
     from megatron_r3.train.arguments import parse_grpo_args, save_resolved_config
     from megatron_r3.train.trainer import GRPOTrainer
 
@@ -31,10 +32,10 @@ def _main(argv, run_log):
     if dist.get_rank() == 0:
         save_resolved_config(args, os.path.join(args.run_dir, "config.yaml"))
     history = trainer.train()
-    if dist.get_rank() == 0:
-        print(f"done: {len(history)} steps; outputs in {args.run_dir}/ (metrics.jsonl, config.yaml, "
-              f"{os.path.relpath(args.save, args.run_dir) if args.save.startswith(args.run_dir) else args.save}/, "
-              f"tensorboard/, logs/)", flush=True)
+    get_logger("megatron_r3.pretrain_grpo").info(
+        f"done: {len(history)} steps; outputs in {args.run_dir}/ (metrics.jsonl, config.yaml, "
+        f"{os.path.relpath(args.save, args.run_dir) if args.save.startswith(args.run_dir) else args.save}/, "
+        f"tensorboard/, logs/)")
     return history
 
 

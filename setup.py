@@ -23,6 +23,7 @@ setup(
         "pyyaml",
         "tqdm",
         "tensorboard",
+        "wandb",  # megatron's --wandb-* flags (train/metrics_log.py); offline without credentials
         "matplotlib",
         "requests",
         "pybase64",  # SGLang route payloads: ~4x faster base64 than the standard library

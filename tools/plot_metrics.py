@@ -21,17 +21,15 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")))
 
-from megatron_r3.train.metrics_log import (  # noqa: E402
-    METRICS_FILE,
+from megatron_r3.platform.metric_names import (  # noqa: E402
     R3_EXTREME_FRAC_TAU2,
     R3_K3_KL,
     REWARD_MEAN,
     ROUTING_AGREEMENT,
-    STEP,
     TRAIN_GRAD_NORM,
     TRAIN_PPO_KL,
-    read_metrics,
 )
+from megatron_r3.train.metrics_log import METRICS_FILE, STEP, read_metrics  # noqa: E402
 
 DEFAULT_KEYS = (REWARD_MEAN, R3_K3_KL, R3_EXTREME_FRAC_TAU2, ROUTING_AGREEMENT, TRAIN_PPO_KL, TRAIN_GRAD_NORM)
 # Default y scale per key: ("log", floor) draws values <= floor at the floor (R3 can make these exactly 0);

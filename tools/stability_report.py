@@ -29,20 +29,20 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")))
 
-from megatron_r3.train.metrics_log import (  # noqa: E402
+from megatron_r3.platform.metric_names import (  # noqa: E402
     R3_EXTREME_FRAC_TAU2,
     R3_EXTREME_FRAC_TAU5,
     R3_K3_KL,
+    REPLAY_USED_ROUTE_MATCH as USED_ROUTE_MATCH,
     REWARD_MEAN,
     ROUTING_AGREEMENT,
-    STEP,
     TRAIN_ENTROPY,
     TRAIN_GRAD_NORM,
     TRAIN_PPO_KL,
 )
+from megatron_r3.train.metrics_log import STEP  # noqa: E402
 from tools.plot_metrics import _fmt, load_runs, plot_runs, run_labels  # noqa: E402
 
-USED_ROUTE_MATCH = "replay/used_route_match"
 PLOT_KEYS = (REWARD_MEAN, R3_K3_KL, R3_EXTREME_FRAC_TAU2, R3_EXTREME_FRAC_TAU5, ROUTING_AGREEMENT, TRAIN_GRAD_NORM,
              TRAIN_PPO_KL, TRAIN_ENTROPY)
 COLUMNS = ("steps", "reward step 0", "reward best", "reward final", "collapse step", "F(2) mean", "F(2) max",

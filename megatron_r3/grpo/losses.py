@@ -34,19 +34,19 @@ _MAX_LOG_RATIO = 20.0
 
 @dataclass
 class PolicyLossConfig:
-    """Hyper-parameters of :func:`policy_loss`.
-
-    clip_ratio_low:  ratio lower bound is 1 - clip_ratio_low (must be in [0, 1)).
-    clip_ratio_high: ratio upper bound is 1 + clip_ratio_high (decoupled "clip-higher", DAPO style; >= 0).
-    tis_cap:         truncated importance sampling cap on exp(old_logp - rollout_logp), correcting the train/inference
-                     mismatch; None disables TIS. Must be > 0 when set.
-    kl_coef:         weight of the k3 KL penalty to the reference policy; 0 disables it. Must be >= 0.
-    """
+    """Hyper-parameters of :func:`policy_loss`. The trainer fills them from megatron's flags (--grpo-clamp-eps-lower,
+    --grpo-clamp-eps-upper, --rl-importance-sampling-truncation-coef, --grpo-kl-beta); the clip defaults here are
+    the RL overrides of megatron's defaults for those flags (`train/arguments.rl_overrides`)."""
 
     clip_ratio_low: float = 0.2
+    """Ratio lower bound is 1 - clip_ratio_low (must be in [0, 1))."""
     clip_ratio_high: float = 0.28
+    """Ratio upper bound is 1 + clip_ratio_high (decoupled "clip-higher", DAPO style; >= 0)."""
     tis_cap: float | None = None
+    """Truncated importance sampling cap on exp(old_logp - rollout_logp), correcting the train/inference mismatch;
+    None disables TIS. Must be > 0 when set."""
     kl_coef: float = 0.0
+    """Weight of the k3 KL penalty to the reference policy; 0 disables it. Must be >= 0."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.clip_ratio_low < 1.0:

@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from megatron_r3.platform import metric_names
+
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), from the vendors' data sheets (SXM parts).
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "B200": 2250.0,
                     "GB200": 2500.0, "L40S": 362.1}
@@ -128,7 +130,7 @@ def peak_tflops(device_name: Optional[str], override: Optional[float] = None) ->
 
 
 def throughput_metrics(flops: float, seconds: float, world_size: int, peak: Optional[float],
-                       prefix: str = "throughput/") -> dict:
+                       prefix: str = metric_names.THROUGHPUT_PREFIX) -> dict:
     """`{prefix}tflops_per_gpu` (and `{prefix}mfu` when the peak is known) for `flops` done in `seconds`."""
     if seconds <= 0:
         return {}
@@ -145,8 +147,9 @@ def grpo_throughput_metrics(shape: FlopsShape, sequence_lengths: Sequence[int], 
     whole step time, rollout included) and `throughput/train_tflops_per_gpu`, `throughput/train_mfu` (the same
     FLOPs over the trainer's own time: old-logprob + reference + update passes)."""
     flops = grpo_step_flops(shape, sequence_lengths, grpo_iterations=grpo_iterations, reference_pass=reference_pass)
-    out = {"throughput/model_tflops": flops / 1e12}
-    out.update(throughput_metrics(flops, timings.get("timing/step_s", 0.0), world_size, peak))
-    train_s = sum(timings.get(k, 0.0) for k in ("timing/old_logprob_s", "timing/reference_s", "timing/update_s"))
-    out.update(throughput_metrics(flops, train_s, world_size, peak, prefix="throughput/train_"))
+    out = {metric_names.THROUGHPUT_MODEL_TFLOPS: flops / 1e12}
+    out.update(throughput_metrics(flops, timings.get(metric_names.TIMING_STEP_S, 0.0), world_size, peak))
+    train_s = sum(timings.get(k, 0.0) for k in (metric_names.TIMING_OLD_LOGPROB_S, metric_names.TIMING_REFERENCE_S,
+                                                 metric_names.TIMING_UPDATE_S))
+    out.update(throughput_metrics(flops, train_s, world_size, peak, prefix=metric_names.THROUGHPUT_TRAIN_PREFIX))
     return out

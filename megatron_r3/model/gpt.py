@@ -18,6 +18,7 @@ def build_gpt_chunks(
     max_sequence_length: int,
     position_embedding_type: str = "rope",
     rotary_base: int = 10000,
+    rotary_percent: float = 1.0,
     share_embeddings_and_output_weights: bool = False,
     use_transformer_engine: bool | None = None,
     fused_attention: bool | None = None,
@@ -42,6 +43,7 @@ def build_gpt_chunks(
             share_embeddings_and_output_weights=share_embeddings_and_output_weights,
             position_embedding_type=position_embedding_type,
             rotary_base=rotary_base,
+            rotary_percent=rotary_percent,
             vp_stage=vp_stage,
             pg_collection=parallel.groups,
         )

@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron_r3.model.cp_attention import ContextParallelDotProductAttention, with_context_parallel_core_attention
 from megatron_r3.model.fused_attention import FusedDotProductAttention
 from megatron_r3.model.grouped_experts import GroupedExperts
+from megatron_r3.model.mla_attention import mla_core_attention, mla_local_layer_spec
 from megatron_r3.model.norm import SequenceParallelNorm
 from megatron_r3.replay.router import ReplayTopKRouter
 
@@ -110,6 +111,8 @@ def _layer_with_local_fast_modules(layer_spec: ModuleSpec, config, fused_attenti
     if fused_attention is None:
         fused_attention = fused_attention_selected(config)
     core = FusedDotProductAttention if fused_attention else ContextParallelDotProductAttention
+    if getattr(config, "multi_latent_attention", False):  # MLA: core attention with k/v widths (model/mla_attention)
+        layer_spec, core = mla_local_layer_spec(layer_spec, config), mla_core_attention(core)
     layer_spec = with_context_parallel_core_attention(layer_spec, core)
     if getattr(config, "moe_grouped_gemm", False):
         submodules = dataclasses.replace(layer_spec.submodules, mlp=with_grouped_experts(layer_spec.submodules.mlp))

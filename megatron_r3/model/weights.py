@@ -3,10 +3,10 @@
 Parameters *and persistent buffers* (e.g. a router's `expert_bias`) are walked alike
 (`hf_mapping.chunk_param_mappings`); an unmapped buffer is an error, never silently dropped.
 
-(a) `load_hf_weights(chunks, source, arch)`: every rank reads only the checkpoint tensors its own parameters need
-    (its TP / expert-TP slice, its experts, its layers) from a state dict or a safetensors directory (single file or
-    sharded with `model.safetensors.index.json`), and copies its shard in.
-(b) `export_hf_weights(chunks, arch)`: an iterator of (HF checkpoint name, full tensor) in the fixed order of
+(a) `load_hf_weights(chunks, source, arch, parallel)`: every rank reads only the checkpoint tensors its own
+    parameters need (its TP / expert-TP slice, its experts, its layers) from a state dict or a safetensors directory
+    (single file or sharded with `model.safetensors.index.json`), and copies its shard in.
+(b) `export_hf_weights(chunks, arch, parallel)`: an iterator of (HF checkpoint name, full tensor) in the fixed order of
     `hf_mapping.hf_checkpoint_names` (expert order within a layer: gate/up of every expert, then down of every
     expert), gathering across TP, expert-TP, EP and PP. It holds at most one parameter's full tensors at a time
     (routed experts: one layer's experts of one projection), never the model.
@@ -21,8 +21,8 @@ Parameters *and persistent buffers* (e.g. a router's `expert_bias`) are walked a
     of names (it drives the collectives); ranks with nothing to contribute just walk the names.
     `bucket_bytes` groups consecutive tensors into lists of at most that many bytes (`export_hf_buckets`); bucket
     boundaries come from shapes and dtypes known on every rank, so they agree everywhere.
-(c) `save_hf_checkpoint(chunks, arch, hf_config, directory)`: the export written by global rank 0 as safetensors
-    shards (+ `model.safetensors.index.json` when there are several) and `config.json`.
+(c) `save_hf_checkpoint(chunks, arch, hf_config, directory, parallel)`: the export written by global rank 0 as
+    safetensors shards (+ `model.safetensors.index.json` when there are several) and `config.json`.
 
 Every function takes this rank's `ParallelContext` (its coordinates, megatron's process groups, the host group, and
 which ranks are the export sources); a world of one without model parallelism needs no process group

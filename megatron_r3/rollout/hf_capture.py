@@ -40,7 +40,7 @@ class RouteCapture:
         config = model.config
         self.num_layers = config.num_hidden_layers
         self.topk = config.num_experts_per_tok
-        self.num_experts = config.num_experts
+        self.num_experts = family_of(config).arch(config).num_experts  # Qwen: num_experts, DeepSeek: n_routed_experts
         self.dtype = compact_index_dtype(self.num_experts)
         self.moe_layers = moe_layer_map(config)
         self._routers = find_routers(model)

@@ -44,6 +44,7 @@ from typing import Optional
 
 import torch
 
+from megatron_r3.model.families import family_of
 from megatron_r3.replay.routes import compact_index_dtype, routes_from_array
 from megatron_r3.rollout.engines.hf_config import HFEngineConfig
 from megatron_r3.rollout.base import RolloutSample, SamplingParams
@@ -83,7 +84,8 @@ class _RouteRecorder:
     def __init__(self, model, batch: int, width: int, decode_steps: int, device):
         config = model.config
         self.num_layers, self.topk = config.num_hidden_layers, config.num_experts_per_tok
-        self.dtype = compact_index_dtype(config.num_experts)
+        self.num_experts = family_of(config).arch(config).num_experts  # Qwen: num_experts, DeepSeek: n_routed_experts
+        self.dtype = compact_index_dtype(self.num_experts)
         self.routers = find_routers(model)
         self.batch, self.width = batch, width
         self.prompt = torch.zeros(batch, width, self.num_layers, self.topk, dtype=self.dtype, device=device)
@@ -308,7 +310,7 @@ def generate_batch_static(model, chunk, first: int, sampling: SamplingParams, ge
         if routes_rows is not None:
             prompt_rows, decode_rows = routes_rows
             rows = torch.cat([prompt_rows[row, width - prompt_length:], decode_rows[row, : length - 1]])
-            routes = routes_from_array(rows, num_experts=hf_config.num_experts, source="hf", sample_id=first + row)
+            routes = routes_from_array(rows, num_experts=recorder.num_experts, source="hf", sample_id=first + row)
         samples.append(RolloutSample(
             tokens=torch.cat([prompt, response[row, :length]]),
             prompt_length=prompt_length,

@@ -13,6 +13,7 @@ read with YAML 1.2 booleans: `reference_replay: off` is the string 'off', only t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import re
@@ -21,16 +22,15 @@ from typing import Optional, Sequence
 
 import yaml
 
+from megatron_r3.platform.python_compat import apply_python_compat
 from megatron_r3.platform.typed_config import add_config_arguments
 from megatron_r3.replay.config import ReplayConfig
-from megatron_r3.replay.config_checks import check_layout, check_replay_config
-from megatron_r3.platform.python_compat import apply_python_compat
 from megatron_r3.rollout.engines import add_rollout_arguments
+from megatron_r3.train.run_config import TRAINER_CONFIGS
 
-# Megatron defaults we change for RL, stated once (all still overridable by YAML / CLI).
+# Megatron defaults we change for RL, stated once (all still overridable by YAML / CLI); the policy-loss ones are
+# PolicyLossConfig's defaults (`rl_overrides`).
 GRPO_DEFAULTS = dict(
-    grpo_clamp_eps_lower=0.2,
-    grpo_clamp_eps_upper=0.28,
     grpo_kl_beta=0.0,
     grpo_iterations=1,
     rl_default_temperature=1.0,
@@ -52,49 +52,43 @@ GRPO_DEFAULTS = dict(
 )
 
 
+def rl_overrides() -> dict:
+    """GRPO_DEFAULTS plus megatron's clip flags set to `grpo.losses.PolicyLossConfig`'s defaults (imported here,
+    not at module level: the preflight imports this module without torch)."""
+    from megatron_r3.grpo.losses import PolicyLossConfig
+
+    loss = PolicyLossConfig()
+    return dict(GRPO_DEFAULTS, grpo_clamp_eps_lower=loss.clip_ratio_low, grpo_clamp_eps_upper=loss.clip_ratio_high)
+
+
+def grpo_flag_dests() -> set[str]:
+    """Dests of every flag `add_grpo_arguments` adds, without importing torch or megatron (the preflight's YAML key
+    check): the plain flags plus the fields of the typed configs."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_plain_arguments(parser)
+    return {action.dest for action in parser._actions} | {
+        field.name for config_class, _ in TRAINER_CONFIGS for field in dataclasses.fields(config_class)}
+
+
 def add_grpo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """`extra_args_provider` for Megatron's parser: the flags megatron does not have."""
+    """`extra_args_provider` for Megatron's parser: the flags megatron does not have, and the RL overrides of
+    megatron's defaults."""
+    _add_plain_arguments(parser)
+    for config_class, title in TRAINER_CONFIGS:
+        add_config_arguments(parser, config_class, title)
+    parser.set_defaults(**rl_overrides())
+    return parser
+
+
+def _add_plain_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags not (yet) generated from a typed config."""
     group = parser.add_argument_group(title="megatron_r3 (GRPO with router replay)")
     group.add_argument("--config", type=str, default=None, help="YAML file; keys are flag names with '_'.")
     group.add_argument("--hf-checkpoint", type=str, default=None,
                        help="Hugging Face Qwen3-MoE checkpoint directory: architecture and initial weights.")
     group.add_argument("--hf-config", type=str, default=None,
                        help="Hugging Face config.json (or its directory) for a randomly initialised model.")
-    group.add_argument("--tokenizer-dir", type=str, default=None,
-                       help="Tokenizer directory (default: --hf-checkpoint; the built-in demo tokenizer for --task).")
-    group.add_argument("--task", type=str, default=None,
-                       help="Built-in synthetic verifiable task (e.g. copy_first, add_mod10) instead of --prompt-data.")
-    group.add_argument("--num-prompts", type=int, default=4096, help="Prompts generated for a synthetic --task.")
-    group.add_argument("--prompt-data", type=str, default=None, help="JSONL or parquet file with prompts/answers.")
-    group.add_argument("--prompt-key", type=str, default="prompt")
-    group.add_argument("--answer-key", type=str, default="answer")
-    group.add_argument("--reward-fn", type=str, default="exact_match",
-                       help="Built-in reward name or 'package.module:function'.")
     group.add_argument("--max-new-tokens", type=int, default=32)
-    group.add_argument("--max-tokens-per-microbatch", type=int, default=None,
-                       help="Pack samples (THD) into microbatches of at most this many tokens instead of "
-                            "--micro-batch-size padded rows (BSHD).")
-    group.add_argument("--check-step0-kl", type=float, default=None,
-                       help="Fail if train/ppo_kl of the first update exceeds this bound.")
-    group.add_argument("--max-rollout-train-logp-abs-diff", type=float, default=None,
-                       help="Fail if r3/rollout_train_logp_abs_diff exceeds this bound at any step.")
-    group.add_argument("--skip-long-prompts", action="store_true",
-                       help="Drop prompts too long for --seq-length minus --max-new-tokens (counted and reported) "
-                            "instead of refusing to start.")
-    group.add_argument("--overwrite-run-dir", action="store_true",
-                       help="Allow a new run (no checkpoint to resume) to overwrite an existing metrics.jsonl.")
-    group.add_argument("--run-dir", type=str, default=None, help="Outputs (metrics.jsonl, TensorBoard, config.yaml, "
-                                                                  "checkpoints); default runs/<time>.")
-    group.add_argument("--no-progress", action="store_true", help="No progress bar during rollout.")
-    group.add_argument("--verbose", action="store_true", help="Keep megatron-core's INFO logging.")
-    group.add_argument("--peak-tflops", type=float, default=None,
-                       help="Peak dense TFLOP/s per GPU for throughput/mfu (default: the bf16 data-sheet figure "
-                            "of the GPU, model/flops.py; no MFU on the CPU).")
-    group.add_argument("--trainer-dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                       help="auto: bf16 with fp32 master weights and grouped-GEMM experts on a GPU (unless --fp16/"
-                            "--bf16 is given), fp32 on the CPU.")
-    parser.set_defaults(**GRPO_DEFAULTS)
-    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,11 +216,13 @@ def _convert_one(path: str, action: argparse.Action, flag: str, value):
     return converted
 
 
-def parse_grpo_args(argv: Optional[Sequence[str]] = None, run_log=None, min_group_size: int = 2) -> argparse.Namespace:
+def parse_grpo_args(argv: Optional[Sequence[str]] = None, run_log=None, min_group_size: int = 2,
+                    extra_honoured: Sequence[str] = ()) -> argparse.Namespace:
     """Parse with precedence defaults < YAML < CLI; architecture from the HF config; Megatron's validation.
 
     `run_log` (a `launch.RunLog`): once the run directory is known, the log file goes there and megatron's argument
-    dump goes into it instead of the console."""
+    dump goes into it instead of the console. `extra_honoured`: megatron flags this entry point reads beyond the
+    GRPO trainer's (megatron_flag_policy.py); every other megatron flag given a value is refused."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     pre = argparse.ArgumentParser(add_help=False)
@@ -236,7 +232,7 @@ def parse_grpo_args(argv: Optional[Sequence[str]] = None, run_log=None, min_grou
         parser.set_defaults(**yaml_defaults(parser, config_path))
     args = parser.parse_args(argv)
     args.config = config_path
-    finish_args(args, parser, run_log=run_log, min_group_size=min_group_size)
+    finish_args(args, parser, run_log=run_log, min_group_size=min_group_size, extra_honoured=extra_honoured)
     return args
 
 
@@ -261,12 +257,18 @@ def run_validate_args(args: argparse.Namespace, run_log=None) -> None:
 
 
 def finish_args(
-    args: argparse.Namespace, parser: argparse.ArgumentParser, run_log=None, min_group_size: int = 2
+    args: argparse.Namespace, parser: argparse.ArgumentParser, run_log=None, min_group_size: int = 2,
+    extra_honoured: Sequence[str] = (),
 ) -> argparse.Namespace:
-    """Model size from the HF config, run directory, then megatron's own `validate_args`."""
+    """Refuse megatron flags the run would ignore, model size from the HF config, run directory, then megatron's own
+    `validate_args`."""
     from megatron_r3.model.specs import transformer_engine_available
     from megatron_r3.platform.cpu_support import apply_cpu_support
+    from megatron_r3.replay.config_checks import check_layout, check_replay_config  # imports torch: not at the top
     from megatron_r3.train.components import check_engine_arguments
+    from megatron_r3.train.megatron_flag_policy import check_ignored_flags
+
+    check_ignored_flags(args, extra_honoured)
 
     apply_cpu_support()  # validate_args itself queries the GPU
     # megatron requires it with TP/CP on pre-Blackwell GPUs (ordering of communication kernels); must precede CUDA init
@@ -342,7 +344,7 @@ def apply_trainer_dtype(args: argparse.Namespace) -> None:
     optimizer, fp32 router via --moe-router-dtype fp32 unless set) plus grouped-GEMM experts; fp32 on the CPU."""
     import torch
 
-    choice = getattr(args, "trainer_dtype", "auto")
+    choice = args.trainer_dtype
     if choice == "auto":
         if args.fp16 or args.bf16 or not torch.cuda.is_available():
             return
@@ -428,9 +430,13 @@ def apply_hf_architecture(args: argparse.Namespace, hf_config, explicit: frozens
     args.use_cpu_initialization = True
 
 
-def save_resolved_config(args: argparse.Namespace, path: str) -> None:
-    """The resolved flags as YAML (reusable with --config): every flag's final value."""
-    flags = {action.dest for action in build_parser()._actions} - {"help", "config"}
+def save_resolved_config(args: argparse.Namespace, path: str, extra_honoured: Sequence[str] = ()) -> None:
+    """The resolved flags as YAML (reusable with --config): the final value of every flag the run honours. Megatron
+    flags it ignores are left out: validate_args fills some of them (e.g. --encoder-seq-length), and
+    `check_ignored_flags` would refuse them when the file is reused."""
+    from megatron_r3.train.megatron_flag_policy import ignored_flags
+
+    flags = {action.dest for action in build_parser()._actions} - {"help", "config"} - set(ignored_flags(extra_honoured))
     plain = {}
     for key, value in sorted(vars(args).items()):
         if key not in flags:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megatron_r3.model.families import ModelArch, arch_from_hf_config, family_of, padded_vocab_size
 from megatron_r3.model.weights import load_hf_weights
 from megatron_r3.platform.distributed import initialize_model_parallel
+from megatron_r3.platform.logging import get_logger
 from megatron_r3.platform.parallel_context import ParallelContext, ParallelSizes
 from megatron_r3.replay.schedule import ReplayRouters
 from megatron_r3.platform.typed_config import config_from_args
@@ -24,6 +25,8 @@ from megatron_r3.rollout.base import EngineSetup, PolicyWeights, SamplingParams
 from megatron_r3.rollout.config import RolloutConfig
 from megatron_r3.rollout.engines import engine_class, engine_config_class
 from megatron_r3.train.rollout_phase import RolloutSettings
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -178,6 +181,7 @@ def build_training_setup(args) -> TrainingSetup:
         OptimizerConfig(
             optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+            sgd_momentum=args.sgd_momentum,
             clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, params_dtype=args.params_dtype,
             use_distributed_optimizer=args.use_distributed_optimizer,
         ),
@@ -246,9 +250,9 @@ def build_data(args):
         records = load_prompts(args.prompt_data, prompt_key=args.prompt_key, answer_key=args.answer_key)
     records, dropped = check_prompt_lengths(tokenizer, records, args.seq_length - args.max_new_tokens,
                                             skip=args.skip_long_prompts)
-    if dropped and (not dist.is_initialized() or dist.get_rank() == 0):
-        print(f"--skip-long-prompts: dropped {len(dropped)} of {len(records) + len(dropped)} prompts longer than "
-              f"{args.seq_length - args.max_new_tokens} tokens (prompt indices {[i for i, _ in dropped]})", flush=True)
+    if dropped:
+        log.info(f"--skip-long-prompts: dropped {len(dropped)} of {len(records) + len(dropped)} prompts longer than "
+                 f"{args.seq_length - args.max_new_tokens} tokens (prompt indices {[i for i, _ in dropped]})")
     return tokenizer, records
 
 

@@ -20,6 +20,7 @@ import sys
 import traceback
 from typing import Callable, Optional, Sequence
 
+from megatron_r3.platform.logging import CONSOLE_ATTRIBUTE, set_verbose
 from megatron_r3.platform.process import exit_with_parent
 from megatron_r3.train.preflight import UsageError, preflight
 
@@ -54,7 +55,9 @@ class RunLog:
         for handler in list(root.handlers):
             root.removeHandler(handler)
         root.addHandler(self.buffer)
+        set_verbose(verbose)
         console = logging.StreamHandler(sys.stderr)
+        console.addFilter(lambda record: not getattr(record, CONSOLE_ATTRIBUTE, False))  # printed by RankLogger
         if not verbose:
             console.addFilter(lambda record: record.name.startswith("megatron_r3") and record.levelno >= logging.WARNING)
         else:
@@ -82,6 +85,7 @@ class RunLog:
             if handler is not self.buffer:
                 handler.close()
         logging.captureWarnings(False)
+        set_verbose(False)
         level, handlers = self._saved
         root.setLevel(level)
         for handler in handlers:

@@ -1,4 +1,9 @@
-"""Per-step metrics: `run_dir/metrics.jsonl`, TensorBoard scalars and a Megatron-style iteration log line.
+"""Per-step metrics: `run_dir/metrics.jsonl`, TensorBoard scalars, W&B and a Megatron-style iteration log line.
+
+W&B follows megatron's flags (`--wandb-project`, `--wandb-exp-name`, `--wandb-save-dir`, `--wandb-entity`): a run is
+logged when a project is given. It runs offline (a local run directory, `wandb sync DIR` uploads it later) when
+`WANDB_MODE=offline`, or when no W&B API key is configured (`WANDB_API_KEY` or `wandb login`), so a machine without
+a network never waits on one; an online start that fails within `WANDB_INIT_TIMEOUT_S` falls back to offline.
 
 `metrics.jsonl` holds one JSON object per optimizer step, ``step`` first and the other keys sorted. Values are JSON
 numbers (Python ``repr`` precision, so floats round-trip bit-exactly), except non-finite floats: strict JSON has no
@@ -9,8 +14,8 @@ back into floats. Every line is therefore valid JSON for any reader (``jq``, pan
 (even 0-dim) or any other type raises ``TypeError`` naming the key: calling ``.item()`` is the trainer's explicit,
 once-per-step host sync (``MetricAccumulator.means`` in `megatron_r3.grpo.mismatch`), never a hidden one here.
 
-Metric names used across the project live here as constants; ``HEADLINE_KEYS`` is the ordered subset shown in the
-iteration line.
+Metric names come from the one registry, `megatron_r3.platform.metric_names`; ``HEADLINE_KEYS`` is the ordered
+subset shown in the iteration line.
 """
 
 from __future__ import annotations
@@ -20,89 +25,45 @@ import math
 import numbers
 import os
 import warnings
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Union
 
+from megatron_r3.platform import metric_names
+
 __all__ = [
-    "MetricsLogger", "format_iteration_line", "read_metrics", "HEADLINE_KEYS", "METRICS_FILE", "TENSORBOARD_DIR",
-    "routing_agreement_layer_key", "mismatch_metric_key",
+    "MetricsLogger", "WandbConfig", "format_iteration_line", "read_metrics", "HEADLINE_KEYS", "METRICS_FILE",
+    "TENSORBOARD_DIR",
 ]
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
-# ---- metric names -------------------------------------------------------------------------------------------------
 STEP = "step"
-REWARD_MEAN = "reward/mean"
-REWARD_STD = "reward/std"
-# Train-vs-rollout mismatch (megatron_r3.grpo.mismatch.MISMATCH_KEYS with the "r3/" prefix, see mismatch_metric_key).
-R3_LOGP_ABS_DIFF = "r3/rollout_train_logp_abs_diff"
-R3_LOGP_SQ_DIFF = "r3/rollout_train_logp_sq_diff"
-R3_K3_KL = "r3/rollout_train_k3_kl"
-R3_EXTREME_FRAC_TAU2 = "r3/rollout_train_extreme_frac_tau2"
-R3_EXTREME_FRAC_TAU5 = "r3/rollout_train_extreme_frac_tau5"
-R3_TOKEN_MULT_PROB_ERROR = "r3/token_mult_prob_error"
-R3_VALID_TOKENS = "r3/rollout_train_valid_tokens"
-# Router replay.
-ROUTING_AGREEMENT = "replay/routing_agreement"
-ROUTING_AGREEMENT_LAYER_PREFIX = "replay/routing_agreement/layer_"
-REPLAY_REPLAYED_TOKENS = "replay/replayed_tokens"
-REPLAY_FALLBACK_TOKENS = "replay/fallback_tokens"
-REPLAY_PAD_TOKENS = "replay/pad_tokens"
-# Policy update.
-TRAIN_PPO_KL = "train/ppo_kl"
-TRAIN_CLIP_FRAC = "train/clip_frac"
-TRAIN_CLIP_FRAC_LOW = "train/clip_frac_low"
-TRAIN_CLIP_FRAC_HIGH = "train/clip_frac_high"
-TRAIN_ENTROPY = "train/entropy"
-TRAIN_GRAD_NORM = "train/grad_norm"
-TRAIN_LR = "train/lr"
-TRAIN_LOSS = "train/loss"
-TRAIN_SKIPPED_STEPS = "train/skipped_steps"
-# Timing and throughput.
-TIMING_STEP_S = "timing/step_s"
-TIMING_ROLLOUT_S = "timing/rollout_s"
-TIMING_OLD_LOGPROB_S = "timing/old_logprob_s"
-TIMING_UPDATE_S = "timing/update_s"
-TIMING_WEIGHT_SYNC_S = "timing/weight_sync_s"
-THROUGHPUT_TOKENS_PER_S = "throughput/tokens_per_s"
-THROUGHPUT_TFLOPS_PER_GPU = "throughput/tflops_per_gpu"  # model FLOPs of the trainer's passes / step time / GPUs
-THROUGHPUT_MFU = "throughput/mfu"  # tflops_per_gpu / peak (model/flops.py); absent when the peak is unknown
-ROLLOUT_RESPONSE_LENGTH_MEAN = "rollout/response_length_mean"
-
-
-def routing_agreement_layer_key(layer: int) -> str:
-    """``replay/routing_agreement/layer_{layer}`` (global MoE layer number, as in the routes)."""
-    return f"{ROUTING_AGREEMENT_LAYER_PREFIX}{int(layer)}"
-
-
-def mismatch_metric_key(name: str) -> str:
-    """Logged name of a `rollout_train_mismatch` key, e.g. ``rollout_train_k3_kl`` -> ``r3/rollout_train_k3_kl``."""
-    return f"r3/{name}"
 
 
 # Iteration line: (key, label, format). Formats: "f4"/"f1" fixed decimals, "E" = "{:.3E}", "E6" = "{:.6E}"
 # (megatron's loss/learning-rate style), "f3" (megatron's grad norm), "d" integer.
 _HEADLINE = (
-    (REWARD_MEAN, REWARD_MEAN, "f4"),
-    (REWARD_STD, REWARD_STD, "f4"),
-    (ROLLOUT_RESPONSE_LENGTH_MEAN, ROLLOUT_RESPONSE_LENGTH_MEAN, "f1"),
-    (TRAIN_LOSS, TRAIN_LOSS, "E6"),
-    (TRAIN_PPO_KL, TRAIN_PPO_KL, "E"),
-    (TRAIN_CLIP_FRAC, TRAIN_CLIP_FRAC, "f4"),
-    (TRAIN_ENTROPY, TRAIN_ENTROPY, "f4"),
-    (R3_LOGP_ABS_DIFF, R3_LOGP_ABS_DIFF, "E"),
-    (R3_K3_KL, R3_K3_KL, "E"),
-    (R3_EXTREME_FRAC_TAU2, R3_EXTREME_FRAC_TAU2, "E"),
-    (ROUTING_AGREEMENT, ROUTING_AGREEMENT, "f4"),
-    (REPLAY_FALLBACK_TOKENS, REPLAY_FALLBACK_TOKENS, "d"),
-    (TRAIN_LR, "learning rate", "E6"),
-    (TRAIN_GRAD_NORM, "grad norm", "f3"),
-    (TRAIN_SKIPPED_STEPS, "number of skipped iterations", "d"),
-    (THROUGHPUT_TOKENS_PER_S, THROUGHPUT_TOKENS_PER_S, "f1"),
-    (THROUGHPUT_TFLOPS_PER_GPU, "TFLOP/s/GPU", "f1"),
-    (THROUGHPUT_MFU, "MFU", "f4"),
+    (metric_names.REWARD_MEAN, metric_names.REWARD_MEAN, "f4"),
+    (metric_names.REWARD_STD, metric_names.REWARD_STD, "f4"),
+    (metric_names.ROLLOUT_RESPONSE_LENGTH_MEAN, metric_names.ROLLOUT_RESPONSE_LENGTH_MEAN, "f1"),
+    (metric_names.TRAIN_LOSS, metric_names.TRAIN_LOSS, "E6"),
+    (metric_names.TRAIN_PPO_KL, metric_names.TRAIN_PPO_KL, "E"),
+    (metric_names.TRAIN_CLIP_FRAC, metric_names.TRAIN_CLIP_FRAC, "f4"),
+    (metric_names.TRAIN_ENTROPY, metric_names.TRAIN_ENTROPY, "f4"),
+    (metric_names.R3_LOGP_ABS_DIFF, metric_names.R3_LOGP_ABS_DIFF, "E"),
+    (metric_names.R3_K3_KL, metric_names.R3_K3_KL, "E"),
+    (metric_names.R3_EXTREME_FRAC_TAU2, metric_names.R3_EXTREME_FRAC_TAU2, "E"),
+    (metric_names.ROUTING_AGREEMENT, metric_names.ROUTING_AGREEMENT, "f4"),
+    (metric_names.REPLAY_FALLBACK_TOKENS, metric_names.REPLAY_FALLBACK_TOKENS, "d"),
+    (metric_names.TRAIN_LR, "learning rate", "E6"),
+    (metric_names.TRAIN_GRAD_NORM, "grad norm", "f3"),
+    (metric_names.TRAIN_SKIPPED_STEPS, "number of skipped iterations", "d"),
+    (metric_names.THROUGHPUT_TOKENS_PER_S, metric_names.THROUGHPUT_TOKENS_PER_S, "f1"),
+    (metric_names.THROUGHPUT_TFLOPS_PER_GPU, "TFLOP/s/GPU", "f1"),
+    (metric_names.THROUGHPUT_MFU, "MFU", "f4"),
 )
 HEADLINE_KEYS = tuple(k for k, _, _ in _HEADLINE)
 
@@ -174,6 +135,69 @@ def _dump_record(record: Mapping) -> str:
     return json.dumps(record, allow_nan=False) + "\n"
 
 
+WANDB_INIT_TIMEOUT_S = 30.0
+
+
+@dataclass
+class WandbConfig:
+    """megatron's W&B flags, as `MetricsLogger` uses them (no project: no W&B run)."""
+
+    project: Optional[str] = None
+    """--wandb-project: the W&B project; W&B logging is on when it is given."""
+    exp_name: Optional[str] = None
+    """--wandb-exp-name: the run's name (default: the run directory's name)."""
+    save_dir: Optional[str] = None
+    """--wandb-save-dir: where W&B writes its run directory (default: the run directory)."""
+    entity: Optional[str] = None
+    """--wandb-entity: the W&B team or user."""
+
+    @classmethod
+    def from_args(cls, args) -> "WandbConfig":
+        return cls(project=args.wandb_project or None, exp_name=args.wandb_exp_name or None,
+                   save_dir=args.wandb_save_dir or None, entity=args.wandb_entity or None)
+
+
+def wandb_mode(environ=os.environ) -> str:
+    """`WANDB_MODE` when set; otherwise online only with an API key configured, so no network is ever waited on."""
+    if environ.get("WANDB_MODE"):
+        return environ["WANDB_MODE"]
+    if environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "online" if "api.wandb.ai" in netrc.read_text() else "offline"
+    except OSError:
+        return "offline"
+
+
+def start_wandb_run(config: WandbConfig, run_dir: Path, resume_step: Optional[int]):
+    """A W&B run for `config` (offline without credentials, see `wandb_mode`)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError(f"--wandb-project {config.project}: the wandb package is not installed "
+                         f"(pip install wandb, or `make install`)") from None
+    save_dir = Path(config.save_dir) if config.save_dir else run_dir
+    save_dir.mkdir(parents=True, exist_ok=True)
+    mode = wandb_mode()
+
+    def init(mode):
+        settings = wandb.Settings(mode=mode, silent=True, console="off", x_disable_stats=True,
+                                  init_timeout=WANDB_INIT_TIMEOUT_S)
+        return wandb.init(project=config.project, entity=config.entity, name=config.exp_name or run_dir.name,
+                          dir=str(save_dir), settings=settings,
+                          config={"run_dir": str(run_dir), "resume_step": resume_step})
+
+    try:
+        return init(mode)
+    except Exception as error:  # noqa: BLE001 - wandb raises its own errors for an unreachable server
+        if mode != "online":
+            raise
+        warnings.warn(f"W&B could not start online ({' '.join(str(error).split())[:200]}); logging offline to "
+                      f"{save_dir / 'wandb'} (upload later with `wandb sync`)")
+        return init("offline")
+
+
 class MetricsLogger:
     """Appends one JSON line per step to ``run_dir/metrics.jsonl`` and the same scalars to TensorBoard
     (``run_dir/tensorboard``).
@@ -186,10 +210,13 @@ class MetricsLogger:
     metrics.jsonl without the lines of step >= N, which a crash between logging and checkpointing leaves behind, and
     tells TensorBoard to purge its events of step >= N. ``resume_step=0`` starts over. Without ``resume_step`` the run
     must be fresh: an existing non-empty metrics.jsonl raises FileExistsError rather than being mixed into.
+
+    ``tensorboard_dir`` (megatron's --tensorboard-dir) defaults to ``run_dir/tensorboard``; ``wandb`` with a project
+    also logs every step to W&B.
     """
 
     def __init__(self, run_dir, *, enabled: bool = True, tensorboard: bool = True, flush_every: int = 1,
-                 resume_step: Optional[int] = None):
+                 resume_step: Optional[int] = None, tensorboard_dir=None, wandb: Optional[WandbConfig] = None):
         if flush_every < 1:
             raise ValueError(f"flush_every must be >= 1, got {flush_every}")
         self.run_dir = Path(run_dir)
@@ -199,6 +226,7 @@ class MetricsLogger:
         self.last_step: Optional[int] = None
         self._file = None
         self._writer = None
+        self._wandb = None
         self._unflushed = 0
         if not self.enabled:
             return
@@ -217,7 +245,10 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # lazy: slow import, logging rank only
 
-            self._writer = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR), purge_step=resume_step)
+            log_dir = tensorboard_dir or self.run_dir / TENSORBOARD_DIR
+            self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=resume_step)
+        if wandb is not None and wandb.project:
+            self._wandb = start_wandb_run(wandb, self.run_dir, resume_step)
 
     def _truncate(self, resume_step: int) -> None:
         if not self.path.exists():
@@ -257,6 +288,8 @@ class MetricsLogger:
         if self._writer is not None:
             for k in sorted(values):
                 self._writer.add_scalar(k, values[k], global_step=step)
+        if self._wandb is not None:
+            self._wandb.log(values, step=step)
         self.last_step = step
         self._unflushed += 1
         if self._unflushed >= self.flush_every:
@@ -277,6 +310,12 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.finish()
+            wandb.teardown()  # finish() returns before W&B's writer process has flushed the run file; this waits for it
+            self._wandb = None
 
     def __enter__(self) -> "MetricsLogger":
         return self

@@ -22,6 +22,7 @@ from megatron.core.transformer.moe.router_replay import RouterReplayAction
 from megatron_r3.grpo.losses import PolicyLossConfig, masked_sum, policy_loss
 from megatron_r3.grpo.mismatch import MetricAccumulator
 from megatron_r3.grpo.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
+from megatron_r3.platform import metric_names
 from megatron_r3.platform.distributed import host_group
 from megatron_r3.replay.microbatch import MicrobatchRoutes
 from megatron_r3.replay.schedule import ReplayRouters, ScheduleResult, run_schedule
@@ -134,7 +135,7 @@ def logprob_pass(
             entropy = ctx.entropy(logits)
             if ctx.computes_loss:
                 metrics.add_mismatch(logp, mb.rollout_logp.to(ctx.device, non_blocking=True), mask)
-                metrics.add_sums("train/entropy", masked_sum(entropy, mask), mask.sum())
+                metrics.add_sums(metric_names.TRAIN_ENTROPY, masked_sum(entropy, mask), mask.sum())
         return logp.sum() * 0.0, mask.sum().to(torch.int), {}
 
     with torch.no_grad():
@@ -177,12 +178,12 @@ def update_pass(
         if ctx.computes_loss:
             count = stats["valid_tokens"]
             for name in POLICY_METRICS:
-                add(f"train/{name}", stats[name] * count, count)
-            add("train/loss", loss_sum.detach(), count)
+                add(metric_names.TRAIN_PREFIX + name, stats[name] * count, count)
+            add(metric_names.TRAIN_LOSS, loss_sum.detach(), count)
             if use_rollout_logprobs and "tis_weight_mean" in stats:
-                add("train/tis_weight_mean", stats["tis_weight_mean"] * count, count)
+                add(metric_names.TRAIN_TIS_WEIGHT_MEAN, stats["tis_weight_mean"] * count, count)
             if use_reference and "ref_kl" in stats:
-                add("train/ref_kl", stats["ref_kl"] * count, count)
+                add(metric_names.TRAIN_REF_KL, stats["ref_kl"] * count, count)
         return loss_sum, mask.sum().to(torch.int), {"loss": loss_sum.detach()}
 
     return _run(ctx, microbatches, loss_of, action=action, routes=routes, forward_only=False,
@@ -199,11 +200,12 @@ def declare_metrics(metrics: MetricAccumulator, names: Sequence[str], mismatch: 
 
 
 def step_metric_names(*, tis: bool, reference: bool) -> list[str]:
-    names = ["train/entropy", "train/loss"] + [f"train/{name}" for name in POLICY_METRICS]
+    names = [metric_names.TRAIN_ENTROPY, metric_names.TRAIN_LOSS]
+    names += [metric_names.TRAIN_PREFIX + name for name in POLICY_METRICS]
     if tis:
-        names.append("train/tis_weight_mean")
+        names.append(metric_names.TRAIN_TIS_WEIGHT_MEAN)
     if reference:
-        names.append("train/ref_kl")
+        names.append(metric_names.TRAIN_REF_KL)
     return names
 
 

@@ -72,7 +72,7 @@ def preflight(argv: Sequence[str], environ=os.environ) -> None:
     """Raise UsageError (one line) for the mistakes that can be seen without importing torch or megatron."""
     from megatron_r3.replay.config import ReplayConfig
     from megatron_r3.rollout.engines import rollout_flag_dests
-    from megatron_r3.train.arguments import add_grpo_arguments, read_yaml_config, unknown_key_message
+    from megatron_r3.train.arguments import grpo_flag_dests, read_yaml_config, unknown_key_message
 
     argv = list(argv)
     if "-h" in argv or "--help" in argv:
@@ -86,9 +86,8 @@ def preflight(argv: Sequence[str], environ=os.environ) -> None:
             raise UsageError(str(error)) from None
         megatron = megatron_flag_dests()
         if megatron is not None:
-            ours = {action.dest for action in add_grpo_arguments(argparse.ArgumentParser(add_help=False))._actions}
-            ours |= rollout_flag_dests() | {field.name for field in dataclasses.fields(ReplayConfig)}
-            known = megatron | ours
+            known = megatron | grpo_flag_dests() | rollout_flag_dests()
+            known |= {field.name for field in dataclasses.fields(ReplayConfig)}
             unknown = sorted(key.replace("-", "_") for key in values if key.replace("-", "_") not in known)
             if unknown:
                 raise UsageError(unknown_key_message(cli.config, unknown, sorted(known)))

@@ -18,11 +18,15 @@ import torch
 import torch.distributed as dist
 
 from megatron_r3.grpo.advantages import group_normalized_advantages
+from megatron_r3.platform import metric_names
 from megatron_r3.platform.distributed import host_group
+from megatron_r3.platform.logging import get_logger
 from megatron_r3.replay.routes import RouteError, validate_routes
 from megatron_r3.rollout.base import RolloutEngine, SamplingParams
 from megatron_r3.rollout.multiturn import generate_multiturn
 from megatron_r3.train.microbatching import TrainSample, data_parallel_owner
+
+log = get_logger(__name__)
 
 
 class RolloutPhaseError(RuntimeError):
@@ -73,13 +77,12 @@ def generate_batch(
     if error is not None:
         return RolloutPayload(failures=failed, error=error)
     if failed or trimmed:
-        print(
+        log.info(
             f"rollout: {len(failed)} of {len(prompt_ids)} prompts failed and were skipped "
             f"(--rollout-failure-policy skip); {len(trimmed)} more prompts trimmed (prompt indices {trimmed}) so "
             f"that the {len(kept)} kept samples fill whole mini-batches of --global-batch-size "
             f"{settings.global_batch_size}. Failures: " + "; ".join(failed[:3])
-            + (f" (+{len(failed) - 3} more)" if len(failed) > 3 else ""),
-            flush=True,
+            + (f" (+{len(failed) - 3} more)" if len(failed) > 3 else "")
         )
     samples, fallback_rows, bad_rows, route_rows = [], 0, 0, 0
     for index, sample in enumerate(kept):
@@ -125,20 +128,20 @@ def generate_batch(
     ]
     lengths = torch.tensor([float(s.response_length) for s, _ in samples])
     metrics = {
-        "reward/mean": float(rewards.mean()),
-        "reward/std": float(rewards.std(unbiased=False)),
-        "rollout/response_length_mean": float(lengths.mean()),
-        "rollout/samples": float(len(samples)),
-        "replay/fallback_rows": float(fallback_rows),
-        "replay/fallback_tokens": float(fallback_rows),  # one row per token: the iteration line's fallback count
+        metric_names.REWARD_MEAN: float(rewards.mean()),
+        metric_names.REWARD_STD: float(rewards.std(unbiased=False)),
+        metric_names.ROLLOUT_RESPONSE_LENGTH_MEAN: float(lengths.mean()),
+        metric_names.ROLLOUT_SAMPLES: float(len(samples)),
+        metric_names.REPLAY_FALLBACK_TOKENS: float(fallback_rows),  # one route row per token
         # of the rows the engine sent, the fraction that was unusable (routed natively): --max-fallback-fraction
-        "replay/fallback_fraction": bad_rows / route_rows if route_rows else 0.0,
-        "rollout/failed_prompts": float(len(failed)),
-        "rollout/trimmed_prompts": float(len(trimmed)),
-        "timing/rollout_s": rollout_s,
+        metric_names.REPLAY_FALLBACK_FRACTION: bad_rows / route_rows if route_rows else 0.0,
+        metric_names.ROLLOUT_FAILED_PROMPTS: float(len(failed)),
+        metric_names.ROLLOUT_TRIMMED_PROMPTS: float(len(trimmed)),
+        metric_names.TIMING_ROLLOUT_S: rollout_s,
     }
     stats = getattr(engine, "last_stats", None) or {}
-    for key, name in (("retries", "rollout/http_retries"), ("dropped_servers", "rollout/dropped_servers")):
+    for key, name in (("retries", metric_names.ROLLOUT_HTTP_RETRIES),
+                      ("dropped_servers", metric_names.ROLLOUT_DROPPED_SERVERS)):
         if key in stats:  # the SGLang engine: retried HTTP requests, dead servers removed so far
             metrics[name] = float(stats[key])
     return RolloutPayload(samples=train_samples, metrics=metrics, failures=failed)

@@ -39,13 +39,17 @@ import torch.distributed as dist
 from megatron_r3.grpo.losses import masked_sum
 from megatron_r3.grpo.mismatch import MetricAccumulator
 from megatron_r3.platform import collectives
+from megatron_r3.platform import metric_names
 from megatron_r3.platform.distributed import device, host_group
+from megatron_r3.platform.logging import get_logger
 from megatron_r3.train.microbatching import TrainSample
 from megatron_r3.train.passes import PassContext, declare_metrics, run_custom_pass
 from megatron_r3.train.trainer import GRPOTrainer, _host_reduce
 
 HF_EXPORT_DIR = "hf"
-SFT_METRICS = ("train/loss", "sft/target_prob")
+SFT_METRICS = (metric_names.TRAIN_LOSS, metric_names.SFT_TARGET_PROB)
+
+log = get_logger(__name__)
 
 
 def teacher_samples(prompt_ids: list[list[int]], answers: list[list[int]], eos_token_id: int) -> list[TrainSample]:
@@ -100,7 +104,7 @@ class SFTWarmup(GRPOTrainer):
                 history.append(metrics)
                 self.step += 1
                 reached = self.stop_at_eval_reward is not None and (
-                    metrics.get("eval/reward_mean", -math.inf) >= self.stop_at_eval_reward)
+                    metrics.get(metric_names.EVAL_REWARD_MEAN, -math.inf) >= self.stop_at_eval_reward)
                 if out_of_time or reached or (args.save_interval and self.step % args.save_interval == 0):
                     self.save()
                 if out_of_time or reached:
@@ -108,7 +112,7 @@ class SFTWarmup(GRPOTrainer):
                         why = (f"--exit-duration-in-mins {args.exit_duration_in_mins} reached" if out_of_time else
                                f"eval/reward_mean {metrics['eval/reward_mean']:.4f} >= --stop-at-eval-reward "
                                f"{self.stop_at_eval_reward}")
-                        print(f"sft_warmup: stopped after {self.step} steps: {why}", flush=True)
+                        log.info(f"sft_warmup: stopped after {self.step} steps: {why}")
                     break
         finally:
             self.logger.close()
@@ -144,8 +148,8 @@ class SFTWarmup(GRPOTrainer):
             loss_sum = -masked_sum(logp, mask)
             if ctx.computes_loss:
                 count = mask.sum()
-                metrics.add_sums("train/loss", loss_sum.detach(), count)
-                metrics.add_sums("sft/target_prob", masked_sum(logp.detach().exp(), mask), count)
+                metrics.add_sums(metric_names.TRAIN_LOSS, loss_sum.detach(), count)
+                metrics.add_sums(metric_names.SFT_TARGET_PROB, masked_sum(logp.detach().exp(), mask), count)
             return loss_sum, mask.sum().to(torch.int), {"loss": loss_sum.detach()}
 
         grad_norms = []
@@ -156,22 +160,22 @@ class SFTWarmup(GRPOTrainer):
         metrics.all_reduce(host_group() if _host_reduce() else None)
         out = metrics.means()
         finite = [g for g in grad_norms if math.isfinite(g)]
-        out["train/grad_norm"] = sum(finite) / len(finite) if finite else float("nan")
-        out["train/skipped_steps"] = float(self.skipped_steps)
-        out["train/lr"] = float(setup.optimizer.param_groups[0]["lr"])
+        out[metric_names.TRAIN_GRAD_NORM] = sum(finite) / len(finite) if finite else float("nan")
+        out[metric_names.TRAIN_SKIPPED_STEPS] = float(self.skipped_steps)
+        out[metric_names.TRAIN_LR] = float(setup.optimizer.param_groups[0]["lr"])
         if evaluate:
             setup.sync_weights_to_engine()
             payload = self._rollout()
-            out["eval/reward_mean"] = float(payload.metrics.get("reward/mean", float("nan")))
-        out["timing/step_s"] = time.perf_counter() - start
+            out[metric_names.EVAL_REWARD_MEAN] = float(payload.metrics.get(metric_names.REWARD_MEAN, float("nan")))
+        out[metric_names.TIMING_STEP_S] = time.perf_counter() - start
         self.logger.log(self.step, out)
-        if self.is_logger and (self.step % max(1, args.log_interval) == 0 or "eval/reward_mean" in out):
+        if self.is_logger and (self.step % max(1, args.log_interval) == 0 or metric_names.EVAL_REWARD_MEAN in out):
             line = (f" sft step {self.step + 1:5d}/{args.train_iters} | loss {out['train/loss']:.4f} | "
                     f"target prob {out['sft/target_prob']:.4f} | grad norm {out['train/grad_norm']:.3f} | "
                     f"lr {out['train/lr']:.2e} | {out['timing/step_s']:.3f} s")
-            if "eval/reward_mean" in out:
+            if metric_names.EVAL_REWARD_MEAN in out:
                 line += f" | eval reward {out['eval/reward_mean']:.4f}"
-            print(line, flush=True)
+            log.info(line)
         return out
 
 
@@ -183,23 +187,24 @@ def save_hf_export(trainer: GRPOTrainer) -> str:
     directory = os.path.join(trainer.args.run_dir, HF_EXPORT_DIR)
     save_hf_checkpoint(setup.chunks, setup.arch, trainer.args.hf_model_config, directory, setup.parallel)
     if trainer.is_logger:
-        print(f"sft_warmup: wrote the warmed-up policy to {directory} (start GRPO with --hf-checkpoint {directory})",
-              flush=True)
+        log.info(f"sft_warmup: wrote the warmed-up policy to {directory} (start GRPO with --hf-checkpoint "
+                 f"{directory})")
     return directory
 
 
 def main(argv=None) -> list[dict]:
     from megatron_r3.platform.distributed import initialize_torch_distributed
     from megatron_r3.train.arguments import parse_grpo_args, save_resolved_config
+    from megatron_r3.train.megatron_flag_policy import SFT_WARMUP_READS
 
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--stop-at-eval-reward", type=float, default=None,
                      help="stop once eval/reward_mean (every --eval-interval steps) reaches this value")
     mine, rest = own.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    args = parse_grpo_args(rest, min_group_size=1)
+    args = parse_grpo_args(rest, min_group_size=1, extra_honoured=SFT_WARMUP_READS)
     initialize_torch_distributed()
     if (dist.get_rank() if dist.is_initialized() else 0) == 0:
-        save_resolved_config(args, os.path.join(args.run_dir, "config.yaml"))
+        save_resolved_config(args, os.path.join(args.run_dir, "config.yaml"), SFT_WARMUP_READS)
     return SFTWarmup(args, stop_at_eval_reward=mine.stop_at_eval_reward).train()
 
 

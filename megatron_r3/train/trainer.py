@@ -19,7 +19,9 @@ from megatron_r3.grpo.mismatch import MetricAccumulator
 from megatron_r3.replay.config_checks import check_replay_config, replay_bypass_reasons
 from megatron_r3.model.flops import grpo_throughput_metrics, peak_tflops, shape_from_config
 from megatron_r3.platform import collectives
+from megatron_r3.platform import metric_names
 from megatron_r3.platform.distributed import device, host_group
+from megatron_r3.platform.logging import get_logger
 from megatron_r3.platform.typed_config import config_from_args
 from megatron_r3.replay.config import ReplayConfig
 from megatron_r3.replay.layout import sequence_pad_multiple
@@ -27,11 +29,13 @@ from megatron_r3.replay.microbatch import routes_from_recorded
 from megatron_r3.replay.policy import Action, PassRouting, Source, replay_policy
 from megatron_r3.train import checkpoint as ckpt
 from megatron_r3.train.checkpoint_integrity import check_resume_source
-from megatron_r3.train.metrics_log import MetricsLogger, format_iteration_line
+from megatron_r3.train.metrics_log import MetricsLogger, WandbConfig, format_iteration_line
 from megatron_r3.train.microbatching import RankLayout, StepPlan, microbatch_counts, plan_step
 from megatron_r3.train.passes import PassContext, declare_metrics, logprob_pass, step_metric_names, update_pass
 from megatron_r3.train.rollout_phase import RolloutPayload, RouteShare, generate_batch, share_from_rank0
 from megatron_r3.train.components import TrainingSetup, build_training_setup
+
+log = get_logger(__name__)
 
 
 class GateError(RuntimeError):
@@ -43,8 +47,8 @@ class GRPOTrainer:
         self.args = args
         # before anything is built: what to resume from, refusing to overwrite an earlier run's outputs silently
         self.resume_root = check_resume_source(args.load, args.save, args.run_dir,
-                                               overwrite=getattr(args, "overwrite_run_dir", False))
-        if not getattr(args, "verbose", False):  # megatron logs every parameter at INFO while building DDP
+                                               overwrite=args.overwrite_run_dir)
+        if not args.verbose:  # megatron logs every parameter at INFO while building DDP
             logging.getLogger("megatron").setLevel(logging.WARNING)
         self.setup: TrainingSetup = build_training_setup(args)
         self.replay = config_from_args(ReplayConfig, args)
@@ -72,7 +76,7 @@ class GRPOTrainer:
         )
         self.is_logger = dist.get_rank() == 0 if dist.is_initialized() else True
         self._peak_tflops = peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                                        getattr(args, "peak_tflops", None))
+                                        args.peak_tflops)
         self._flops_shape = shape_from_config(
             self.setup.config, getattr(args, "padded_vocab_size", None) or args.hf_model_config.vocab_size)
         # what every global rank replays (its data-parallel rank, its routers' layers): rank 0 ships each rank only
@@ -86,7 +90,8 @@ class GRPOTrainer:
         self.skipped_steps = 0
         if self.resume_root is not None:
             self._resume()
-        self.logger = MetricsLogger(args.run_dir, enabled=self.is_logger, resume_step=self.step)
+        self.logger = MetricsLogger(args.run_dir, enabled=self.is_logger, resume_step=self.step,
+                                    tensorboard_dir=args.tensorboard_dir, wandb=WandbConfig.from_args(args))
 
     # ------------------------------------------------------------------ checkpoints
     def _resume(self) -> None:
@@ -138,7 +143,7 @@ class GRPOTrainer:
         step_start = time.perf_counter()
         payload = self._rollout()
         samples = payload.samples
-        timings = {"timing/rollout_s": payload.metrics.get("timing/rollout_s", 0.0)}
+        timings = {metric_names.TIMING_ROLLOUT_S: payload.metrics.get(metric_names.TIMING_ROLLOUT_S, 0.0)}
 
         plan = self._plan(samples)
         metrics = MetricAccumulator()
@@ -162,7 +167,7 @@ class GRPOTrainer:
                 valid = mb.layout.valid[mb.token_slots]
                 mb.recorded = routes_from_recorded(recorded, valid.to(device()), int(valid.sum()))
         replay_stats = setup.routers.statistics(reset=True)
-        timings["timing/old_logprob_s"] = time.perf_counter() - start
+        timings[metric_names.TIMING_OLD_LOGPROB_S] = time.perf_counter() - start
 
         # reference logprobs for the KL term
         if self.loss_config.kl_coef > 0:
@@ -171,7 +176,7 @@ class GRPOTrainer:
             action, routes = self._pass_routes(self.policy.reference, microbatches, rollout_routes)
             logprob_pass(ref_ctx, microbatches, target="ref", action=action, routes=routes, metrics=metrics)
             setup.reference_routers.statistics(reset=True)
-            timings["timing/reference_s"] = time.perf_counter() - start
+            timings[metric_names.TIMING_REFERENCE_S] = time.perf_counter() - start
 
         # mini-batch updates; the first one sees the weights the old logprobs were computed with, so its ppo_kl is
         # ~0 unless the two passes route (or compute) differently: that is what --check-step0-kl guards
@@ -197,17 +202,17 @@ class GRPOTrainer:
                     replayed_tokens += result.replayed_tokens
                 grad_norms.append(self._optimizer_step())
         setup.routers.statistics(reset=True)
-        timings["timing/update_s"] = time.perf_counter() - start
+        timings[metric_names.TIMING_UPDATE_S] = time.perf_counter() - start
 
         start = time.perf_counter()
         setup.sync_weights_to_engine()
-        timings["timing/weight_sync_s"] = time.perf_counter() - start
+        timings[metric_names.TIMING_WEIGHT_SYNC_S] = time.perf_counter() - start
 
         step_metrics = self._reduce_metrics(metrics, first, replay_stats, payload, grad_norms, replayed_tokens)
         step_metrics.update(timings)
-        step_metrics["timing/step_s"] = time.perf_counter() - step_start
+        step_metrics[metric_names.TIMING_STEP_S] = time.perf_counter() - step_start
         tokens = sum(int(s.tokens.shape[0]) for s in samples)
-        step_metrics["throughput/tokens_per_s"] = tokens / step_metrics["timing/step_s"]
+        step_metrics[metric_names.THROUGHPUT_TOKENS_PER_S] = tokens / step_metrics[metric_names.TIMING_STEP_S]
         step_metrics.update(grpo_throughput_metrics(  # model FLOPs, TFLOP/s per GPU and MFU (model/flops.py)
             self._flops_shape, [int(s.tokens.shape[0]) for s in samples], step_metrics,
             world_size=args.world_size, grpo_iterations=args.grpo_iterations,
@@ -215,8 +220,8 @@ class GRPOTrainer:
         self._check_gates(step_metrics)
         self.logger.log(self.step, step_metrics)
         if self.is_logger and self.step % max(1, args.log_interval) == 0:
-            print(format_iteration_line(self.step, args.train_iters, step_metrics, step_metrics["timing/step_s"]),
-                  flush=True)
+            log.info(format_iteration_line(self.step, args.train_iters, step_metrics,
+                                           step_metrics[metric_names.TIMING_STEP_S]))
         return step_metrics
 
     # ------------------------------------------------------------------ pieces
@@ -295,16 +300,17 @@ class GRPOTrainer:
         metrics.all_reduce(group)
         first.all_reduce(group)
         first_means = first.means()
-        out = {key if "/" in key else f"r3/{key}": value for key, value in metrics.means().items()}
-        out["train/ppo_kl_first_minibatch"] = first_means.get("train/ppo_kl", float("nan"))
-        if "train/ref_kl" in first_means:  # 0 at step 0 when the reference pass routed as the old-logprob pass
-            out["train/ref_kl_first_minibatch"] = first_means["train/ref_kl"]
+        out = {key if "/" in key else metric_names.mismatch(key): value for key, value in metrics.means().items()}
+        out[metric_names.TRAIN_PPO_KL_FIRST_MINIBATCH] = first_means.get(metric_names.TRAIN_PPO_KL, float("nan"))
+        # 0 at step 0 when the reference pass routed as the old-logprob pass
+        if metric_names.TRAIN_REF_KL in first_means:
+            out[metric_names.TRAIN_REF_KL_FIRST_MINIBATCH] = first_means[metric_names.TRAIN_REF_KL]
         out.update(payload.metrics)
         out.update(self._replay_metrics(replay_stats, replayed_tokens))
         finite = [g for g in grad_norms if math.isfinite(g)]
-        out["train/grad_norm"] = sum(finite) / len(finite) if finite else float("nan")
-        out["train/skipped_steps"] = float(self.skipped_steps)
-        out["train/lr"] = float(self.setup.optimizer.param_groups[0]["lr"])
+        out[metric_names.TRAIN_GRAD_NORM] = sum(finite) / len(finite) if finite else float("nan")
+        out[metric_names.TRAIN_SKIPPED_STEPS] = float(self.skipped_steps)
+        out[metric_names.TRAIN_LR] = float(self.setup.optimizer.param_groups[0]["lr"])
         return out
 
     def _replay_metrics(self, stats, replayed_tokens: int) -> dict:
@@ -324,22 +330,22 @@ class GRPOTrainer:
         if dist.is_initialized():
             collectives.all_reduce(flat, group=host_group())
         counters, tokens = flat[:-1].view(layers, 4), float(flat[-1])
-        out = {"replay/replayed_tokens": tokens}
+        out = {metric_names.REPLAY_REPLAYED_TOKENS: tokens}
         moe = counters[:, 0] > 0
         if moe.any():
             valid, compared, agree, match = counters[moe].sum(dim=0).tolist()
-            out["replay/routing_agreement"] = agree / compared if compared else float("nan")
-            out["replay/used_route_match"] = match / valid if valid else float("nan")
+            out[metric_names.ROUTING_AGREEMENT] = agree / compared if compared else float("nan")
+            out[metric_names.REPLAY_USED_ROUTE_MATCH] = match / valid if valid else float("nan")
             for index in torch.nonzero(moe).flatten().tolist():
                 _, c, a, _ = counters[index].tolist()
-                out[f"replay/routing_agreement/layer_{index + 1}"] = a / c if c else float("nan")
+                out[metric_names.routing_agreement_layer(index + 1)] = a / c if c else float("nan")
         return out
 
     def _check_gates(self, metrics: dict) -> None:
         args = self.args
         # only when a pass replays the engine's routes (R3): otherwise they are merely observed (routing_agreement)
         replays_engine_routes = self.policy.replays_rollout_routes
-        fraction = metrics.get("replay/fallback_fraction", 0.0)
+        fraction = metrics.get(metric_names.REPLAY_FALLBACK_FRACTION, 0.0)
         replay = self.replay
         if replays_engine_routes and replay.max_fallback_fraction is not None and \
                 fraction > replay.max_fallback_fraction:
@@ -349,7 +355,7 @@ class GRPOTrainer:
                 f"bound {replay.max_fallback_fraction:.1%}: the engine's routes are unusable, so --router-replay "
                 f"{replay.router_replay} is effectively off"
             )
-        agreement = metrics.get("replay/routing_agreement")
+        agreement = metrics.get(metric_names.ROUTING_AGREEMENT)
         bound = replay.min_routing_agreement
         if replays_engine_routes and bound and agreement is not None and not (agreement >= bound):
             raise GateError(
@@ -358,7 +364,7 @@ class GRPOTrainer:
                 f"likely belong to other tokens (shifted or mismatched rows) or another model"
             )
         if self.step == 0 and args.check_step0_kl is not None:
-            kl = metrics.get("train/ppo_kl_first_minibatch", float("nan"))
+            kl = metrics.get(metric_names.TRAIN_PPO_KL_FIRST_MINIBATCH, float("nan"))
             if not (abs(kl) <= args.check_step0_kl):
                 raise GateError(
                     f"--check-step0-kl: train/ppo_kl of the first update at step 0 is {kl:.3e}, above the bound "
@@ -367,7 +373,7 @@ class GRPOTrainer:
                 )
         bound = args.max_rollout_train_logp_abs_diff
         if bound is not None:
-            diff = metrics.get("r3/rollout_train_logp_abs_diff", float("nan"))
+            diff = metrics.get(metric_names.R3_LOGP_ABS_DIFF, float("nan"))
             if not (diff <= bound):
                 raise GateError(
                     f"--max-rollout-train-logp-abs-diff: r3/rollout_train_logp_abs_diff is {diff:.3e} at step "

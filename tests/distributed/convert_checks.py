@@ -56,6 +56,10 @@ def make_hf_model(kind: str):
     elif kind == "qwen2_shared":  # shared expert with sigmoid gate, q/k/v bias, no q/k norm, norm_topk_prob=False
         config = Qwen2MoeConfig(**common, shared_expert_intermediate_size=48, norm_topk_prob=False, qkv_bias=True)
         cls = Qwen2MoeForCausalLM
+    elif kind.startswith("deepseek"):  # DeepSeek-V3 family: MLA, sigmoid router with a large expert bias
+        from tests.unit.test_deepseek_v3 import make_hf
+
+        return make_hf({"deepseek": "gloo_q_lora_groups", "deepseek_noq": "gloo_no_q_lora"}[kind])
     else:
         raise KeyError(kind)
     torch.manual_seed(0)
@@ -91,9 +95,9 @@ def hf_reference(model, tokens):
     routes = torch.zeros(B, S, config.num_hidden_layers, K, dtype=torch.uint8)
     for i, ids in captured.items():
         routes[:, :, i] = ids.view(B, S, K).to(torch.uint8)
-        # cross-check with the router logits transformers returns: same top-k, same order
-        logits = out.router_logits[sorted(captured).index(i)]
-        assert torch.equal(torch.topk(torch.softmax(logits.float(), -1), K, dim=-1).indices, ids)
+        if config.model_type != "deepseek_v3":  # softmax routers: same top-k, same order as the router logits
+            logits = out.router_logits[sorted(captured).index(i)]
+            assert torch.equal(torch.topk(torch.softmax(logits.float(), -1), K, dim=-1).indices, ids)
     return out.logits.detach(), [routes[b] for b in range(B)]
 
 
@@ -128,6 +132,16 @@ LAYOUTS = {
         dict(tensor_model_parallel_size=2, expert_model_parallel_size=2),
         dict(sequence_parallel=True, moe_grouped_gemm=True),
         ("saved_dir", "replay_sensitive"),
+    ),
+    # DeepSeek-V3 family (MLA with and without q LoRA, expert_bias buffer, shared experts, dense-first layers)
+    "ds_tp2sp": ("deepseek", dict(tensor_model_parallel_size=2), dict(sequence_parallel=True), ("replay_sensitive",)),
+    "ds_ep2": ("deepseek", dict(expert_model_parallel_size=2), {}, ("buckets",)),
+    "ds_pp2_noq": ("deepseek_noq", dict(pipeline_model_parallel_size=2), {}, ("saved_dir",)),
+    "ds_tp2ep2_noq": (
+        "deepseek_noq",
+        dict(tensor_model_parallel_size=2, expert_model_parallel_size=2),
+        dict(sequence_parallel=True),
+        ("replay_sensitive",),
     ),
 }
 
@@ -298,7 +312,7 @@ def check_layout(name: str, ctx: Context, workdir: str) -> dict:
     return dict(results=agreed, report=report)
 
 
-def check_tools(ctx: Context, workdir: str) -> dict:
+def check_tools(ctx: Context, workdir: str, kind: str = "qwen3") -> dict:
     """HF dir -> convert_hf_to_mcore (TP2, SP) -> convert_mcore_to_hf (EP2) -> identical safetensors."""
     import torch
     import torch.distributed as dist
@@ -307,8 +321,8 @@ def check_tools(ctx: Context, workdir: str) -> dict:
     import convert_hf_to_mcore
     import convert_mcore_to_hf
 
-    ref = ctx.get("qwen3")
-    hf_dir, mcore_dir, back_dir = (os.path.join(workdir, d) for d in ("hf", "mcore", "hf_back"))
+    ref = ctx.get(kind)
+    hf_dir, mcore_dir, back_dir = (os.path.join(workdir, f"{d}_{kind}") for d in ("hf", "mcore", "hf_back"))
     if dist.get_rank() == 0:
         ref["model"].save_pretrained(hf_dir)
     dist.barrier()
@@ -331,7 +345,7 @@ def check_tools(ctx: Context, workdir: str) -> dict:
                 original.update(load_file(os.path.join(hf_dir, file)))
         ok &= sorted(original) == sorted(back.names())
         with open(os.path.join(back_dir, "config.json")) as handle:
-            ok &= json.load(handle)["num_experts"] == 8
+            ok &= json.load(handle)["n_routed_experts" if kind.startswith("deepseek") else "num_experts"] == 8
     flag = torch.tensor([int(ok)])
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return dict(results={"tools_roundtrip": bool(flag.item())}, report={})
@@ -339,7 +353,7 @@ def check_tools(ctx: Context, workdir: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("layouts", nargs="*", default=list(LAYOUTS) + ["tools"])
+    parser.add_argument("layouts", nargs="*", default=list(LAYOUTS) + ["tools", "tools_deepseek"])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -370,7 +384,10 @@ def main() -> None:
     for name in args.layouts:
         start = time.time()
         try:
-            outcome = check_tools(ctx, workdir) if name == "tools" else check_layout(name, ctx, workdir)
+            if name.startswith("tools"):
+                outcome = check_tools(ctx, workdir, "deepseek" if name == "tools_deepseek" else "qwen3")
+            else:
+                outcome = check_layout(name, ctx, workdir)
             error = None
         except Exception as exc:  # report, keep going with the next layout
             outcome = dict(results={}, report={})

@@ -93,13 +93,30 @@ LAYOUTS = {
         ParallelSizes(expert_model_parallel_size=2, context_parallel_size=2),
         dict(moe_grouped_gemm=True, fused_attention=True),
     ),
+    # multi-latent attention (DeepSeek-V3 family, model/mla_attention.py): q/k and v head widths differ
+    "cp2_mla": (ParallelSizes(), ParallelSizes(context_parallel_size=2), dict(mla=True)),
+    "cp2tp2sp_mla": (
+        ParallelSizes(tensor_model_parallel_size=2),
+        ParallelSizes(tensor_model_parallel_size=2, context_parallel_size=2),
+        dict(sequence_parallel=True, mla=True),
+    ),
 }
+# DeepSeek-V3-style fields of the MLA layouts: MLA without q LoRA, sigmoid router with expert bias and a shared expert
+MLA = dict(multi_latent_attention=True, q_lora_rank=None, kv_lora_rank=16, qk_head_dim=16, qk_pos_emb_head_dim=8,
+           v_head_dim=12, rope_type="rope", rotary_base=10000, moe_router_score_function="sigmoid",
+           moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.0, moe_router_topk_scaling_factor=2.5,
+           moe_shared_expert_intermediate_size=32, apply_rope_fusion=False)
 FORMATS = ("bshd", "thd")
 
 
 def make_config(sizes: ParallelSizes, overrides: dict) -> TransformerConfig:
     overrides = dict(dict(moe_grouped_gemm=False), **overrides)
-    return TransformerConfig(
+    config_class = TransformerConfig
+    if overrides.pop("mla", False):
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        config_class, overrides = MLATransformerConfig, dict(overrides, **MLA)
+    return config_class(
         num_layers=NUM_LAYERS, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
         num_moe_experts=EXPERTS, moe_router_topk=TOPK, moe_ffn_hidden_size=64, moe_layer_freq=MOE_LAYER_FREQ,
         moe_token_dispatcher_type="alltoall", moe_router_load_balancing_type="aux_loss",

@@ -40,6 +40,12 @@ LAYOUTS = {
         ParallelSizes(tensor_model_parallel_size=2, expert_model_parallel_size=2),
         dict(sequence_parallel=True, moe_token_dispatcher_type="alltoall", moe_grouped_gemm=True),
     ),
+    # DeepSeek-V3 family: MLA + sigmoid router with expert bias, groups, scaling, shared expert (replay_checks.DEEPSEEK)
+    "ds_dp4": (ParallelSizes(), dict(deepseek=True)),
+    "ds_tp2sp": (ParallelSizes(tensor_model_parallel_size=2), dict(sequence_parallel=True, deepseek=True)),
+    "ds_ep2": (ParallelSizes(expert_model_parallel_size=2), dict(deepseek=True)),
+    "ds_pp2": (ParallelSizes(pipeline_model_parallel_size=2), dict(F32, deepseek=True)),
+    "ds_cp2": (ParallelSizes(context_parallel_size=2), dict(deepseek=True)),
 }
 RECOMPUTE = {
     "none": {},

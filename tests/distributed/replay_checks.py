@@ -58,10 +58,26 @@ from tests.distributed.layouts import LAYOUTS, RECOMPUTE  # noqa: E402
 VOCAB, NUM_LAYERS, EXPERTS, TOPK = 128, 4, 8, 2
 MOE_LAYER_FREQ = [0, 1, 1, 1]
 NUM_MICROBATCHES, SAMPLES_PER_MICROBATCH, SEQ_LENGTH = 2, 2, 20
+# DeepSeek-V3 family layouts (`deepseek=True`): MLA without q LoRA and megatron's DeepSeek-V3 router (sigmoid scores,
+# selection-only expert bias - randomised after the build so that it changes the top-k -, group-limited top-k,
+# routed scaling factor) with a shared expert
+DEEPSEEK = dict(multi_latent_attention=True, q_lora_rank=None, kv_lora_rank=16, qk_head_dim=16, qk_pos_emb_head_dim=8,
+                v_head_dim=12, rope_type="rope", rotary_base=10000, apply_rope_fusion=False,
+                moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                moe_router_bias_update_rate=0.0, moe_router_num_groups=4, moe_router_group_topk=1,
+                moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=32)
+
+
 def make_config(sizes: ParallelSizes, overrides: dict, recompute: dict, dtype=torch.float32) -> TransformerConfig:
     if "pipeline_dtype" in overrides:  # pipeline stages send activations in the model's dtype
         overrides = dict(overrides, pipeline_dtype=dtype)
-    return TransformerConfig(
+    config_class = TransformerConfig
+    if overrides.get("deepseek"):
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        config_class = MLATransformerConfig
+        overrides = dict({k: v for k, v in overrides.items() if k != "deepseek"}, **DEEPSEEK)
+    return config_class(
         num_layers=NUM_LAYERS, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
         num_moe_experts=EXPERTS, moe_router_topk=TOPK, moe_ffn_hidden_size=64, moe_layer_freq=MOE_LAYER_FREQ,
         moe_token_dispatcher_type=overrides.get("moe_token_dispatcher_type", "alltoall"),
@@ -90,6 +106,11 @@ class Harness:
         self.sp = bool(self.config.sequence_parallel)
         torch.manual_seed(1234)
         self.chunks = build_gpt_chunks(self.config, parallel, vocab_size=VOCAB, max_sequence_length=64)
+        with torch.no_grad():  # a selection bias large enough to reorder the sigmoid top-k (DeepSeek layouts)
+            for chunk in self.chunks:
+                for name, buffer in chunk.named_buffers():
+                    if name.endswith("router.expert_bias"):
+                        buffer.copy_(0.5 * torch.randn(buffer.shape, generator=torch.Generator().manual_seed(9)))
         self.routers = ReplayRouters(self.chunks)
         self.calls: list[tuple[int, object, torch.Tensor]] = []
         for routers in self.routers.by_chunk:

@@ -32,8 +32,9 @@ def test_convert_layout(records, layout):
     print(f"{layout}: {record['report']}")
 
 
-def test_tools_roundtrip(records):
-    record = records["tools"]
+@pytest.mark.parametrize("tools", ["tools", "tools_deepseek"])
+def test_tools_roundtrip(records, tools):
+    record = records[tools]
     assert record["error"] is None, record["error"]
     assert record["results"].get("tools_roundtrip"), record
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.distributed.launch import run_torchrun
 
-LAYOUTS = ["cp2", "cp2tp2sp", "cp2pp2", "cp2ep2", "cp4", "cp2_recompute", "cp2ep2_fast"]
+LAYOUTS = ["cp2", "cp2tp2sp", "cp2pp2", "cp2ep2", "cp4", "cp2_recompute", "cp2ep2_fast", "cp2_mla", "cp2tp2sp_mla"]
 FORMATS = ["bshd", "thd"]
 CHECKS = ["weights_equal", "logits", "loss", "grads", "pad_multiple"]
 TOLERANCE = 2e-5  # fp32; measured differences are ~1e-7 (logits, loss) and ~2e-8 (grads)

@@ -185,7 +185,8 @@ CASES = {
     "router_fusion_off": cli_case("--moe-router-fusion"),
     "inference_optimized_r3": cli_case("--transformer-impl", "inference_optimized", "--router-replay", "R3"),
     "capacity_factor_r3": cli_case("--moe-expert-capacity-factor", "1.0", "--router-replay", "R3"),
-    "megatron_assert": cli_case("--lr-warmup-fraction", "0.5", "--lr-warmup-iters", "2"),
+    "megatron_assert": cli_case("--cp-comm-type", "a2a+p2p"),
+    "ignored_megatron_flag": cli_case("--exit-interval", "5"),
     "help": lambda c: (run_main(["--help"]), {}),
     # runs that stop early with one line, or run what they can
     "non_utf8_prompts": non_utf8_prompts,

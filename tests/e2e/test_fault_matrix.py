@@ -124,8 +124,8 @@ PARSE_ERRORS = {
     "capacity_factor_r3": "--router-replay R3 cannot work with this configuration: - moe_expert_capacity_factor "
                           "drops tokens *after* the replayed top-k, so replayed routes would not be the routes used; "
                           "set it to None (dropless)",
-    "megatron_assert": "megatron-core's validate_args rejected the arguments: can only specify one of "
-                       "lr-warmup-fraction and lr-warmup-iters (arguments.py:",
+    "megatron_assert": "megatron-core's validate_args rejected the arguments: --hierarchical-context-parallel-sizes "
+                       "must be set when a2a+p2p is used in cp comm (arguments.py:",
 }
 
 
@@ -136,6 +136,11 @@ def test_parse_time_errors_are_one_line_with_the_traceback_in_the_log(cases, nam
     assert line.endswith(f" (traceback in {log})")
     with open(log) as handle:
         assert "Traceback (most recent call last)" in handle.read()
+
+
+def test_megatron_flag_the_trainer_ignores_is_refused_before_the_model_is_built(cases):
+    _one_line(cases["ignored_megatron_flag"], "--exit-interval 5: not supported by pretrain_grpo.py; stop after N "
+                                              "steps with --train-iters N")
 
 
 def test_help_lists_every_flag(cases):

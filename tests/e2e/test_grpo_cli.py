@@ -19,8 +19,11 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 
+from megatron_r3.platform import metric_names
 from tests.distributed.launch import REPO, free_port, subprocess_env
 
 BASE = [
@@ -58,7 +61,7 @@ def single(root):
     """One process, 3 steps per mode, checkpoint every 2 steps (for the resume test)."""
     return {
         mode: run_cli(root, f"single_{mode}", ["--router-replay", mode, "--train-iters", "3", "--save-interval", "2",
-                                              "--check-step0-kl", "1e-6"])[1]
+                                              "--check-step0-kl", "1e-6", "--wandb-project", "r3-e2e"])[1]
         for mode in ("off", "R2", "R3")
     }
 
@@ -72,6 +75,24 @@ def test_every_mode_logs_the_documented_metrics(single):
                     "train/ppo_kl", "train/clip_frac", "train/entropy", "train/grad_norm", "timing/step_s",
                     "throughput/tokens_per_s", "replay/routing_agreement/layer_2"):
             assert key in metrics[0], (mode, key)
+        unregistered = {key for record in metrics for key in record if key != "step"
+                        and not metric_names.is_registered(key)}
+        assert not unregistered, (mode, unregistered)
+
+
+def test_wandb_offline_run_holds_every_step_metric(root, single):
+    """--wandb-project without W&B credentials: an offline W&B run in the run directory with metrics.jsonl's rows."""
+    from tests.unit.wandb_records import history_rows
+
+    runs = list(Path(root, "single_R3", "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, runs
+    rows = history_rows(runs[0])
+    assert [row["_step"] for row in rows] == [m["step"] for m in single["R3"]] == [0, 1, 2]
+    for row, record in zip(rows, single["R3"]):
+        logged = {k: v for k, v in row.items() if not k.startswith("_")}
+        assert logged.keys() == record.keys() - {"step"}
+        for key, value in logged.items():
+            assert value == record[key] or (value != value and record[key] == "nan"), (key, value, record[key])
 
 
 def test_first_update_reproduces_old_logprobs_in_every_mode(single):

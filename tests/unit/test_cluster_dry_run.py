@@ -53,6 +53,11 @@ def run(config, **kwargs):
 
 out = {}
 out["moonlight"] = run("moonlight_16b_a3b.yaml", trainer_nodes=3, gpus_per_node=8, sglang_nodes=1, sglang_tp_size=2)
+out["moonlight_1node"] = run("moonlight_16b_a3b.yaml", trainer_nodes=1, gpus_per_node=8, sglang_nodes=1,
+                             sglang_tp_size=2, extra=["--pipeline-model-parallel-size", "1",
+                                                      "--context-parallel-size", "2"])
+out["deepseek_v3_671b"] = run("deepseek_v3_671b.yaml", trainer_nodes=64, gpus_per_node=8, sglang_nodes=4,
+                              sglang_tp_size=8)
 out["ep16"] = run("qwen3_30b_a3b.yaml", trainer_nodes=2, gpus_per_node=8, sglang_nodes=2, sglang_tp_size=4,
                   extra=["--expert-model-parallel-size", "16", "--tensor-model-parallel-size", "4",
                          "--pipeline-model-parallel-size", "4"])
@@ -89,6 +94,20 @@ def test_moonlight_sized_config_on_3_plus_1_nodes(cases):
     assert not report["failures"], report["table"]
     layers, experts, topk, freq = report["arch"]
     assert (layers, experts, topk) == (27, 64, 6) and freq[0] == 0  # first layer dense, as in Moonlight
+
+
+def test_moonlight_on_one_8_gpu_node_tp2_cp2_ep8(cases):
+    report = cases["moonlight_1node"]
+    assert not report["failures"], report["table"]
+    assert "2 x 1 x 2 = 4" in report["table"] and "64 experts / EP 8" in report["table"]
+
+
+def test_deepseek_v3_671b_on_64_plus_4_nodes(cases):
+    report = cases["deepseek_v3_671b"]
+    assert not report["failures"], report["table"]
+    layers, experts, topk, freq = report["arch"]
+    assert (layers, experts, topk) == (61, 256, 8) and freq[:4] == [0, 0, 0, 1]  # first_k_dense_replace 3
+    assert "first 4, last 1, 56 layers / 14 stages" in report["table"]
 
 
 def test_layout_errors_are_named_precisely(cases):

@@ -44,8 +44,8 @@ def test_unknown_model_type_is_refused_with_the_registered_families(tmp_path):
     with pytest.raises(UnsupportedHFConfig) as error:
         load_hf_config(path)
     assert str(error.value) == (
-        "model_type 'llama': no model family is registered for it; registered: qwen2_moe, qwen3_moe (a family is one "
-        "module in megatron_r3/model/families/ plus one line in its REGISTRY)"
+        "model_type 'llama': no model family is registered for it; registered: deepseek_v3, glm4_moe, qwen2_moe, qwen3_moe "
+        "(a family is one module in megatron_r3/model/families/ plus one line in its REGISTRY)"
     )
 
 

@@ -8,7 +8,6 @@ from datetime import datetime
 import pytest
 import torch
 
-from megatron_r3.grpo.mismatch import MISMATCH_KEYS
 from megatron_r3.train import metrics_log as ml
 from megatron_r3.train.metrics_log import MetricsLogger, format_iteration_line, read_metrics
 
@@ -153,11 +152,47 @@ def test_iteration_line_exact():
     datetime.strptime(line[2:21], "%Y-%m-%d %H:%M:%S")
 
 
-def test_metric_name_constants():
-    assert ml.HEADLINE_KEYS[0] == ml.REWARD_MEAN == "reward/mean"
-    assert ml.routing_agreement_layer_key(7) == "replay/routing_agreement/layer_7"
-    constants = {v for k, v in vars(ml).items() if k.isupper() and isinstance(v, str)}
-    for key in MISMATCH_KEYS:  # every metric the mismatch accumulator produces has a named constant
-        assert ml.mismatch_metric_key(key) in constants, key
+def test_headline_keys_are_registered_metric_names():
+    from megatron_r3.platform import metric_names
+
+    assert ml.HEADLINE_KEYS[0] == metric_names.REWARD_MEAN == "reward/mean"
     for key in ml.HEADLINE_KEYS:
-        assert key in constants
+        assert metric_names.is_registered(key), key
+
+
+def test_wandb_offline_run_holds_the_step_metrics(tmp_path, monkeypatch):
+    """--wandb-project without credentials logs offline: a local W&B run directory with every step's metrics."""
+    pytest.importorskip("wandb")
+    from tests.unit.wandb_records import history_rows
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))  # --wandb-save-dir wins over W&B's own setting
+    steps = [{"reward/mean": 0.25, "train/loss": 1.5e-3, "replay/fallback_tokens": 0},
+             {"reward/mean": 0.5, "train/loss": -2.0e-4, "replay/fallback_tokens": 3}]
+    config = ml.WandbConfig(project="r3-test", exp_name="tiny", save_dir=str(tmp_path / "wb"))
+    with MetricsLogger(tmp_path / "run", tensorboard=False, wandb=config) as log:
+        for step, metrics in enumerate(steps):
+            log.log(step, metrics)
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, runs
+    rows = history_rows(runs[0])
+    assert [row["_step"] for row in rows] == [0, 1]
+    assert [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows] == steps
+    assert read_metrics(tmp_path / "run") == [{"step": i, **m} for i, m in enumerate(steps)]
+
+
+def test_wandb_mode_is_offline_without_credentials(tmp_path):
+    none = {"NETRC": str(tmp_path / "missing")}
+    assert ml.wandb_mode(none) == "offline"
+    assert ml.wandb_mode({**none, "WANDB_API_KEY": "k"}) == "online"
+    assert ml.wandb_mode({**none, "WANDB_MODE": "disabled", "WANDB_API_KEY": "k"}) == "disabled"
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password k\n")
+    assert ml.wandb_mode({"NETRC": str(tmp_path / "netrc")}) == "online"
+
+
+def test_no_wandb_project_starts_no_wandb_run(tmp_path):
+    with MetricsLogger(tmp_path, tensorboard=False, wandb=ml.WandbConfig()) as log:
+        log.log(0, {"reward/mean": 1.0})
+    assert not (tmp_path / "wandb").exists()

@@ -29,6 +29,8 @@ __all__ = [
 REGISTRY: dict[str, str] = {
     "qwen3_moe": "qwen_moe",
     "qwen2_moe": "qwen_moe",
+    "deepseek_v3": "deepseek_v3",
+    "glm4_moe": "glm4_moe",
 }
 
 

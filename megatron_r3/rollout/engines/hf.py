@@ -67,23 +67,31 @@ def _as_dtype(dtype) -> torch.dtype:
     raise ValueError(f"dtype must be a torch dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
 
 
+# model_type -> the transformers class the embedded engine runs (its router must answer the capture contract of
+# `hf_capture`, found through the model family's `find_routers`).
+_ENGINE_MODELS = {"qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+
+
 def _build_model(model_or_config):
-    from transformers import PretrainedConfig, Qwen3MoeForCausalLM
+    import transformers
+    from transformers import PretrainedConfig
 
     if isinstance(model_or_config, PretrainedConfig):
-        if getattr(model_or_config, "model_type", None) != "qwen3_moe":
-            raise TypeError(f"expected a Qwen3MoeConfig, got model_type {model_or_config.model_type!r}")
-        return Qwen3MoeForCausalLM(model_or_config)
+        model_type = getattr(model_or_config, "model_type", None)
+        if model_type not in _ENGINE_MODELS:
+            raise TypeError(f"expected a config of model_type {' or '.join(_ENGINE_MODELS)}, got {model_type!r}")
+        return getattr(transformers, _ENGINE_MODELS[model_type])(model_or_config)
     if isinstance(model_or_config, torch.nn.Module):
         config = getattr(model_or_config, "config", None)
-        if getattr(config, "model_type", None) != "qwen3_moe" or not hasattr(model_or_config, "model"):
+        if getattr(config, "model_type", None) not in _ENGINE_MODELS or not hasattr(model_or_config, "model"):
             raise TypeError(
-                f"expected a transformers Qwen3MoeForCausalLM, got {type(model_or_config).__name__} "
-                f"(model_type {getattr(config, 'model_type', None)!r})"
+                f"expected a transformers {' or '.join(_ENGINE_MODELS.values())}, got "
+                f"{type(model_or_config).__name__} (model_type {getattr(config, 'model_type', None)!r})"
             )
         return model_or_config
     raise TypeError(
-        f"HFRolloutEngine takes a Qwen3MoeForCausalLM or a Qwen3MoeConfig, got {type(model_or_config).__name__}"
+        f"HFRolloutEngine takes a transformers model or config of model_type {' or '.join(_ENGINE_MODELS)}, got "
+        f"{type(model_or_config).__name__}"
     )
 
 
@@ -331,7 +339,7 @@ class HFRolloutEngine(RolloutEngine):
             if routes_buffer is not None:
                 routes = routes_from_array(
                     routes_buffer[row, : prompt_length + length - 1],
-                    num_experts=self.config.num_experts, source="hf", sample_id=first + row,
+                    num_experts=self._capture.num_experts, source="hf", sample_id=first + row,
                 )
             samples.append(
                 RolloutSample(
