@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron_r3.model.families import ModelArch, arch_from_hf_config, family_of, padded_vocab_size
 from megatron_r3.model.weights import load_hf_weights
