@@ -73,8 +73,8 @@ def build(preset: dict, dtype: torch.dtype, fast: bool):
 
     config = make_config(preset, dtype, grouped=fast)
     torch.manual_seed(1234)
-    chunks = build_gpt_chunks(config, parallel_context(ParallelSizes()), vocab_size=preset["vocab_size"], max_sequence_length=preset["seq_length"],
-                              fused_attention=fast)
+    chunks = build_gpt_chunks(config, parallel_context(ParallelSizes()), vocab_size=preset["vocab_size"],
+                              max_sequence_length=preset["seq_length"], fused_attention=fast)
     return config, chunks[0]
 
 

@@ -200,8 +200,8 @@ class RolloutEngine(abc.ABC):
                 pass
         except Exception as exc:  # noqa: BLE001 - made collective below
             error = error or exc
-        collectives.raise_if_any_rank_failed(error, weights.parallel.host_group, what=f"weight sync to the {cls.__name__}",
-                                             error_type=WeightSyncError)
+        collectives.raise_if_any_rank_failed(error, weights.parallel.host_group,
+                                             what=f"weight sync to the {cls.__name__}", error_type=WeightSyncError)
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -71,7 +71,7 @@ def _run(ctx: PassContext, microbatches: Sequence[TrainMicrobatch], loss_of, *, 
     vp = len(ctx.chunks) > 1
     iterators = [iter(microbatches) for _ in ctx.chunks] if vp else iter(microbatches)
     return run_schedule(
-        get_forward_backward_func(),
+        get_forward_backward_func(pp_size=ctx.parallel.pp_size, vp_size=ctx.parallel.vp_size),
         ctx.routers,
         action=action,
         routes=routes,

@@ -24,7 +24,8 @@ def samples():
 
 
 def plan(equal: bool, thd: bool):
-    return plan_step(samples(), ParallelContext.for_rank(ParallelSizes(), 1, 0), global_batch_size=4, micro_batch_size=2,
+    one = ParallelContext.for_rank(ParallelSizes(), 1, 0)
+    return plan_step(samples(), one, global_batch_size=4, micro_batch_size=2,
                      max_tokens_per_microbatch=8 if thd else None, pad_multiple=2, equal_seq_length=equal,
                      moe_layer_numbers=(1,), num_experts=4, with_routes=False)
 

@@ -262,7 +262,8 @@ def test_parallel_state_references_finds_every_form():
                "x = megatron.core.parallel_state\n")
     assert parallel_state_references(planted) == [
         "1: from megatron.core import parallel_state", "2: import megatron.core.parallel_state",
-        "3: from megatron.core.parallel_state import get_tensor_model_parallel_rank", "4: from megatron.core import mpu",
+        "3: from megatron.core.parallel_state import get_tensor_model_parallel_rank",
+        "4: from megatron.core import mpu",
         "6: parallel_state", "7: .parallel_state"]
     assert parallel_state_references("from megatron.core.process_groups_config import ProcessGroupCollection\n"
                                      "ctx.tp_rank\n") == []

@@ -137,9 +137,10 @@ class ModelFamily:
                                          fused_attention=fused_attention)
 
     def build_chunks(self, config, parallel, **model_kwargs) -> list:
-        """This rank's model chunks (one per virtual pipeline stage of the `ParallelContext` `parallel`); the family chooses the model class (GPTModel
-        here; a family on megatron's `HybridModel` overrides this and `decoder_block_spec`). `model_kwargs` are
-        `model_kwargs(...)`'s, the trainer passing its padded vocabulary."""
+        """This rank's model chunks (one per virtual pipeline stage of the `ParallelContext` `parallel`, built with its
+        process groups); the family chooses the model class (GPTModel here; a family on megatron's `HybridModel`
+        overrides this and `decoder_block_spec`). `model_kwargs` are `model_kwargs(...)`'s, the trainer passing its
+        padded vocabulary."""
         from megatron_r3.model.gpt import build_gpt_chunks
 
         return build_gpt_chunks(config, parallel, block_spec_of=self.decoder_block_spec, **model_kwargs)
