@@ -91,6 +91,7 @@ def main() -> None:
     from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
     from megatron_r3.platform.distributed import device, initialize_model_parallel
+    from megatron_r3.platform.dtypes import torch_dtype
     from megatron_r3.platform.parallel_context import ParallelSizes
     from megatron_r3.replay.layout import pack_bshd, router_token_slots
     from megatron_r3.replay.microbatch import localize_routes
@@ -99,7 +100,7 @@ def main() -> None:
     parallel = initialize_model_parallel(ParallelSizes(expert_model_parallel_size=args.expert_model_parallel_size))
     rank0 = parallel.is_global_rank_zero
     preset = PRESETS[args.preset]
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")]
+    dtype = torch_dtype(args.dtype or ("bf16" if torch.cuda.is_available() else "fp32"))
     config, chunks = build(parallel, preset, args.recompute, dtype, args.grouped_gemm, args.expert_model_parallel_size)
     model = chunks[0]
     routers = ReplayRouters(chunks)

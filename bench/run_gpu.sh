@@ -40,7 +40,7 @@ part replay_memory 100 $PY bench/replay_memory.py --device cuda --preset qwen3-3
   --json "$WORK/replay_memory.json"
 # 6. route transport: bytes per id, SGLang decode throughput on this host's CPU, copy rate
 part route_transport 60 $PY bench/route_transport.py --device cuda --json "$WORK/route_transport.json"
-# 7. replay overhead at Qwen3-30B-A3B layer shape (the code changed since the recorded H100 figures)
+# 7. replay overhead at Qwen3-30B-A3B layer shape
 part overhead_none 120 $PY bench/replay_overhead.py --device cuda --preset qwen3-30b-a3b-4l --recompute none \
   --steps 20 --warmup 2 --json "$WORK/overhead_none.json"
 part overhead_full 150 $PY bench/replay_overhead.py --device cuda --preset qwen3-30b-a3b-4l --recompute full \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fast TE-free trainer (issue 17) on ONE GPU in one command (<= 280 s on an H200 by default):
+# The fast TE-free trainer on ONE GPU in one command (<= 280 s on an H200 by default):
 #
 #     bash bench/run_gpu_fast.sh            # tables on stdout; $OUT/bench_gpu_fast.{md,json,log}
 #

@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")))
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from megatron_r3.platform.dtypes import SHORT_NAMES, torch_dtype  # noqa: E402
 
 
 def add_layout_args(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +61,7 @@ def build_chunks(hf_config, args):
         hf_config,
         parallel,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-        params_dtype=getattr(torch, DTYPES[args.dtype]),
+        params_dtype=torch_dtype(args.dtype),
         sequence_parallel=sequence_parallel,
         use_cpu_initialization=not torch.cuda.is_available(),
     )
@@ -76,7 +76,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--hf-dir", required=True, help="HF model directory (config.json + *.safetensors)")
     parser.add_argument("--out", required=True, help="output directory of the megatron dist checkpoint")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="parameter dtype of the checkpoint")
+    parser.add_argument("--dtype", choices=sorted(SHORT_NAMES), default="fp32", help="parameter dtype of the checkpoint")
     add_layout_args(parser)
     return parser.parse_args(argv)
 

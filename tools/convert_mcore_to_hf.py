@@ -19,7 +19,9 @@ import sys
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from convert_hf_to_mcore import DTYPES, add_layout_args, build_chunks  # noqa: E402
+from convert_hf_to_mcore import add_layout_args, build_chunks  # noqa: E402
+
+from megatron_r3.platform.dtypes import SHORT_NAMES, torch_dtype  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -32,9 +34,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", required=True, help="output HF directory")
     parser.add_argument("--hf-config", default=None,
                         help="HF config JSON file (any name) or model directory (default: hf_config.json stored in the checkpoint)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+    parser.add_argument("--dtype", choices=sorted(SHORT_NAMES), default="fp32",
                         help="dtype the model is built and loaded in")
-    parser.add_argument("--save-dtype", choices=sorted(DTYPES), default=None,
+    parser.add_argument("--save-dtype", choices=sorted(SHORT_NAMES), default=None,
                         help="dtype of the written safetensors (default: --dtype)")
     parser.add_argument("--max-shard-size-mb", type=float, default=5000.0, help="largest safetensors file")
     add_layout_args(parser)
@@ -43,7 +45,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    import torch
 
     from megatron_r3.model.dist_checkpoint import hf_config_of_dist_checkpoint, load_dist_checkpoint
     from megatron_r3.model.weights import save_hf_checkpoint
@@ -56,7 +57,7 @@ def main(argv=None) -> None:
         hf_config = hf_config_of_dist_checkpoint(args.checkpoint)
     arch, chunks, parallel = build_chunks(hf_config, args)
     load_dist_checkpoint(chunks, args.checkpoint)
-    save_dtype = getattr(torch, DTYPES[args.save_dtype]) if args.save_dtype else None
+    save_dtype = torch_dtype(args.save_dtype) if args.save_dtype else None
     written = save_hf_checkpoint(
         chunks, arch, hf_config, args.out, parallel, max_shard_bytes=int(args.max_shard_size_mb * 1024 * 1024),
         dtype=save_dtype,

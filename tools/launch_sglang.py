@@ -18,7 +18,7 @@ The radix (prefix) cache stays on unless ``--radix-cache off``: SGLang stores ro
 hit returns the routes recorded when that cached KV was computed -- the routes that produced the KV the sample
 attended to, the right ones for R3 (tests/sglang_contract shows it with SGLang's own capture code).
 
-Refused extra flags (known to break routes, REFERENCE §3): ``--chunked-prefill-size -1`` (crashes on long prompts),
+Refused extra flags (known to break routes in SGLang 0.5.23): ``--chunked-prefill-size -1`` (crashes on long prompts),
 ``--enable-eplb`` / ``--ep-num-redundant-experts`` (untested with route capture here; 0.5.23 captures logical ids
 before the EPLB remap, so this is caution, not a known break),
 ``--disaggregation-mode`` (wrong prompt rows under prefill/decode disaggregation), ``--pp-size`` > 1 (no routes with

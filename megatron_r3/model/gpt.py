@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from megatron.core.models.gpt import GPTModel
 
 from megatron_r3.model.specs import replay_decoder_block_spec
@@ -49,11 +48,3 @@ def build_gpt_chunks(
         )
         chunks.append(model.to(device()))
     return chunks
-
-
-def count_parameters(chunks) -> int:
-    return sum(p.numel() for chunk in chunks for p in chunk.parameters())
-
-
-def parameters_of(chunks) -> list[torch.nn.Parameter]:
-    return [p for chunk in chunks for p in chunk.parameters()]

@@ -47,7 +47,7 @@ Everything here is pure tensor code: no process group. `megatron_r3.model.weight
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -251,20 +251,3 @@ def from_megatron_shards(
             raise MappingError(f"{mapping.megatron_name} -> {name!r}: shape {tuple(tensor.shape)}, expected {expected}")
         result[name] = tensor.contiguous()
     return result
-
-
-def iter_buckets(
-    items: Iterable[tuple[str, Optional[torch.Tensor]]], bucket_bytes: int, nbytes_of: Callable[[str], int]
-) -> Iterator[list[tuple[str, Optional[torch.Tensor]]]]:
-    """Group consecutive (name, tensor) items into lists of at most `bucket_bytes` (a larger tensor goes alone).
-    Sizes come from `nbytes_of(name)`, so every rank cuts the same buckets even where tensors are None."""
-    bucket, size = [], 0
-    for name, tensor in items:
-        nbytes = nbytes_of(name)
-        if bucket and size + nbytes > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
-    if bucket:
-        yield bucket

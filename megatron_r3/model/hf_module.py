@@ -121,15 +121,6 @@ class WeightLoader:
         return count
 
 
-@torch.no_grad()
-def load_checkpoint_tensors_into_hf_module(model, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-    """Copy checkpoint-named tensors into a live HF model in place (any subset, in any order: e.g. one bucket of a
-    weight sync); returns the names loaded."""
-    loaded: list[str] = []
-    WeightLoader(model).load(named_tensors, on_loaded=loaded.append)
-    return loaded
-
-
 def hf_state_dict_to_checkpoint_names(model_or_state_dict, *, tie_word_embeddings: Optional[bool] = None):
     """Yield (checkpoint name, tensor) from a live HF model (or its state dict): fused expert tensors are split into
     per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight` views (no copies), exactly the names `save_pretrained`
@@ -157,33 +148,3 @@ def hf_state_dict_to_checkpoint_names(model_or_state_dict, *, tie_word_embedding
                     yield f"{prefix}.{e}.down_proj.weight", tensor[e]
             continue
         yield name, tensor
-
-
-def checkpoint_names_to_hf_module_state(
-    named_tensors: Iterable[tuple[str, torch.Tensor]], model: torch.nn.Module
-) -> dict[str, torch.Tensor]:
-    """A full state dict for `model.load_state_dict` (fused expert tensors stacked) from checkpoint-named tensors;
-    every expert of every fused parameter must be present."""
-    WeightLoader(model)  # layout check (fused experts must be in transformers' default layout)
-    state = {name: tensor for name, tensor in model.state_dict().items()}
-    fused_parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-    for name, tensor in named_tensors:
-        expert = _EXPERT_CKPT_RE.match(name)
-        if name in state:
-            state[name] = tensor
-        elif expert and (f"{expert['prefix']}.gate_up_proj" in state or f"{expert['prefix']}.down_proj" in state):
-            fused_parts.setdefault(expert["prefix"], {}).setdefault(int(expert["e"]), {})[expert["which"]] = tensor
-        else:
-            raise MappingError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
-    for prefix, experts in fused_parts.items():
-        count = state[f"{prefix}.gate_up_proj"].shape[0]
-        if sorted(experts) != list(range(count)) or any(len(parts) != 3 for parts in experts.values()):
-            raise MappingError(f"{prefix}: need gate/up/down of all {count} experts to build the fused tensors")
-        state[f"{prefix}.gate_up_proj"] = torch.stack(
-            [torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]], dim=0) for e in range(count)]
-        )
-        state[f"{prefix}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in range(count)])
-    config = getattr(model, "config", None)
-    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    return state

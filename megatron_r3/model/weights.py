@@ -48,16 +48,15 @@ from megatron_r3.model.hf_mapping import (
     from_megatron_shards,
     hf_checkpoint_names,
     hf_checkpoint_shape,
-    iter_buckets,
     map_megatron_name,
     to_megatron_shard,
 )
-from megatron_r3.model.families import ModelArch, family_for, hf_config_to_json_dict
+from megatron_r3.model.families import ModelArch, family_for
+from megatron_r3.model.safetensors_writer import DEFAULT_MAX_SHARD_BYTES, SAFE_INDEX, write_hf_directory
 from megatron_r3.platform import collectives
+from megatron_r3.platform.buckets import iter_buckets
+from megatron_r3.platform.dtypes import torch_dtype
 from megatron_r3.platform.parallel_context import ParallelContext
-
-SAFE_INDEX = "model.safetensors.index.json"
-SAFE_SINGLE = "model.safetensors"
 
 
 def model_mappings(chunks, arch: ModelArch, parallel: ParallelContext) -> list[tuple[torch.nn.Parameter, ParamMapping]]:
@@ -278,10 +277,6 @@ class _LocalPlan:
         return items
 
 
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name.replace("torch.", ""))
-
-
 def _gather_to_leader(tensor: torch.Tensor, size: int, group, rank_in_group: int) -> Optional[list[torch.Tensor]]:
     """Gather equal-shaped `tensor`s of a group onto its rank 0 (in group-rank order); None elsewhere."""
     if size == 1:
@@ -334,12 +329,12 @@ class _Exporter:
     def nbytes(self) -> dict[str, int]:
         out = {}
         for item in self.items:
-            dtype = self._cast_of(item) or _dtype(item.dtype)
+            dtype = self._cast_of(item) or torch_dtype(item.dtype)
             for name in item.names:
                 numel = 1
                 for dim in hf_checkpoint_shape(self.arch, name):
                     numel *= dim
-                out[name] = numel * torch.empty((), dtype=dtype).element_size()
+                out[name] = numel * dtype.itemsize
         return out
 
     # ---------------------------------------------------------------------------------------------------- items
@@ -395,7 +390,7 @@ class _Exporter:
             cast = self._cast_of(item)
             if full is not None and cast is not None:
                 full = {n: t.to(cast) for n, t in full.items()}
-            dtype = cast or _dtype(item.dtype)
+            dtype = cast or torch_dtype(item.dtype)
             for name in item.names:
                 tensor = None
                 if self.rank == item.leader:
@@ -452,7 +447,7 @@ def export_hf_buckets(
     exporter = _Exporter(chunks, arch, parallel, receivers, dtype)
     sizes = exporter.nbytes()
     with torch.no_grad():
-        yield from iter_buckets(exporter, bucket_bytes, sizes.__getitem__)
+        yield from iter_buckets(exporter, bucket_bytes, lambda name, _tensor: sizes[name])
 
 
 # ================================================================================================ (c) save
@@ -463,76 +458,20 @@ def save_hf_checkpoint(
     directory: str,
     parallel: ParallelContext,
     *,
-    max_shard_bytes: int = 5 * 1024**3,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     dtype: Optional[torch.dtype] = None,
 ) -> Optional[list[str]]:
-    """Write the model as a HF directory (safetensors + config.json) from global rank 0; every rank must call it.
-    Returns the written file names on rank 0, None elsewhere."""
-    from safetensors.torch import save_file
-
+    """Write the model as a HF directory (`safetensors_writer.write_hf_directory`) from global rank 0; every rank
+    must call it (the export's gathers run on all of them). Returns the written file names on rank 0, None elsewhere."""
     rank, world = parallel.rank, parallel.world_size
-    files: list[tuple[str, list[str]]] = []
-    if rank == 0:
-        os.makedirs(directory, exist_ok=True)
-    shard: dict[str, torch.Tensor] = {}
-    shard_bytes = 0
-
-    def flush():
-        nonlocal shard, shard_bytes
-        if shard:
-            temp = f"model-part-{len(files):05d}.safetensors.tmp"
-            save_file(shard, os.path.join(directory, temp), metadata={"format": "pt"})
-            files.append((temp, list(shard)))
-        shard, shard_bytes = {}, 0
-
-    for bucket in export_hf_buckets(chunks, arch, parallel, bucket_bytes=max_shard_bytes, dtype=dtype):
-        if rank != 0:
-            continue
-        for name, tensor in bucket:
-            nbytes = tensor.numel() * tensor.element_size()
-            if shard and shard_bytes + nbytes > max_shard_bytes:
-                flush()
-            shard[name] = tensor.detach().cpu().contiguous()
-            shard_bytes += nbytes
+    exported = export_hf_weights(chunks, arch, parallel, dtype=dtype)
     written = None
     if rank == 0:
-        flush()
-        total = len(files)
-        weight_map, written = {}, []
-        total_size = 0
-        for index, (temp, names) in enumerate(files):
-            final = SAFE_SINGLE if total == 1 else f"model-{index + 1:05d}-of-{total:05d}.safetensors"
-            os.replace(os.path.join(directory, temp), os.path.join(directory, final))
-            written.append(final)
-            for name in names:
-                weight_map[name] = final
-        if total > 1:
-            from safetensors import safe_open
-
-            for final in written:
-                with safe_open(os.path.join(directory, final), framework="pt") as handle:
-                    for name in handle.keys():
-                        shape = handle.get_slice(name).get_shape()
-                        numel = 1
-                        for dim in shape:
-                            numel *= dim
-                        total_size += numel * _element_size(handle.get_slice(name).get_dtype())
-            with open(os.path.join(directory, SAFE_INDEX), "w") as handle:
-                json.dump({"metadata": {"total_size": total_size}, "weight_map": weight_map}, handle, indent=2)
-        elif os.path.exists(os.path.join(directory, SAFE_INDEX)):
-            os.remove(os.path.join(directory, SAFE_INDEX))
-        config = hf_config_to_json_dict(hf_config)
-        if dtype is not None:
-            config["dtype"] = str(dtype).replace("torch.", "")
-        with open(os.path.join(directory, "config.json"), "w") as handle:
-            json.dump(config, handle, indent=2, sort_keys=True)
-        written.append("config.json")
+        written = write_hf_directory(exported, directory, hf_config=hf_config, dtype=dtype,
+                                     max_shard_bytes=max_shard_bytes)
+    else:
+        for _ in exported:  # this rank's part in the gathers
+            pass
     if world > 1:
         dist.barrier(group=parallel.host_group)
     return written
-
-
-def _element_size(safetensors_dtype: str) -> int:
-    return {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}.get(
-        safetensors_dtype, 4
-    )

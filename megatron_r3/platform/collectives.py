@@ -2,8 +2,8 @@
 
 Why: on GPUs megatron's model groups are NCCL, which accepts only tensors on this rank's GPU ("No backend type
 associated with device type cpu"), while on the CPU test machine every group is gloo, which takes anything. A CPU
-tensor handed to a model group (the PP >= 2 metric all-reduce of `grpo/mismatch.py`) therefore passed the whole gloo
-suite and crashed at step 0 on GPUs. These wrappers are plain pass-throughs to `torch.distributed`, plus one check:
+tensor handed to a model group (e.g. a metric all-reduce over the pipeline group, PP >= 2) therefore passes the whole
+gloo suite and crashes at step 0 on GPUs. These wrappers are plain pass-throughs to `torch.distributed`, plus one check:
 
     strict collective devices (MEGATRON_R3_STRICT_COLLECTIVE_DEVICES=1, CPU runs): before each collective the
     installed checker is asked whether `tensor` lives on the device the group's backend would need on GPUs.

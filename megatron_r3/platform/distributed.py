@@ -16,8 +16,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_r3.platform import collectives, cpu_support
+from megatron_r3.platform.logging import get_logger
 from megatron_r3.platform.parallel_context import ParallelContext, ParallelSizes
 from megatron_r3.platform.process import exit_with_parent
+
+log = get_logger(__name__)
 
 
 def device() -> torch.device:
@@ -179,13 +182,11 @@ def end_finished_run(code: int = 0) -> None:
     rank waits for the others at a host barrier (no rank exits while another still talks to it), ends helper
     processes it started, flushes its streams and leaves with `os._exit`, which runs no destructors.
     """
-    import sys
-
     try:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier(group=host_group())
     except Exception as error:  # noqa: BLE001 - another rank died after this one finished: say so, exit non-zero
-        print(f"end of run: the final barrier failed ({type(error).__name__}: {error})", file=sys.stderr)
+        log.warning(f"end of run: the final barrier failed ({type(error).__name__}: {error})", all_ranks=True)
         code = code or 1
     finally:
         exit_without_teardown(code)

@@ -163,7 +163,7 @@ class ParallelContext:
         if wrong:
             raise ValueError(f"rank {self.rank}: the process groups do not match sizes {self.sizes} with order "
                              f"{self.order!r}: " + "; ".join(wrong) + " (build the context from the sizes and order "
-                             f"the groups were initialised with)")
+                             "the groups were initialised with)")
 
     # ------------------------------------------------------------------ sizes
     @property

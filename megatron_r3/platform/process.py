@@ -16,7 +16,10 @@ import sys
 import threading
 import time
 
+from megatron_r3.platform.logging import get_logger
+
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+log = get_logger(__name__)
 
 
 def exit_with_parent(environ=os.environ, poll_s: float = 1.0) -> str:
@@ -49,5 +52,5 @@ def _prctl_pdeathsig() -> bool:
 def _watch_parent(parent: int, poll_s: float) -> None:
     while os.getppid() == parent:
         time.sleep(poll_s)
-    print(f"the launcher (pid {parent}) died; exiting", file=sys.stderr, flush=True)
+    log.warning(f"the launcher (pid {parent}) died; exiting", all_ranks=True)
     os._exit(1)

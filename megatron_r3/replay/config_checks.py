@@ -71,8 +71,8 @@ class LayoutConfigError(ValueError):
 def layout_problems(args, transformer_engine: bool) -> list[str]:
     """Why `args` cannot run (in any replay mode), with `transformer_engine` telling whether TE is installed.
 
-    Without TE, megatron_r3 builds megatron's local layers; the TE-only switches below used to be turned off
-    silently (`disable_fusions_without_transformer_engine`) so the run went on without what was asked for."""
+    Without TE, megatron_r3 builds megatron's local layers; megatron's `disable_fusions_without_transformer_engine`
+    would turn the TE-only switches below off silently, so the run would go on without what was asked for."""
     get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
     problems = []
     if not transformer_engine and get("transformer_impl") == "inference_optimized":

@@ -269,15 +269,6 @@ def fill_ids_for_slots(slots: torch.Tensor, topk: int, num_experts: int, dtype: 
     return ((slots.long().unsqueeze(1) * topk + torch.arange(topk)) % num_experts).to(dtype)
 
 
-def pack_routes(
-    routes: Sequence[torch.Tensor], layout: PackedLayout, num_experts: int
-) -> torch.Tensor:
-    """Per-sample routes `[n_j, L, K]` -> slots `[num_slots, L, K]`; padding slots hold distinct ids."""
-    num_layers, topk = routes[0].shape[1:]
-    fill = distinct_fill_ids(layout.num_slots, topk, num_experts, routes[0].dtype)
-    return pack_per_slot(routes, layout, fill.unsqueeze(1).expand(-1, num_layers, -1))
-
-
 def moe_layer_pattern(num_layers: int, moe_layer_freq) -> tuple[bool, ...]:
     """Which decoder layers (0-based) are MoE layers, with megatron's `moe_layer_freq` semantics: an int N puts an
     MoE layer every N layers starting at layer 0; a list gives 1 (MoE) / 0 (dense) per layer."""
@@ -291,22 +282,4 @@ def moe_layer_pattern(num_layers: int, moe_layer_freq) -> tuple[bool, ...]:
     if any(p not in (0, 1) for p in pattern):
         raise ValueError(f"moe_layer_freq entries must be 0 or 1, got {pattern}")
     return tuple(bool(p) for p in pattern)
-
-
-def chunk_layer_numbers(config, *, pp_rank: int, vp_stage: Optional[int] = None) -> tuple[int, ...]:
-    """Global 1-based `layer_number`s of the decoder layers built on pipeline rank `pp_rank`, virtual stage
-    `vp_stage`. Uses megatron's own offset / count functions (uneven first/last stages, custom layouts), which
-    need only the config, not a process group."""
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
-    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return tuple(range(offset + 1, offset + count + 1))
-
-
-def chunk_moe_layer_numbers(config, *, pp_rank: int, vp_stage: Optional[int] = None) -> tuple[int, ...]:
-    """The MoE subset of `chunk_layer_numbers` (dense layers have no router; MTP layers are not decoder layers)."""
-    pattern = moe_layer_pattern(config.num_layers, config.moe_layer_freq)
-    return tuple(n for n in chunk_layer_numbers(config, pp_rank=pp_rank, vp_stage=vp_stage) if pattern[n - 1])
 

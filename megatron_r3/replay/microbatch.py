@@ -1,7 +1,7 @@
 """One microbatch's routes on one rank: sliced to this rank's tokens and MoE layers before they travel.
 
 `localize_routes` is the CPU-side step: it selects the MoE layers this rank's model chunks own, packs the samples
-exactly like the tokens (`layout.pack_routes`), and keeps only this rank's router rows (CP split + SP scatter, in
+exactly like the tokens (`layout.pack_per_slot`; padding slots hold `layout.distinct_fill_ids`), and keeps only this rank's router rows (CP split + SP scatter, in
 router order). The result stays in the compact dtype (1 byte per id when experts <= 256) until a router turns one
 layer's slice into int64 at the moment of use.
 """
@@ -92,10 +92,10 @@ def localize_routes(
     source_layer_numbers: the global layer numbers the samples' layer axis holds, when it holds only some layers
         (routes shipped to a pipeline stage carry only its layers); None: every decoder layer, 1..L_all.
 
-    Equal to packing every sample into slots (`layout.pack_routes`), then keeping `token_slots`, but copied
-    straight into this rank's rows: one strided copy per run of consecutive tokens of a sample (a sample, or its
-    CP chunks, per batch column), so each id this rank keeps is copied once and the slots of other ranks never;
-    with too many short runs, one gather from the concatenated samples instead. On a CUDA host the result is
+    Equal to packing every sample into slots like the tokens (padding slots: `distinct_fill_ids`), then keeping
+    `token_slots`, but copied straight into this rank's rows: one strided copy per run of consecutive tokens of a
+    sample (a sample, or its CP chunks, per batch column), so each id this rank keeps is copied once and the slots
+    of other ranks never; with too many short runs, one gather from the concatenated samples instead. On a CUDA host the result is
     allocated in page-locked memory, so `pin_memory()` is free and the host-to-device copy asynchronous.
     """
     layer_numbers = tuple(int(n) for n in layer_numbers)

@@ -97,6 +97,11 @@ class ReplayPolicy:
         gates (--max-fallback-fraction, --min-routing-agreement) apply."""
         return any(p.replays and p.source is Source.ROLLOUT for p in self.passes().values())
 
+    @property
+    def all_native(self) -> bool:
+        """No pass replays or records routes: every router chooses its own top-k (`--router-replay off`)."""
+        return all(p.action is Action.NATIVE for p in self.passes().values())
+
     def engine_returns_routes(self, collect_agreement: bool) -> bool:
         """Whether the rollout engine must send its routes: to replay them, or to observe them for the metrics."""
         observed = any(p.observes and p.source is Source.ROLLOUT for p in self.passes().values())

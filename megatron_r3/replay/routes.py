@@ -116,27 +116,6 @@ class Routes:
     def nbytes(self) -> int:
         return self.expert_ids.numel() * self.expert_ids.element_size()
 
-    def concat(self, later: "Routes") -> "Routes":
-        """Append the routes of a later turn (multi-turn / resumed generation).
-
-        The later turn must start exactly where this one ends: a gap or an overlap means a retry or a prefix-cache
-        hit changed the rows, and slicing around it would silently misalign every following token.
-        """
-        if later.start_row != self.end_row:
-            raise ValueError(
-                f"cannot concatenate routes: later part starts at row {later.start_row} but this one ends at "
-                f"row {self.end_row} (rows {self.start_row}..{self.end_row - 1})"
-            )
-        mine = (self.num_layers, self.topk, self.num_experts, self.source)
-        theirs = (later.num_layers, later.topk, later.num_experts, later.source)
-        if mine != theirs:
-            raise ValueError(
-                "cannot concatenate routes of different shape or origin: (num_layers, topk, num_experts, source) "
-                f"{mine} vs {theirs}"
-            )
-        ids = torch.cat([self.expert_ids, later.expert_ids], dim=0)
-        return Routes(ids, num_experts=self.num_experts, start_row=self.start_row, source=self.source)
-
 
 def _check_ids_in_range(ids: np.ndarray, num_experts: int, sample_id, rank) -> None:
     """Raise RouteError if any id is outside ``[0, num_experts)``.

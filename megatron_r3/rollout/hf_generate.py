@@ -10,7 +10,7 @@ Why
     * a transformers ``StaticCache`` sized ``width + max_steps - 1`` (the longest prompt plus the tokens fed back;
       the last sampled token is never fed), filled in place;
     * the batch never shrinks: a finished sequence keeps being fed the pad token, its samples are masked out
-      (``done`` lives on the device) and its rows are cut off on the host at the end, like the old loop's;
+      (``done`` lives on the device) and its rows are cut off on the host at the end, like the first loop's;
     * the attention mask is a preallocated additive 4-D mask (``sdpa`` or ``eager`` attention) updated in place,
       so transformers' mask builder (which reads the padding mask on the host) is skipped;
     * the host asks whether every sequence finished only every ``hf_stop_check_interval`` steps (one sync each), so
@@ -21,19 +21,19 @@ Why
       replayed (the first decode forward runs eagerly on a side stream as warm-up, followed by the one extra sync
       of the batch); sampling stays outside the graph.
 
-Sampling semantics (:mod:`megatron_r3.rollout.sampling`, unchanged)
+Sampling semantics (:mod:`megatron_r3.rollout.sampling`, shared with the first loop)
     Temperature, top-k, top-p and the reported logprob are computed by the same functions. The draw is
     ``argmax(probs / Exp(1) noise)`` with the noise from ``exponential_(generator=...)``, which is exactly the
     algorithm ``torch.multinomial(probs, 1)`` runs for one sample, minus its host-side input checks (tested
     bitwise against :func:`~megatron_r3.rollout.sampling.sample_tokens`).
 
-Equality with the old loop (same seed)
+Equality with the first loop (same seed)
     Greedy decoding gives the same tokens and routes. Seeded sampling gives the same tokens while no sequence of the
     batch has finished; after the first sequence finishes they may differ, for a reason no fixed-shape loop can
-    avoid: the old loop draws noise for the still-active rows only, so the generator's position after a
+    avoid: the first loop draws noise for the still-active rows only, so the generator's position after a
     retirement depends on how many rows were retired at each step (a data-dependent count the host would have to
     read), while this loop draws ``[batch, vocab]`` noise every step. Both loops are reproducible from the seed,
-    and both depend on the batch composition. Logits differ from the old loop's by rounding only (attention runs
+    and both depend on the batch composition. Logits differ from the first loop's by rounding only (attention runs
     over the whole static cache with the unused slots masked), so logprobs agree to float rounding.
 """
 

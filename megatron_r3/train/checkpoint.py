@@ -84,8 +84,8 @@ def optimizer_sharding_metadata(optimizer) -> dict | None:
     ("ShardedTensor.flattened_range is not supported."), and `fully_reshardable` cannot load into torch's Adam (no
     apex/TE: `KeyError: 'step'` in `_set_main_param_and_optimizer_states`). `dp_reshardable` (megatron.training's
     default) works: the optimizer state reshards across data-parallel sizes; on another TP/PP/EP layout resume with
-    `--no-load-optim` (the model's tensors load into any layout). Other optimizers need no metadata (None keeps the
-    keys of checkpoints written before this)."""
+    `--no-load-optim` (the model's tensors load into any layout). Other optimizers need no metadata (None: the
+    checkpoint carries no sharding-type key)."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     optimizers = getattr(optimizer, "chained_optimizers", None) or [optimizer]

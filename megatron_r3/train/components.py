@@ -18,6 +18,8 @@ from megatron_r3.model.weights import load_hf_weights
 from megatron_r3.platform.distributed import initialize_model_parallel
 from megatron_r3.platform.logging import get_logger
 from megatron_r3.platform.parallel_context import ParallelContext, ParallelSizes
+from megatron_r3.replay.config import ReplayConfig
+from megatron_r3.replay.policy import replay_policy
 from megatron_r3.replay.schedule import ReplayRouters
 from megatron_r3.platform.typed_config import config_from_args
 from megatron_r3.rollout.base import EngineSetup, PolicyWeights, SamplingParams
@@ -73,7 +75,7 @@ class TrainingSetup:
         return RolloutSettings(
             sampling=sampling,
             group_size=args.grpo_group_size,
-            return_routes=args.router_replay == "R3" or args.collect_routing_agreement,
+            return_routes=engine_returns_routes(args),
             moe_layers=self.moe_layers,
             topk=self.arch.topk,
             route_fallback=args.route_fallback,
@@ -255,6 +257,14 @@ def build_data(args):
     return tokenizer, records
 
 
+def engine_returns_routes(args) -> bool:
+    """Whether the rollout engine must send its routes: the run's replay policy (replay/policy.py) replays them, or
+    observes them for replay/routing_agreement."""
+    replay = config_from_args(ReplayConfig, args)
+    policy = replay_policy(replay.router_replay, replay.reference_replay)
+    return policy.engine_returns_routes(replay.collect_routing_agreement)
+
+
 def engine_setup(args, hf_config) -> EngineSetup:
     """The chosen engine's settings from the parsed arguments (the engine itself never sees `args`)."""
     rollout = config_from_args(RolloutConfig, args)
@@ -265,7 +275,7 @@ def engine_setup(args, hf_config) -> EngineSetup:
         seed=args.seed,
         max_batch_size=max(1, args.grpo_prompts_per_step * args.grpo_group_size),
         progress=not args.no_progress,
-        require_routes=args.router_replay == "R3" or bool(args.collect_routing_agreement),
+        require_routes=engine_returns_routes(args),
     )
 
 

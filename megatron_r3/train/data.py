@@ -173,10 +173,6 @@ class PromptSampler:
             self._fingerprint = records_fingerprint(self.records)
         return self._fingerprint
 
-    def epoch_of(self, step: int) -> float:
-        """Epochs completed before `step` (fractional)."""
-        return step * self.prompts_per_step / len(self.records)
-
     def indices(self, step: int) -> list[int]:
         """Dataset indices of the prompts of `step`."""
         if int(step) != step or step < 0:

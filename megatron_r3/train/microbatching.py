@@ -82,10 +82,6 @@ class TrainMicrobatch:
     ref_logp: Optional[torch.Tensor] = None
     recorded: Optional[dict] = None
 
-    @property
-    def num_loss_tokens(self) -> int:
-        return int(self.inputs.loss_mask.sum())
-
 
 @dataclass
 class StepPlan:

@@ -42,6 +42,7 @@ from megatron_r3.platform import collectives
 from megatron_r3.platform import metric_names
 from megatron_r3.platform.distributed import device
 from megatron_r3.platform.logging import get_logger
+from megatron_r3.replay.policy import replay_policy
 from megatron_r3.train.microbatching import TrainSample
 from megatron_r3.train.passes import PassContext, declare_metrics, run_custom_pass
 from megatron_r3.train.trainer import GRPOTrainer, _host_reduce
@@ -81,7 +82,7 @@ class SFTWarmup(GRPOTrainer):
             )
         if args.grpo_iterations != 1:
             raise ValueError(f"sft_warmup: --grpo-iterations must be 1, got {args.grpo_iterations}")
-        if args.router_replay != "off":
+        if not replay_policy(args.router_replay, args.reference_replay).all_native:
             raise ValueError("sft_warmup: --router-replay must be off (the warm-up routes natively)")
         if args.task is None:
             raise ValueError("sft_warmup: give a built-in --task (its records carry the answers to teach)")

@@ -34,7 +34,7 @@ len(answer)``. So the right digit followed by junk (no `<eos>` in time) earns 0.
 the reward and every digit of a long response carries signal (examples/r3_stability warms a model up on them
 before GRPO; a random model scores ~0.09, one digit in ten).
 
-Demo: ``DEMO_TASK = "copy_last"`` with ``DEMO_MAX_NEW_TOKENS = 1`` and the ``synthetic`` reward. By chance (uniform
+Demo (`configs/demo_tiny.yaml`): ``copy_last`` with ``max_new_tokens: 1`` and the ``synthetic`` reward. By chance (uniform
 tokens) a response earns some reward 15.6% of the time (any digit), the full answer 1.6%. In a reference loop (HF
 Qwen3-MoE, hidden 64, 4 layers, 8 experts top-2, random init; 16 prompts x 8 samples per step, one on-policy
 AdamW step at lr 3e-3, group-normalised advantages; 3 seeds) the mean reward went 0.03 (step 0) -> 0.62-0.70
@@ -49,9 +49,9 @@ from __future__ import annotations
 
 import random
 import string
-from typing import Optional, Union
+from typing import Union
 
-from megatron_r3.train.data import PromptRecord, load_prompts
+from megatron_r3.train.data import PromptRecord
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
@@ -64,9 +64,6 @@ DEMO_VOCAB: tuple[str, ...] = (
 )
 DEMO_VOCAB_SIZE = 64  # the model's vocab size for the demo: exactly the tokenizer's size, no padding ids
 assert len(DEMO_VOCAB) == DEMO_VOCAB_SIZE and len(set(DEMO_VOCAB)) == DEMO_VOCAB_SIZE
-
-DEMO_TASK = "copy_last"
-DEMO_MAX_NEW_TOKENS = 1  # see the module docstring: longer responses learn the digit but not to stop
 
 
 def build_demo_tokenizer(save_dir=None):
@@ -249,26 +246,3 @@ def make_synthetic_dataset(task: Union[str, Task], num_prompts: int, seed: int) 
         prompt, answer = task.make_prompt(rng)
         records.append(PromptRecord(prompt=prompt, answer=answer, index=i, metadata={"task": task.name}))
     return records
-
-
-SYNTHETIC_PREFIX = "synthetic:"
-DEFAULT_SYNTHETIC_PROMPTS = 4096
-
-
-def prompts_from_spec(
-    spec: str, seed: int = 0, prompt_key: str = "prompt", answer_key: Optional[str] = "answer"
-) -> list[PromptRecord]:
-    """Prompt records from a CLI-style spec: ``synthetic:TASK`` or ``synthetic:TASK:NUM_PROMPTS`` (default 4096,
-    drawn with `seed`), or a path to a .jsonl / .json / .parquet file (`load_prompts`)."""
-    if spec.startswith(SYNTHETIC_PREFIX):
-        parts = spec[len(SYNTHETIC_PREFIX) :].split(":")
-        if len(parts) > 2 or not parts[0]:
-            raise ValueError(f"bad synthetic prompt spec '{spec}': use synthetic:TASK or synthetic:TASK:NUM_PROMPTS")
-        num = DEFAULT_SYNTHETIC_PROMPTS
-        if len(parts) == 2:
-            try:
-                num = int(parts[1])
-            except ValueError:
-                raise ValueError(f"bad synthetic prompt spec '{spec}': NUM_PROMPTS must be an integer") from None
-        return make_synthetic_dataset(parts[0], num, seed)
-    return load_prompts(spec, prompt_key=prompt_key, answer_key=answer_key)

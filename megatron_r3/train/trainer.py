@@ -26,6 +26,7 @@ from megatron_r3.replay.config import ReplayConfig
 from megatron_r3.replay.layout import sequence_pad_multiple
 from megatron_r3.replay.microbatch import routes_from_recorded
 from megatron_r3.replay.policy import Action, PassRouting, Source, replay_policy
+from megatron_r3.replay.router import COUNTERS
 from megatron_r3.train import checkpoint as ckpt
 from megatron_r3.train.checkpoint_integrity import check_resume_source
 from megatron_r3.train.metrics_log import MetricsLogger, WandbConfig, format_iteration_line
@@ -312,7 +313,7 @@ class GRPOTrainer:
         if counts_tokens:
             for number, per_layer in stats.layer_counters.items():
                 counters[number - 1] = torch.stack(
-                    [per_layer[name].double().cpu() for name in ("valid", "compared", "agree", "match")]
+                    [per_layer[name].double().cpu() for name in COUNTERS]
                 )
         first_stage = self.parallel.is_first_pipeline_stage()
         tokens = torch.tensor([float(replayed_tokens if counts_tokens and first_stage else 0)], dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""The standing GPU suite: every check of issue 12 that a machine with N GPUs allows, in one command, with a report.
+"""The standing GPU suite: every GPU check that a machine with N GPUs allows, in one command, with a report.
 
     python tests/gpu/gpu_suite.py --out DIR [--budget-s 470]      (run through tests/gpu/run_gpu_suite.sh)
 

@@ -148,7 +148,6 @@ def test_sampler_is_pure_and_covers_each_epoch():
     assert a.batch(3) == [recs[i] for i in steps[3]]
     assert [PromptSampler(recs, 4, seed=8).indices(s) for s in range(10)] != steps
     assert PromptSampler(recs, 4, seed=7, shuffle=False).indices(2) == [8, 9, 0, 1]
-    assert a.epoch_of(5) == 2.0
 
 
 def test_sampler_order_is_pinned():

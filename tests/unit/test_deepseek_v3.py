@@ -207,12 +207,6 @@ def test_unrepresentable_configs_raise(changes, message):
         ds.arch_from_hf_config(config)
 
 
-def test_mtp_checkpoint_tensors_are_recognised():
-    arch = ds.arch_from_hf_config(DeepseekV3Config(**{**BASE, **CASES["q_lora_groups"]}))
-    assert ds.is_mtp_name("model.layers.3.eh_proj.weight", arch)
-    assert not ds.is_mtp_name("model.layers.2.mlp.gate.weight", arch)
-
-
 def test_training_path_builds_the_conversion_config(tmp_path):
     """The trainer's config (its argument parsing + megatron's core_transformer_config_from_args) has every field
     of the family's `megatron_fields` equal to the conversion path's `MLATransformerConfig` (YaRN, groups, bias)."""

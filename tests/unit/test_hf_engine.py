@@ -172,7 +172,6 @@ def test_update_weights_from_checkpoint_names(base_model, tmp_path):
     tokens = torch.tensor(PROMPTS[2])
     before = engine.model(input_ids=tokens[None]).logits
     assert not torch.allclose(before, other(input_ids=tokens[None]).logits)
-    assert sorted(engine.expected_weight_names()) == sorted(named)
     assert engine.update_weights(named, strict=True) == len(named)
     assert fused.data_ptr() == pointer and engine.weight_version == 1  # in place
     torch.testing.assert_close(engine.model(input_ids=tokens[None]).logits, other(input_ids=tokens[None]).logits,

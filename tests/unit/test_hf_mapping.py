@@ -16,17 +16,12 @@ from megatron_r3.model.hf_mapping import (
     from_megatron_shards,
     hf_checkpoint_names,
     hf_checkpoint_shape,
-    iter_buckets,
     map_megatron_name,
     qkv_interleave,
     qkv_split,
     to_megatron_shard,
 )
-from megatron_r3.model.hf_module import (
-    checkpoint_names_to_hf_module_state,
-    hf_state_dict_to_checkpoint_names,
-    load_checkpoint_tensors_into_hf_module,
-)
+from megatron_r3.model.hf_module import WeightLoader, hf_state_dict_to_checkpoint_names
 from megatron_r3.model.families import (
     UnsupportedHFConfig,
     arch_from_hf_config,
@@ -248,12 +243,6 @@ def test_vocab_padding_and_shape_checks():
                           tp_rank=0, local_shape=(64, 96))
 
 
-def test_iter_buckets_cuts_by_bytes():
-    sizes = {"a": 4, "b": 4, "c": 10, "d": 1, "e": 1}
-    buckets = list(iter_buckets([(n, None) for n in sizes], 8, sizes.__getitem__))
-    assert [[n for n, _ in b] for b in buckets] == [["a", "b"], ["c"], ["d", "e"]]
-
-
 # ---------------------------------------------------------------------------------------------------- live modules
 @pytest.mark.parametrize("make", [qwen3_config, lambda: qwen3_config(tie_word_embeddings=True), qwen2_config],
                          ids=["qwen3", "qwen3_tied", "qwen2_shared"])
@@ -263,20 +252,15 @@ def test_checkpoint_tensors_load_into_live_hf_module(make):
     named = [(n, t.clone()) for n, t in hf_state_dict_to_checkpoint_names(source)]
     # in two buckets, second one first: any subset, any order
     half = len(named) // 2
-    loaded = load_checkpoint_tensors_into_hf_module(target, named[half:])
-    loaded += load_checkpoint_tensors_into_hf_module(target, named[:half])
-    assert sorted(loaded) == sorted(n for n, _ in named)
+    loader, loaded = WeightLoader(target), []
+    loader.load(named[half:], on_loaded=loaded.append)
+    loader.load(named[:half], on_loaded=loaded.append)
+    assert sorted(loaded) == sorted(n for n, _ in named) == sorted(loader.expected_names())
     for name, tensor in source.state_dict().items():
         assert torch.equal(target.state_dict()[name], tensor), name
-    # whole-state-dict path
-    fresh = random_model(config, seed=2)
-    fresh.load_state_dict(checkpoint_names_to_hf_module_state(named, fresh))
-    for name, tensor in source.state_dict().items():
-        assert torch.equal(fresh.state_dict()[name], tensor), name
-    with pytest.raises(MappingError):
-        load_checkpoint_tensors_into_hf_module(target, [("model.layers.0.mlp.experts.0.gate_proj.weight", named[0][1])])
-    with pytest.raises(MappingError):
-        checkpoint_names_to_hf_module_state([x for x in named if ".experts.3." not in x[0]], fresh)
+    with pytest.raises(MappingError, match="'model.layers.0.mlp.experts.0.gate_proj.weight' names experts of a "
+                                           "layer that has no MoE block"):
+        loader.load([("model.layers.0.mlp.experts.0.gate_proj.weight", named[0][1])])
 
 
 # ---------------------------------------------------------------------------------------------------- configs

@@ -13,15 +13,12 @@ import torch
 
 from megatron_r3.replay.layout import (
     PackedLayout,
-    chunk_layer_numbers,
-    chunk_moe_layer_numbers,
     cp_local_slots,
     cp_zigzag_positions,
     distinct_fill_ids,
     moe_layer_pattern,
     pack_bshd,
     pack_per_slot,
-    pack_routes,
     pack_thd,
     padded_length,
     router_token_slots,
@@ -30,6 +27,32 @@ from megatron_r3.replay.layout import (
     sp_local_range,
     unpack_per_slot,
 )
+
+
+def pack_routes(routes, layout: PackedLayout, num_experts: int) -> torch.Tensor:
+    """Reference: per-sample routes `[n_j, L, K]` -> slots `[num_slots, L, K]` with distinct ids in padding slots
+    (what `replay/microbatch.localize_routes` computes for one rank's slots without building the others)."""
+    num_layers, topk = routes[0].shape[1:]
+    fill = distinct_fill_ids(layout.num_slots, topk, num_experts, routes[0].dtype)
+    return pack_per_slot(routes, layout, fill.unsqueeze(1).expand(-1, num_layers, -1))
+
+
+def chunk_layer_numbers(config, *, pp_rank: int, vp_stage=None) -> tuple[int, ...]:
+    """Global 1-based `layer_number`s of the decoder layers megatron builds on pipeline rank `pp_rank`, virtual
+    stage `vp_stage` (megatron's own offset / count functions; the routers carry these numbers, and the replay
+    selects route layers by them)."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return tuple(range(offset + 1, offset + count + 1))
+
+
+def chunk_moe_layer_numbers(config, *, pp_rank: int, vp_stage=None) -> tuple[int, ...]:
+    """The MoE subset of `chunk_layer_numbers` (dense layers have no router)."""
+    pattern = moe_layer_pattern(config.num_layers, config.moe_layer_freq)
+    return tuple(n for n in chunk_layer_numbers(config, pp_rank=pp_rank, vp_stage=vp_stage) if pattern[n - 1])
 
 
 def exact(message: str) -> str:

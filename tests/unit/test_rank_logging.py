@@ -63,3 +63,23 @@ def test_run_log_console_does_not_repeat_a_printed_line(monkeypatch, capsys, tmp
     assert err.count("a warning") == 1 and "iteration 1" not in err
     text = (tmp_path / "logs" / "rank_0.log").read_text()
     assert "iteration 1" in text and "a warning" in text
+
+
+def test_package_below_train_speaks_through_the_logger():
+    """Below `train/` (which owns the CLI's own error lines), every console line goes through platform/logging:
+    no `print(` call anywhere else."""
+    import ast
+    from pathlib import Path
+
+    import megatron_r3
+
+    package = Path(megatron_r3.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package).as_posix()
+        if relative.startswith("train/") or relative == "platform/logging.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                found.append(f"{relative}:{node.lineno}")
+    assert found == []

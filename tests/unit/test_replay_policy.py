@@ -50,6 +50,8 @@ def test_derived_rules(mode, reference, collect):
     # the rollout engine's routes: required under R3, for the agreement metrics otherwise (train/components.py)
     assert policy.engine_returns_routes(collect) == (mode == "R3" or collect)
     assert policy.replays_rollout_routes == (mode == "R3")
+    # every pass native (what the supervised warm-up requires): off only
+    assert policy.all_native == (mode == "off")
     # the reference pass routes as the updates do, unless --reference-replay off makes it native
     assert policy.reference == (policy.update if reference == "on" else PassRouting(Action.NATIVE))
     # routes recorded in the old-logprob pass exist only where that pass records
@@ -80,3 +82,15 @@ def test_trainer_does_not_branch_on_the_replay_mode():
                 and any(isinstance(n, (ast.Attribute, ast.Name)) and getattr(n, "attr", getattr(n, "id", None))
                         in names for n in ast.walk(node))]
     assert branches == []
+
+
+@pytest.mark.parametrize("mode", ["R2", "R3"])
+def test_sft_warmup_refuses_a_replaying_mode(mode):
+    """The supervised warm-up routes natively: it asks the policy, not the mode's name."""
+    from types import SimpleNamespace
+
+    from megatron_r3.train.sft_warmup import SFTWarmup
+
+    args = SimpleNamespace(grpo_group_size=1, grpo_iterations=1, router_replay=mode, reference_replay="off")
+    with pytest.raises(ValueError, match=r"^sft_warmup: --router-replay must be off \(the warm-up routes natively\)$"):
+        SFTWarmup(args)

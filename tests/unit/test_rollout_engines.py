@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from megatron_r3.rollout.base import RolloutEngine, RolloutResult, SamplingParams, check_generate_request
+from megatron_r3.replay.config import ReplayConfig
 from megatron_r3.rollout.config import RolloutConfig
 from megatron_r3.rollout.engines import (
     ENGINES,
@@ -132,7 +133,7 @@ def test_the_registry_and_the_config_modules_import_no_torch():
 def test_a_registered_engine_is_built_by_the_trainer_factory(fake_registered):
     args = rollout_parser().parse_args(["--rollout-engine", "fake", "--fake-replies", "5", "--rollout-dtype", "fp32"])
     args.seed, args.grpo_prompts_per_step, args.grpo_group_size, args.no_progress = 3, 2, 4, True
-    args.router_replay, args.collect_routing_agreement = "R3", False
+    vars(args).update(dataclasses.asdict(ReplayConfig(router_replay="R3", collect_routing_agreement=False)))
     check_engine_arguments(args)
     setup = engine_setup(args, hf_config="the hf config")
     engine = build_engine(setup)

@@ -188,27 +188,6 @@ def test_int16_for_many_experts():
     assert r.expert_ids.dtype == torch.int16 and r.expert_ids.tolist() == [[[1000, 32767]]]
 
 
-# ---------------------------------------------------------------------------------------------------- concat
-def test_concat_multi_turn():
-    first = routes_from_array(distinct_ids(4, 2, 2, 8), num_experts=8, source="sglang")
-    second = routes_from_array((distinct_ids(3, 2, 2, 8) + 1) % 8, num_experts=8, start_row=4, source="sglang")
-    both = first.concat(second)
-    assert (both.start_row, both.num_rows, both.end_row, both.source) == (0, 7, 7, "sglang")
-    assert torch.equal(both.expert_ids[4:], second.expert_ids)
-
-
-def test_concat_rejects_gaps_overlaps_and_mismatches():
-    first = routes_from_array(distinct_ids(4, 2, 2, 8), num_experts=8)
-    with pytest.raises(ValueError, match=exact(
-        "cannot concatenate routes: later part starts at row 5 but this one ends at row 4 (rows 0..3)"
-    )):
-        first.concat(routes_from_array(distinct_ids(1, 2, 2, 8), num_experts=8, start_row=5))
-    with pytest.raises(ValueError, match="later part starts at row 3"):
-        first.concat(routes_from_array(distinct_ids(1, 2, 2, 8), num_experts=8, start_row=3))
-    with pytest.raises(ValueError, match=re.escape("(2, 2, 8, 'array') vs (2, 2, 16, 'array')")):
-        first.concat(routes_from_array(distinct_ids(1, 2, 2, 8), num_experts=16, start_row=4))
-
-
 # ---------------------------------------------------------------------------------------------------- validation
 MOE = [False, True, True]  # layer 0 dense, layers 1-2 MoE
 

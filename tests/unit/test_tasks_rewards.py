@@ -17,14 +17,12 @@ from megatron_r3.train.rewards import (
     synthetic,
 )
 from megatron_r3.train.tasks import (
-    DEMO_TASK,
     DEMO_VOCAB,
     DEMO_VOCAB_SIZE,
     TASKS,
     build_demo_tokenizer,
     get_task,
     make_synthetic_dataset,
-    prompts_from_spec,
 )
 
 
@@ -149,7 +147,6 @@ def test_reverse_digits_scores_by_position():
 
 def test_task_prompts_fit_the_demo_limits():
     tok = build_demo_tokenizer()
-    assert DEMO_TASK in TASKS
     for name in TASKS:
         n = int(name[len("reverse"):]) if name.startswith("reverse") and name != "reverse" else None
         for r in make_synthetic_dataset(name, 200, seed=0):
@@ -162,7 +159,7 @@ def test_task_prompts_fit_the_demo_limits():
             assert tok.unk_token_id not in p + a
 
 
-def test_task_errors_and_specs():
+def test_task_errors():
     with pytest.raises(ValueError) as e:
         get_task("nope")
     assert str(e.value) == (
@@ -171,12 +168,6 @@ def test_task_errors_and_specs():
     )
     with pytest.raises(ValueError, match="num_prompts must be a positive integer, got 0"):
         make_synthetic_dataset("copy_first", 0, seed=0)
-    assert prompts_from_spec("synthetic:copy_first:7", seed=2) == make_synthetic_dataset("copy_first", 7, seed=2)
-    assert len(prompts_from_spec("synthetic:reverse")) == 4096
-    with pytest.raises(ValueError, match="NUM_PROMPTS must be an integer"):
-        prompts_from_spec("synthetic:reverse:many")
-    with pytest.raises(ValueError, match="use synthetic:TASK or synthetic:TASK:NUM_PROMPTS"):
-        prompts_from_spec("synthetic:")
 
 
 # ----------------------------------------------------------------------------------------------------------- rewards

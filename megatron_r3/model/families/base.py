@@ -10,7 +10,7 @@ single source of:
   argparse namespace for `core_transformer_config_from_args`), and the config class (`transformer_config_class`,
   e.g. `MLATransformerConfig`);
 - which decoder layers are MoE layers (`moe_layers`, HF's own rule);
-- the model class and layer spec (`decoder_block_spec`, `build_chunks`: GPTModel today, room for `HybridModel`);
+- the model class and layer spec (`decoder_block_spec`, `build_chunks`: GPTModel for the Qwen families, room for `HybridModel`);
 - the checkpoint name mapping in both directions, buffers included (`map_megatron_name`, `hf_checkpoint_names`,
   `hf_checkpoint_shape`, `expert_hf_names`);
 - the megatron -> HF config direction (`hf_config_from_megatron`, `hf_config_to_json_dict`);

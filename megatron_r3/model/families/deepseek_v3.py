@@ -369,7 +369,6 @@ _EXPERTS = [
     (r"mlp\.experts\.local_experts\.(?P<l>\d+)\.linear_fc2\.weight", ("mlp.experts.{e}.down_proj.weight",), COPY, 1),
 ]
 _LAYER_RE = re.compile(r"^decoder\.layers\.(?P<j>\d+)\.(?P<rest>.+)$")
-_MTP_RE = re.compile(r"^model\.layers\.(?P<i>\d+)\.")
 
 
 def map_megatron_name(
@@ -430,7 +429,9 @@ def hf_layer_names(arch: DeepseekV3Arch, layer: int) -> list[str]:
 
 
 def hf_checkpoint_names(arch: DeepseekV3Arch) -> list[str]:
-    """Every checkpoint tensor of the decoder model in export order (MTP layers excluded, see `is_mtp_name`)."""
+    """Every checkpoint tensor of the decoder model in export order. MTP layers (`model.layers.{i}` with
+    i >= num_hidden_layers) are not among them: loading reads only these names, so a checkpoint's MTP tensors are
+    skipped."""
     names = ["model.embed_tokens.weight"]
     for layer in range(arch.num_layers):
         names += hf_layer_names(arch, layer)
@@ -438,12 +439,6 @@ def hf_checkpoint_names(arch: DeepseekV3Arch) -> list[str]:
     if not arch.tie_word_embeddings:
         names.append("lm_head.weight")
     return names
-
-
-def is_mtp_name(name: str, arch: DeepseekV3Arch) -> bool:
-    """True for checkpoint tensors of MTP layers (`model.layers.{i}` with i >= num_hidden_layers): skipped on load."""
-    match = _MTP_RE.match(name)
-    return bool(match) and int(match["i"]) >= arch.num_layers
 
 
 def hf_checkpoint_shape(arch: DeepseekV3Arch, name: str) -> tuple[int, ...]:

@@ -40,6 +40,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
+from megatron_r3.platform.dtypes import torch_dtype
 from megatron_r3.replay.routes import Routes, routes_from_array
 from megatron_r3.rollout.base import (
     EngineSetup,
@@ -54,17 +55,6 @@ from megatron_r3.model.families import family_of
 from megatron_r3.rollout.engines.hf_config import HFEngineConfig
 from megatron_r3.rollout.hf_generate import generate_batch_static
 from megatron_r3.rollout.sampling import sample_tokens
-
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
-           "fp16": torch.float16, "float16": torch.float16}
-
-
-def _as_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
-    raise ValueError(f"dtype must be a torch dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
 
 
 # model_type -> the transformers class the embedded engine runs (its router must answer the capture contract of
@@ -143,7 +133,7 @@ class HFRolloutEngine(RolloutEngine):
             first = next(model.parameters(), None)
             device = first.device if first is not None else torch.device("cpu")
         self.device = torch.device(device)
-        self.dtype = _as_dtype(dtype)
+        self.dtype = torch_dtype(dtype)
         _cast_keep_fp32_buffers(model, self.dtype, self.device)
         model.eval()
         model.requires_grad_(False)
@@ -198,10 +188,6 @@ class HFRolloutEngine(RolloutEngine):
                 raise ValueError(f"update_weights(strict=True): weights not given: {shown}")
         self.weight_version += 1
         return count
-
-    def expected_weight_names(self) -> list[str]:
-        """The HF checkpoint names a full weight update consists of."""
-        return self._loader.expected_names()
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -373,37 +359,3 @@ class HFRolloutEngine(RolloutEngine):
     def __exit__(self, *exc):
         self.close()
 
-
-if __name__ == "__main__":  # throughput on this machine: python -m megatron_r3.rollout.engines.hf [--samples 64 ...]
-    import argparse
-
-    from transformers import Qwen3MoeConfig
-
-    parser = argparse.ArgumentParser(description="tokens/s of the embedded HF rollout engine on a tiny Qwen3-MoE")
-    parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--prompt-tokens", type=int, default=16)
-    parser.add_argument("--dtypes", default="bf16,fp32")
-    parser.add_argument("--routes", action="store_true", help="also capture routes")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    config = Qwen3MoeConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
-        mlp_only_layers=[0], max_position_embeddings=512, tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    prompts = torch.randint(0, 128, (args.samples, args.prompt_tokens)).tolist()
-    params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, seed=0)
-    for name in args.dtypes.split(","):
-        torch.manual_seed(0)
-        engine = HFRolloutEngine(config, dtype=name, progress=False, max_batch_size=args.samples)
-        engine.generate(prompts[:2], params, return_routes=args.routes)  # warm-up
-        rates = []
-        for _ in range(args.repeats):
-            engine.generate(prompts, params, return_routes=args.routes)
-            rates.append(engine.last_stats["tokens_per_s"])
-        print(f"{name}: {args.samples} samples x {args.new_tokens} new tokens, routes={args.routes}, "
-              f"threads={torch.get_num_threads()}: best {max(rates):.0f} tokens/s "
-              f"({', '.join(f'{r:.0f}' for r in rates)})")
-        engine.close()

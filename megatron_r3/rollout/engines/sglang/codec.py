@@ -29,11 +29,6 @@ WIRE_DTYPES = {
 }
 
 
-def base64_backend() -> str:
-    """The base64 decoder in use ("pybase64" or "binascii"), for benchmark tables."""
-    return "pybase64" if _pybase64 is not None else "binascii"
-
-
 def _b64decode(payload: str | bytes) -> bytes:
     if _pybase64 is not None:
         return _pybase64.b64decode(payload, validate=True)

@@ -37,6 +37,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from megatron_r3.platform.logging import get_logger
 from megatron_r3.replay.routes import RouteError
 from megatron_r3.rollout.base import (
     EngineSetup,
@@ -80,6 +81,7 @@ from megatron_r3.rollout.engines.sglang.weight_sync import (
 )
 
 logger = logging.getLogger("megatron_r3.rollout.sglang")
+log = get_logger(__name__)  # console lines (rank-aware)
 
 
 @dataclass
@@ -161,8 +163,7 @@ class SGLangEngine(SGLangHTTP, RolloutEngine):
             vocab_size=arch.vocab_size, config=client, require_routes=setup.require_routes,
             weight_sync=config.weight_sync_settings(setup.rollout.rollout_dtype), hf_config=setup.hf_config,
         )
-        print(f"rollout engine: SGLang at {', '.join(engine.urls)} (weight sync: {engine.weight_sync.mode})",
-              flush=True)
+        log.info(f"rollout engine: SGLang at {', '.join(engine.urls)} (weight sync: {engine.weight_sync.mode})")
         return engine
 
     @classmethod

@@ -1,7 +1,7 @@
 """SGLang's HTTP wire format: request building and response parsing, as pure functions (no I/O).
 
-Everything here follows the facts in REFERENCE §3, checked against SGLang 0.5.23's own code: tests/sglang_contract
-validates every body built here with SGLang's request classes (its wheel installed without dependencies; it runs
+Everything here follows SGLang 0.5.23's own code (`sglang.srt.entrypoints.http_server`, the request classes of
+`sglang.srt.managers.io_struct`): tests/sglang_contract validates every body built here with SGLang's request classes (its wheel installed without dependencies; it runs
 on a CPU only that far), and the stand-in server in ``tests/sglang_standin`` runs its weight-update session code.
 
 ``POST /generate`` (token ids in, token ids out; the trainer never needs SGLang's tokenizer)::
@@ -48,6 +48,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from megatron_r3.platform.dtypes import dtype_name
 from megatron_r3.replay.routes import RouteError
 from megatron_r3.rollout.engines.sglang.codec import decode_sglang_routed_experts
 from megatron_r3.rollout.base import RolloutSample, SamplingParams
@@ -303,11 +304,6 @@ def parse_sample(
 
 
 # ================================================================================================ weight sync
-def torch_dtype_name(dtype: torch.dtype) -> str:
-    """The dtype string SGLang turns back into a torch dtype with ``getattr(torch, name)``."""
-    return str(dtype).replace("torch.", "")
-
-
 def init_weights_update_group_payload(
     *, master_address: str, master_port: int, rank_offset: int, world_size: int, group_name: str, backend: str
 ) -> dict:
@@ -332,7 +328,7 @@ def update_weights_from_distributed_payload(
     """Names (HF checkpoint names), dtypes and shapes of one bucket, in the order they will be broadcast."""
     payload = {
         "names": list(names),
-        "dtypes": [torch_dtype_name(t.dtype) for t in tensors],
+        "dtypes": [dtype_name(t.dtype) for t in tensors],  # SGLang reads getattr(torch, name)
         "shapes": [list(t.shape) for t in tensors],
         "group_name": group_name,
         "flush_cache": bool(flush_cache),

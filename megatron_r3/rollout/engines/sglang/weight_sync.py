@@ -1,4 +1,4 @@
-"""Trainer -> SGLang weight sync (REFERENCE §3): the distributed path and the disk path.
+"""Trainer -> SGLang weight sync (SGLang 0.5.23's endpoints): the distributed path and the disk path.
 
 Distributed (``--weight-sync distributed``, servers and trainer share a NCCL fabric)
     Once: ``POST /init_weights_update_group {master_address, master_port, rank_offset, world_size, group_name,
@@ -46,7 +46,10 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 
+from megatron_r3.model.safetensors_writer import write_hf_directory
 from megatron_r3.platform import collectives
+from megatron_r3.platform.buckets import iter_buckets
+from megatron_r3.platform.dtypes import torch_dtype
 from megatron_r3.platform.parallel_context import ParallelContext
 from megatron_r3.rollout.base import WeightSyncError
 from megatron_r3.rollout.engines.sglang.http import SGLangHTTPError
@@ -60,8 +63,6 @@ from megatron_r3.rollout.engines.sglang.protocol import (
 
 logger = logging.getLogger("megatron_r3.rollout.engines.sglang.weight_sync")
 
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
-           "fp16": torch.float16, "float16": torch.float16}
 WEIGHTS_DIR_PATTERN = re.compile(r"^weights-v(\d+)$")
 
 
@@ -82,10 +83,7 @@ class WeightSyncSettings:
     def __post_init__(self):
         if self.mode not in ("distributed", "disk"):
             raise ValueError(f"weight sync mode must be 'distributed' or 'disk', got {self.mode!r}")
-        if isinstance(self.dtype, str):
-            if self.dtype.lower() not in _DTYPES:
-                raise ValueError(f"unknown weight sync dtype {self.dtype!r}")
-            self.dtype = _DTYPES[self.dtype.lower()]
+        self.dtype = torch_dtype(self.dtype)
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ValueError(f"weight sync backend must be auto, nccl or gloo, got {self.backend!r}")
         if self.bucket_bytes < 1:
@@ -430,43 +428,6 @@ class DiskWeightPublisher:
         return final
 
 
-def _save_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], directory: str, dtype: torch.dtype,
-                  hf_config=None, max_shard_bytes: int = 2 * 1024**3) -> None:
-    """Single-process disk export of (HF name, full tensor) pairs as safetensors shards (+ index, config.json)."""
-    import json
-
-    from safetensors.torch import save_file
-
-    os.makedirs(directory, exist_ok=True)
-    shards: list[dict] = [{}]
-    size = 0
-    for name, tensor in named_tensors:
-        tensor = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for index, shard in enumerate(shards):
-            file = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
-            weight_map.update({name: file for name in shard})
-        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as handle:
-            json.dump({"metadata": {}, "weight_map": weight_map}, handle, indent=2)
-    if hf_config is not None:
-        from megatron_r3.model.families import hf_config_to_json_dict
-
-        config = hf_config_to_json_dict(hf_config)
-        config["dtype"] = str(dtype).replace("torch.", "")
-        with open(os.path.join(directory, "config.json"), "w") as handle:
-            json.dump(config, handle, indent=2, sort_keys=True)
-
-
 # ================================================================================================ drivers
 def push_named_tensors(engine, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     """Single process: full (HF name, tensor) pairs to every server of ``engine``. Returns the new version."""
@@ -475,21 +436,17 @@ def push_named_tensors(engine, named_tensors: Iterable[tuple[str, torch.Tensor]]
     if settings.mode == "disk":
         publisher = DiskWeightPublisher(engine, settings)
         incoming = publisher.incoming()
-        _save_tensors(named_tensors, incoming, settings.dtype, engine.hf_config)
+        write_hf_directory(((name, tensor.to(settings.dtype)) for name, tensor in named_tensors), incoming,
+                           hf_config=engine.hf_config, dtype=settings.dtype)
         publisher.publish(incoming, version)
         return version
     sender = engine.weight_sender()
     try:
         sender.begin(version)
-        bucket, size = [], 0
-        for name, tensor in named_tensors:
-            nbytes = tensor.numel() * torch.empty((), dtype=settings.dtype).element_size()
-            if bucket and size + nbytes > settings.bucket_bytes:
-                sender.send_bucket(bucket)
-                bucket, size = [], 0
-            bucket.append((name, tensor))
-            size += nbytes
-        sender.send_bucket(bucket)
+        # sized in the dtype they travel in (send_bucket casts)
+        for bucket in iter_buckets(named_tensors, settings.bucket_bytes,
+                                   lambda _name, tensor: tensor.numel() * settings.dtype.itemsize):
+            sender.send_bucket(bucket)
         sender.finish()
     except BaseException:
         sender.abort()
