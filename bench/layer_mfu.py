@@ -68,11 +68,13 @@ def make_config(preset: dict, dtype: torch.dtype, grouped: bool):
 
 def build(preset: dict, dtype: torch.dtype, fast: bool):
     from megatron_r3.model.gpt import build_gpt_chunks
+    from megatron_r3.platform.distributed import parallel_context
+    from megatron_r3.platform.parallel_context import ParallelSizes
 
     config = make_config(preset, dtype, grouped=fast)
     torch.manual_seed(1234)
-    chunks = build_gpt_chunks(config, vocab_size=preset["vocab_size"], max_sequence_length=preset["seq_length"],
-                              fused_attention=fast)
+    chunks = build_gpt_chunks(config, parallel_context(ParallelSizes()), vocab_size=preset["vocab_size"],
+                              max_sequence_length=preset["seq_length"], fused_attention=fast)
     return config, chunks[0]
 
 
@@ -137,10 +139,11 @@ class Stepper:
     def run(self, action=None, routes=None, forward_only=False, collect_agreement=False):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from megatron_r3.platform.distributed import host_group
         from megatron_r3.replay.schedule import run_schedule
 
         return run_schedule(get_forward_backward_func(), self.routers, action=action, routes=routes,
-                            collect_agreement=collect_agreement,
+                            collect_agreement=collect_agreement, host_group=host_group(),
                             forward_step_func=self.forward_step, data_iterator=iter([None]), model=self.model,
                             num_microbatches=1, forward_only=forward_only, seq_length=self.seq, micro_batch_size=1)
 
@@ -336,7 +339,8 @@ def main() -> None:
     from megatron.core.transformer.moe.router_replay import RouterReplayAction  # noqa: F401
 
     from megatron_r3.model.flops import peak_tflops, shape_from_config
-    from megatron_r3.platform.distributed import ParallelSizes, device, initialize_model_parallel
+    from megatron_r3.platform.distributed import device, initialize_model_parallel
+    from megatron_r3.platform.parallel_context import ParallelSizes
 
     initialize_model_parallel(ParallelSizes())
     dev = device()

@@ -148,7 +148,8 @@ def main() -> None:
     from layer_mfu import PRESETS, Stepper, build, sync
 
     from megatron_r3.model.grouped_experts import GroupedExperts, _consecutive
-    from megatron_r3.platform.distributed import ParallelSizes, device, initialize_model_parallel
+    from megatron_r3.platform.distributed import device, initialize_model_parallel
+    from megatron_r3.platform.parallel_context import ParallelSizes
 
     args.preset = args.preset or ("qwen3-30b-a3b-4l" if args.device == "cuda" else "cpu-tiny")
     preset = PRESETS[args.preset]

@@ -89,12 +89,13 @@ def main() -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
-    from megatron_r3.platform.distributed import ParallelSizes, initialize_model_parallel
+    from megatron_r3.platform.distributed import initialize_model_parallel
+    from megatron_r3.platform.parallel_context import ParallelSizes
     from megatron_r3.replay.r2 import gather_recorded_routes
     from megatron_r3.replay.schedule import ReplayRouters, run_schedule
     from replay_overhead import PRESETS, build
 
-    initialize_model_parallel(ParallelSizes())
+    parallel = initialize_model_parallel(ParallelSizes())
     presets = dict(PRESETS, **MEMORY_PRESETS)
     preset = presets[args.preset or ("qwen3-30b-a3b-4l" if device == "cuda" else "cpu-small")]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -108,7 +109,7 @@ def main() -> None:
             print(f"baseline {args.baseline} unavailable ({error}); measuring the working tree only")
     queue_rows = []
     for recompute in ("full", "moe"):
-        config, chunks = build(preset, recompute, dtype, grouped_gemm=False)
+        config, chunks = build(parallel, preset, recompute, dtype, grouped_gemm=False)
         model = chunks[0]
         if device == "cuda":
             model.cuda()
@@ -126,7 +127,8 @@ def main() -> None:
         with torch.no_grad():  # the model's own routes, as rollout-style per-sample arrays
             recorded = run_schedule(get_forward_backward_func(), routers, action=RouterReplayAction.RECORD,
                                     forward_step_func=plain_step, data_iterator=iter([None]), model=model,
-                                    num_microbatches=1, forward_only=True, seq_length=s, micro_batch_size=b).recorded
+                                    num_microbatches=1, forward_only=True, seq_length=s, micro_batch_size=b,
+                                    host_group=parallel.host_group).recorded
         sample_routes = gather_recorded_routes(recorded, [layout], [slots], num_layers=layers, topk=topk,
                                                dtype=torch.uint8 if experts <= 256 else torch.int16)[0]
         for arm, state_class in arms:
@@ -164,7 +166,8 @@ def main() -> None:
                     torch.cuda.synchronize()
                 run_schedule(get_forward_backward_func(), routers, action=RouterReplayAction.REPLAY_FORWARD,
                              routes=[local], forward_step_func=forward_step, data_iterator=iter([None]), model=model,
-                             num_microbatches=1, forward_only=False, seq_length=s, micro_batch_size=b)
+                             num_microbatches=1, forward_only=False, seq_length=s, micro_batch_size=b,
+                             host_group=parallel.host_group)
                 model.zero_grad(set_to_none=True)
                 ids = snapshot["ids"] or 1
                 queue_rows.append((recompute, arm, "yes" if fallback else "no", snapshot["ids"],

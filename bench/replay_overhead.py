@@ -39,7 +39,7 @@ PRESETS = {
 }
 
 
-def build(preset: dict, recompute: str, dtype: torch.dtype, grouped_gemm: bool, expert_parallel: int = 1):
+def build(parallel, preset: dict, recompute: str, dtype: torch.dtype, grouped_gemm: bool, expert_parallel: int = 1):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_r3.model.gpt import build_gpt_chunks
@@ -61,7 +61,8 @@ def build(preset: dict, recompute: str, dtype: torch.dtype, grouped_gemm: bool, 
         pipeline_dtype=dtype, use_cpu_initialization=not torch.cuda.is_available(),
         apply_rope_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False, **extra,
     )
-    chunks = build_gpt_chunks(config, vocab_size=preset["vocab_size"], max_sequence_length=preset["seq_length"])
+    chunks = build_gpt_chunks(config, parallel, vocab_size=preset["vocab_size"],
+                              max_sequence_length=preset["seq_length"])
     return config, chunks
 
 
@@ -89,17 +90,18 @@ def main() -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
+    from megatron_r3.platform.distributed import device, initialize_model_parallel
     from megatron_r3.platform.dtypes import torch_dtype
-    from megatron_r3.platform.distributed import ParallelSizes, device, initialize_model_parallel
+    from megatron_r3.platform.parallel_context import ParallelSizes
     from megatron_r3.replay.layout import pack_bshd, router_token_slots
     from megatron_r3.replay.microbatch import localize_routes
     from megatron_r3.replay.schedule import ReplayRouters, run_schedule
 
-    initialize_model_parallel(ParallelSizes(expert_model_parallel_size=args.expert_model_parallel_size))
-    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    parallel = initialize_model_parallel(ParallelSizes(expert_model_parallel_size=args.expert_model_parallel_size))
+    rank0 = parallel.is_global_rank_zero
     preset = PRESETS[args.preset]
     dtype = torch_dtype(args.dtype or ("bf16" if torch.cuda.is_available() else "fp32"))
-    config, chunks = build(preset, args.recompute, dtype, args.grouped_gemm, args.expert_model_parallel_size)
+    config, chunks = build(parallel, preset, args.recompute, dtype, args.grouped_gemm, args.expert_model_parallel_size)
     model = chunks[0]
     routers = ReplayRouters(chunks)
     dev = device()
@@ -124,7 +126,7 @@ def main() -> None:
         recorded = run_schedule(
             get_forward_backward_func(), routers, action=RouterReplayAction.RECORD, forward_step_func=forward_step,
             data_iterator=iter([None]), model=model, num_microbatches=1, forward_only=True, seq_length=s,
-            micro_batch_size=b,
+            micro_batch_size=b, host_group=parallel.host_group,
         ).recorded
     sample_routes = gather_recorded_routes(recorded, [layout], [slots], num_layers=layers, topk=topk,
                                            dtype=torch.uint8)[0]
@@ -143,7 +145,7 @@ def main() -> None:
             get_forward_backward_func(), routers,
             action=RouterReplayAction.REPLAY_FORWARD if replay else None, routes=routes,
             forward_step_func=forward_step, data_iterator=iter([None]), model=model, num_microbatches=1,
-            forward_only=False, seq_length=s, micro_batch_size=b,
+            forward_only=False, seq_length=s, micro_batch_size=b, host_group=parallel.host_group,
         )
         if torch.cuda.is_available():
             torch.cuda.synchronize()

@@ -71,6 +71,7 @@ def timed(fn, repeats: int) -> list[float]:
 
 def host_share(name: str, dp: int, pp: int, vp: int) -> dict:
     """Fraction of a step's route ids that `routes_for_share` leaves for data-parallel rank 0, stage 0."""
+    from megatron_r3.platform.parallel_context import ParallelContext, ParallelSizes
     from megatron_r3.replay.routes import Routes
     from megatron_r3.train.microbatching import TrainSample
     from megatron_r3.train.rollout_phase import RolloutPayload, RouteShare, routes_for_share
@@ -82,7 +83,8 @@ def host_share(name: str, dp: int, pp: int, vp: int) -> dict:
     per_chunk = LAYERS // (pp * vp)  # megatron's interleaved assignment: stage 0 holds chunks 0, pp, 2pp, ...
     layers = tuple(n for chunk in range(0, pp * vp, pp) for n in range(chunk * per_chunk + 1,
                                                                        (chunk + 1) * per_chunk + 1))
-    share = routes_for_share(RolloutPayload(samples=samples), RouteShare(0, layers), dp, len(samples))
+    owner = ParallelContext.for_rank(ParallelSizes(), dp, 0)  # data-parallel rank 0 of dp
+    share = routes_for_share(RolloutPayload(samples=samples), owner, RouteShare(layers), len(samples))
     total = sum(s.routes.nbytes() for s in samples)
     kept = sum(s.routes.nbytes() for s in share.samples if s.routes is not None)
     return {"layout": name, "fraction": kept / total, "layers": len(layers)}

@@ -133,6 +133,7 @@ def count_step(counter: SyncCounter, recompute: str) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
+    from megatron_r3.platform.distributed import host_group
     from megatron_r3.replay.microbatch import localize_routes
     from megatron_r3.replay.schedule import run_schedule
     from tests.gpu.gpu_checks import routes_for, tiny_model
@@ -157,7 +158,8 @@ def count_step(counter: SyncCounter, recompute: str) -> dict:
             run_schedule(get_forward_backward_func(), routers,
                          action=RouterReplayAction.REPLAY_FORWARD if replay else None, routes=routes,
                          forward_step_func=forward_step, data_iterator=iter([None]), model=chunks[0],
-                         num_microbatches=1, forward_only=False, seq_length=512, micro_batch_size=2)
+                         num_microbatches=1, forward_only=False, seq_length=512, micro_batch_size=2,
+                         host_group=host_group())
         torch.cuda.synchronize()
         chunks[0].zero_grad(set_to_none=True)
         return counter.implicit, counter.explicit, dict(counter.explicit_by)
@@ -179,7 +181,8 @@ def main() -> None:
         return
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
-    from megatron_r3.platform.distributed import ParallelSizes, initialize_model_parallel
+    from megatron_r3.platform.distributed import initialize_model_parallel
+    from megatron_r3.platform.parallel_context import ParallelSizes
 
     initialize_model_parallel(ParallelSizes())
     counter = SyncCounter()

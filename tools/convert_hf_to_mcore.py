@@ -35,7 +35,7 @@ def add_layout_args(parser: argparse.ArgumentParser) -> None:
 
 
 def parallel_sizes(args):
-    from megatron_r3.platform.distributed import ParallelSizes
+    from megatron_r3.platform.parallel_context import ParallelSizes
 
     return ParallelSizes(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
@@ -47,24 +47,25 @@ def parallel_sizes(args):
 
 
 def build_chunks(hf_config, args):
-    """(arch, chunks) of `hf_config` in the layout given by `args` (parallel state initialised here)."""
+    """(arch, chunks, this rank's ParallelContext) of `hf_config` in the layout given by `args` (parallel state
+    initialised here)."""
     import torch
 
     from megatron_r3.model.families import arch_from_hf_config, build_from_hf_config
     from megatron_r3.platform.distributed import initialize_model_parallel
 
-    sizes = parallel_sizes(args)
-    initialize_model_parallel(sizes)
+    sequence_parallel = args.sequence_parallel and args.tensor_model_parallel_size > 1
+    parallel = initialize_model_parallel(parallel_sizes(args), sequence_parallel=sequence_parallel)
     arch = arch_from_hf_config(hf_config)
     _, chunks = build_from_hf_config(
         hf_config,
-        parallel=sizes,
+        parallel,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         params_dtype=torch_dtype(args.dtype),
-        sequence_parallel=args.sequence_parallel and args.tensor_model_parallel_size > 1,
+        sequence_parallel=sequence_parallel,
         use_cpu_initialization=not torch.cuda.is_available(),
     )
-    return arch, chunks
+    return arch, chunks, parallel
 
 
 def parse_args(argv=None):
@@ -82,21 +83,19 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    import torch.distributed as dist
-
     from megatron_r3.model.families import load_hf_config
     from megatron_r3.model.dist_checkpoint import save_dist_checkpoint
     from megatron_r3.model.weights import SafetensorsSource, load_hf_weights
 
     hf_config = load_hf_config(args.hf_dir)
-    arch, chunks = build_chunks(hf_config, args)
+    arch, chunks, parallel = build_chunks(hf_config, args)
     source = SafetensorsSource(args.hf_dir)
     try:
-        load_hf_weights(chunks, source, arch)
+        load_hf_weights(chunks, source, arch, parallel)
     finally:
         source.close()
-    save_dist_checkpoint(chunks, args.out, hf_config=hf_config)
-    if dist.get_rank() == 0:
+    save_dist_checkpoint(chunks, args.out, parallel, hf_config=hf_config)
+    if parallel.is_global_rank_zero:
         print(f"wrote megatron dist checkpoint {args.out} ({arch.model_type}, {arch.num_layers} layers, "
               f"{arch.num_experts} experts)", flush=True)
 

@@ -45,7 +45,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    import torch.distributed as dist
 
     from megatron_r3.model.dist_checkpoint import hf_config_of_dist_checkpoint, load_dist_checkpoint
     from megatron_r3.model.weights import save_hf_checkpoint
@@ -56,13 +55,14 @@ def main(argv=None) -> None:
         hf_config = load_hf_config(args.hf_config)
     else:
         hf_config = hf_config_of_dist_checkpoint(args.checkpoint)
-    arch, chunks = build_chunks(hf_config, args)
+    arch, chunks, parallel = build_chunks(hf_config, args)
     load_dist_checkpoint(chunks, args.checkpoint)
     save_dtype = torch_dtype(args.save_dtype) if args.save_dtype else None
     written = save_hf_checkpoint(
-        chunks, arch, hf_config, args.out, max_shard_bytes=int(args.max_shard_size_mb * 1024 * 1024), dtype=save_dtype
+        chunks, arch, hf_config, args.out, parallel, max_shard_bytes=int(args.max_shard_size_mb * 1024 * 1024),
+        dtype=save_dtype,
     )
-    if dist.get_rank() == 0:
+    if parallel.is_global_rank_zero:
         print(f"wrote HF model {args.out}: {', '.join(written)}", flush=True)
 
 

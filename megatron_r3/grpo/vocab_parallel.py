@@ -34,10 +34,12 @@ def _scaled(logits: torch.Tensor, temperature: float, vocab_size: Optional[int],
 
 def vocab_parallel_logprobs(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, *, vocab_size: Optional[int] = None,
-    tp_rank: int = 0,
+    tp_rank: int = 0, group=None,
 ) -> torch.Tensor:
-    """log softmax(logits / temperature)[label], fp32, `[b, s]` from logits `[b, s, V/tp]`."""
-    return -tensor_parallel.vocab_parallel_cross_entropy(_scaled(logits, temperature, vocab_size, tp_rank), labels)
+    """log softmax(logits / temperature)[label], fp32, `[b, s]` from logits `[b, s, V/tp]`; `group` is the
+    tensor-parallel group the vocabulary is split over (None: megatron's default)."""
+    scaled = _scaled(logits, temperature, vocab_size, tp_rank)
+    return -tensor_parallel.vocab_parallel_cross_entropy(scaled, labels, tp_group=group)
 
 
 def vocab_parallel_entropy(

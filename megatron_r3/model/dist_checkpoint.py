@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import torch.distributed as dist
 
 from megatron_r3.model.families import hf_config_to_json_dict, load_hf_config
+from megatron_r3.platform.parallel_context import ParallelContext
 
 HF_CONFIG_IN_DIST_CHECKPOINT = "hf_config.json"
 
@@ -34,12 +35,12 @@ def load_model_state_dict(chunks, state_dict: Mapping[str, Any]) -> None:
             raise KeyError(f"checkpoint and model chunk disagree: missing {missing[:8]}, unexpected {unexpected[:8]}")
 
 
-def save_dist_checkpoint(chunks, directory: str, *, hf_config=None) -> None:
-    """`megatron.core.dist_checkpointing.save` of the chunks (every rank calls it); rank 0 also writes the HF config
-    as `hf_config.json` so that the checkpoint alone says which model it holds."""
+def save_dist_checkpoint(chunks, directory: str, parallel: ParallelContext, *, hf_config=None) -> None:
+    """`megatron.core.dist_checkpointing.save` of the chunks (every rank calls it with its `ParallelContext`); global
+    rank 0 also writes the HF config as `hf_config.json` so that the checkpoint alone says which model it holds."""
     from megatron.core import dist_checkpointing
 
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if parallel.is_global_rank_zero:
         os.makedirs(directory, exist_ok=True)
         if hf_config is not None:
             with open(os.path.join(directory, HF_CONFIG_IN_DIST_CHECKPOINT), "w") as handle:

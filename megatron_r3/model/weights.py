@@ -3,10 +3,10 @@
 Parameters *and persistent buffers* (e.g. a router's `expert_bias`) are walked alike
 (`hf_mapping.chunk_param_mappings`); an unmapped buffer is an error, never silently dropped.
 
-(a) `load_hf_weights(chunks, source, arch)`: every rank reads only the checkpoint tensors its own parameters need
-    (its TP / expert-TP slice, its experts, its layers) from a state dict or a safetensors directory (single file or
-    sharded with `model.safetensors.index.json`), and copies its shard in.
-(b) `export_hf_weights(chunks, arch)`: an iterator of (HF checkpoint name, full tensor) in the fixed order of
+(a) `load_hf_weights(chunks, source, arch, parallel)`: every rank reads only the checkpoint tensors its own
+    parameters need (its TP / expert-TP slice, its experts, its layers) from a state dict or a safetensors directory
+    (single file or sharded with `model.safetensors.index.json`), and copies its shard in.
+(b) `export_hf_weights(chunks, arch, parallel)`: an iterator of (HF checkpoint name, full tensor) in the fixed order of
     `hf_mapping.hf_checkpoint_names` (expert order within a layer: gate/up of every expert, then down of every
     expert), gathering across TP, expert-TP, EP and PP. It holds at most one parameter's full tensors at a time
     (routed experts: one layer's experts of one projection), never the model.
@@ -21,11 +21,13 @@ Parameters *and persistent buffers* (e.g. a router's `expert_bias`) are walked a
     of names (it drives the collectives); ranks with nothing to contribute just walk the names.
     `bucket_bytes` groups consecutive tensors into lists of at most that many bytes (`export_hf_buckets`); bucket
     boundaries come from shapes and dtypes known on every rank, so they agree everywhere.
-(c) `save_hf_checkpoint(chunks, arch, hf_config, directory)`: the export written by global rank 0 as safetensors
-    shards (+ `model.safetensors.index.json` when there are several) and `config.json`.
+(c) `save_hf_checkpoint(chunks, arch, hf_config, directory, parallel)`: the export written by global rank 0 as
+    safetensors shards (+ `model.safetensors.index.json` when there are several) and `config.json`.
 
-Process groups default to megatron's `parallel_state` (after `initialize_model_parallel`); pass `ExportGroups`
-to use others. Object collectives (the once-per-call plan) go over the gloo host group.
+Every function takes this rank's `ParallelContext` (its coordinates, megatron's process groups, the host group, and
+which ranks are the export sources); a world of one without model parallelism needs no process group
+(`ParallelContext.for_rank(ParallelSizes(), 1, 0)`). Object collectives (the once-per-call plan) go over the gloo
+host group.
 """
 
 from __future__ import annotations
@@ -54,76 +56,12 @@ from megatron_r3.model.safetensors_writer import DEFAULT_MAX_SHARD_BYTES, SAFE_I
 from megatron_r3.platform import collectives
 from megatron_r3.platform.buckets import iter_buckets
 from megatron_r3.platform.dtypes import torch_dtype
+from megatron_r3.platform.parallel_context import ParallelContext
 
 
-# ================================================================================================ groups
-@dataclass
-class ExportGroups:
-    """The process groups (and this rank's coordinates in them) that the weight code uses. `None` group = size 1."""
-
-    tp: Any = None
-    etp: Any = None
-    ep: Any = None
-    world: Any = None
-    host: Any = None
-    tp_size: int = 1
-    tp_rank: int = 0
-    etp_size: int = 1
-    etp_rank: int = 0
-    ep_size: int = 1
-    ep_rank: int = 0
-    dense_source: bool = True  # data-parallel (with CP) rank 0: this rank's dense shards are the ones exported
-    expert_source: bool = True  # expert-data-parallel rank 0
-
-    @classmethod
-    def from_parallel_state(cls) -> "ExportGroups":
-        """From megatron's `parallel_state`; a single-process world without model parallelism works too."""
-        from megatron.core import parallel_state as ps
-
-        from megatron_r3.platform.distributed import host_group
-
-        if not ps.model_parallel_is_initialized():
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                raise RuntimeError("initialise megatron's parallel state (initialize_model_parallel) first")
-            return cls(world=dist.group.WORLD if dist.is_initialized() else None, host=host_group())
-        return cls(
-            tp=ps.get_tensor_model_parallel_group(),
-            etp=ps.get_expert_tensor_parallel_group(),
-            ep=ps.get_expert_model_parallel_group(),
-            world=dist.group.WORLD,
-            host=host_group(),
-            tp_size=ps.get_tensor_model_parallel_world_size(),
-            tp_rank=ps.get_tensor_model_parallel_rank(),
-            etp_size=ps.get_expert_tensor_parallel_world_size(),
-            etp_rank=ps.get_expert_tensor_parallel_rank(),
-            ep_size=ps.get_expert_model_parallel_world_size(),
-            ep_rank=ps.get_expert_model_parallel_rank(),
-            dense_source=ps.get_data_parallel_rank(with_context_parallel=True) == 0,
-            expert_source=ps.get_expert_data_parallel_rank() == 0,
-        )
-
-    def split_of(self, mapping: ParamMapping) -> tuple[int, int, Any]:
-        """(size, rank, group) of the tensor-parallel split that applies to `mapping`."""
-        if mapping.is_expert:
-            return self.etp_size, self.etp_rank, self.etp
-        return self.tp_size, self.tp_rank, self.tp
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _num_local_experts(chunks, arch: ModelArch, ep_size: int) -> int:
-    if arch.num_experts % ep_size:
-        raise ValueError(f"{arch.num_experts} experts do not split over expert parallel size {ep_size}")
-    return arch.num_experts // ep_size
-
-
-def model_mappings(chunks, arch: ModelArch, groups: ExportGroups) -> list[tuple[torch.nn.Parameter, ParamMapping]]:
+def model_mappings(chunks, arch: ModelArch, parallel: ParallelContext) -> list[tuple[torch.nn.Parameter, ParamMapping]]:
     """[(parameter, mapping)] of every parameter of this rank's chunks."""
-    offset = groups.ep_rank * _num_local_experts(chunks, arch, groups.ep_size)
+    offset = parallel.local_experts(arch.num_experts).start
     out = []
     for chunk in chunks:
         out.extend(chunk_param_mappings(chunk, arch, expert_offset=offset))
@@ -238,19 +176,18 @@ class _Needed(Mapping):
 
 
 @torch.no_grad()
-def load_hf_weights(chunks, source, arch: ModelArch, *, groups: Optional[ExportGroups] = None) -> int:
+def load_hf_weights(chunks, source, arch: ModelArch, parallel: ParallelContext) -> int:
     """Copy this rank's shard of every parameter of `chunks` from HF checkpoint tensors.
 
     source: a `{name: tensor}` mapping in checkpoint names, a live HF model, a safetensors directory, or a
     `TensorSource`. No collectives: each rank reads what it needs. Returns the number of parameters loaded;
     raises `MappingError` naming every missing or misshapen tensor.
     """
-    groups = groups or ExportGroups.from_parallel_state()
     src = as_tensor_source(source)
     problems, count = [], 0
     try:
-        for param, mapping in model_mappings(chunks, arch, groups):
-            size, rank, _ = groups.split_of(mapping)
+        for param, mapping in model_mappings(chunks, arch, parallel):
+            size, rank, _ = parallel.tensor_split(mapping.is_expert)
             try:
                 shard = to_megatron_shard(
                     mapping, _Needed(src, mapping.hf_names), arch, tp_size=size, tp_rank=rank, local_shape=param.shape
@@ -309,12 +246,12 @@ def export_order(arch: ModelArch) -> list[str]:
 class _LocalPlan:
     """This rank's part in every export item: which parameter(s) it holds and its role."""
 
-    def __init__(self, chunks, arch: ModelArch, groups: ExportGroups):
-        self.arch, self.groups = arch, groups
-        self.rank, self.world = _world()
+    def __init__(self, chunks, arch: ModelArch, parallel: ParallelContext):
+        self.arch, self.parallel = arch, parallel
+        self.rank, self.world = parallel.rank, parallel.world_size
         self.dense: dict[str, tuple[torch.nn.Parameter, ParamMapping]] = {}  # first hf name -> (param, mapping)
         self.experts: dict[tuple[int, str], list[tuple[torch.nn.Parameter, ParamMapping]]] = {}
-        for param, mapping in model_mappings(chunks, arch, groups):
+        for param, mapping in model_mappings(chunks, arch, parallel):
             if mapping.tied:
                 continue  # the embedding is exported from the first stage
             if mapping.is_expert:
@@ -327,13 +264,13 @@ class _LocalPlan:
 
     def led_items(self, order: dict[str, int]) -> list[_Item]:
         """Items this rank leads (ends up holding in full)."""
-        g = self.groups
+        p = self.parallel
         items = []
-        if g.dense_source and g.tp_rank == 0:
+        if p.is_dense_export_source and p.tp_rank == 0:
             for first, (param, mapping) in self.dense.items():
                 buffer = not isinstance(param, torch.nn.Parameter)
                 items.append(_Item(order[first], mapping.hf_names, self.rank, str(param.dtype), buffer=buffer))
-        if g.expert_source and g.etp_rank == 0 and g.ep_rank == 0:
+        if p.is_expert_export_source and p.etp_rank == 0 and p.ep_rank == 0:
             for (layer, projection), entries in self.experts.items():
                 names = _expert_item_names(self.arch, layer, projection)
                 items.append(_Item(order[names[0]], names, self.rank, str(entries[0][0].dtype), (layer, projection)))
@@ -354,18 +291,19 @@ def _gather_to_leader(tensor: torch.Tensor, size: int, group, rank_in_group: int
 
 
 class _Exporter:
-    def __init__(self, chunks, arch: ModelArch, groups: ExportGroups, receivers: str, dtype: Optional[torch.dtype]):
+    def __init__(self, chunks, arch: ModelArch, parallel: ParallelContext, receivers: str,
+                 dtype: Optional[torch.dtype]):
         if receivers not in ("rank0", "all"):
             raise ValueError(f"receivers must be 'rank0' or 'all', got {receivers!r}")
-        self.arch, self.groups, self.receivers, self.cast = arch, groups, receivers, dtype
-        self.local = _LocalPlan(chunks, arch, groups)
+        self.arch, self.parallel, self.receivers, self.cast = arch, parallel, receivers, dtype
+        self.local = _LocalPlan(chunks, arch, parallel)
         self.rank, self.world = self.local.rank, self.local.world
         self.names = export_order(arch)
         order = {name: i for i, name in enumerate(self.names)}
         led = self.local.led_items(order)
         if self.world > 1:
-            gathered: list = [None] * dist.get_world_size(groups.host)
-            dist.all_gather_object(gathered, led, group=groups.host)
+            gathered: list = [None] * dist.get_world_size(parallel.host_group)
+            dist.all_gather_object(gathered, led, group=parallel.host_group)
             led = [item for items in gathered for item in items]
         self.items = sorted(led, key=lambda item: item.key)
         covered = [name for item in self.items for name in item.names]
@@ -402,12 +340,11 @@ class _Exporter:
     # ---------------------------------------------------------------------------------------------------- items
     def _dense(self, item: _Item) -> Optional[dict[str, torch.Tensor]]:
         """Full tensors on the item's leader, None elsewhere (after this rank's part in the TP gather)."""
-        g = self.groups
         held = self.local.dense.get(item.names[0])
-        if held is None or not g.dense_source:
+        if held is None or not self.parallel.is_dense_export_source:
             return None
         param, mapping = held
-        size, rank, group = g.split_of(mapping)
+        size, rank, group = self.parallel.tensor_split(mapping.is_expert)
         data = param.detach()
         if mapping.tp_dim is None or size == 1:
             shards = [data] if rank == 0 else None
@@ -418,17 +355,18 @@ class _Exporter:
         return from_megatron_shards(mapping, shards, self.arch)
 
     def _experts(self, item: _Item) -> Optional[dict[str, torch.Tensor]]:
-        g = self.groups
+        p = self.parallel
         layer, projection = item.expert
         entries = self.local.experts.get((layer, projection))
-        if not entries or not g.expert_source:
+        if not entries or not p.is_expert_export_source:
             return None
         stacked = torch.stack([param.detach() for param, _ in entries])  # [local experts, *shard]
-        etp_shards = _gather_to_leader(stacked, g.etp_size, g.etp, g.etp_rank)
+        etp_size, etp_rank, etp_group = p.tensor_split(is_expert=True)
+        etp_shards = _gather_to_leader(stacked, etp_size, etp_group, etp_rank)
         if etp_shards is None:
             return None
         by_etp = torch.stack(etp_shards)  # [etp, local experts, *shard]
-        by_ep = _gather_to_leader(by_etp, g.ep_size, g.ep, g.ep_rank)
+        by_ep = _gather_to_leader(by_etp, p.ep_size, getattr(p.groups, "ep", None), p.ep_rank)
         if by_ep is None:
             return None
         local_count = len(entries)
@@ -446,7 +384,7 @@ class _Exporter:
         return out
 
     def __iter__(self) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
-        world_group = self.groups.world
+        world_group = None  # the default group: the whole world, megatron's backend (NCCL on GPUs)
         for item in self.items:
             full = self._experts(item) if item.expert is not None else self._dense(item)
             cast = self._cast_of(item)
@@ -481,8 +419,8 @@ def _local_expert_name(template_name: str, local: int) -> str:
 def export_hf_weights(
     chunks,
     arch: ModelArch,
+    parallel: ParallelContext,
     *,
-    groups: Optional[ExportGroups] = None,
     receivers: str = "rank0",
     dtype: Optional[torch.dtype] = None,
 ) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
@@ -490,7 +428,7 @@ def export_hf_weights(
     which ranks receive tensors. `dtype` casts parameters on the leaders before anything moves (e.g. bf16 for a
     bf16 engine); persistent buffers keep their dtype.
     Every rank must run the iterator to the end."""
-    exporter = _Exporter(chunks, arch, groups or ExportGroups.from_parallel_state(), receivers, dtype)
+    exporter = _Exporter(chunks, arch, parallel, receivers, dtype)
     with torch.no_grad():
         yield from exporter
 
@@ -498,15 +436,15 @@ def export_hf_weights(
 def export_hf_buckets(
     chunks,
     arch: ModelArch,
+    parallel: ParallelContext,
     *,
     bucket_bytes: int,
-    groups: Optional[ExportGroups] = None,
     receivers: str = "rank0",
     dtype: Optional[torch.dtype] = None,
 ) -> Iterator[list[tuple[str, Optional[torch.Tensor]]]]:
     """`export_hf_weights` grouped into lists of consecutive tensors of at most `bucket_bytes` bytes each (a larger
     tensor forms a bucket of its own); identical bucket boundaries on every rank."""
-    exporter = _Exporter(chunks, arch, groups or ExportGroups.from_parallel_state(), receivers, dtype)
+    exporter = _Exporter(chunks, arch, parallel, receivers, dtype)
     sizes = exporter.nbytes()
     with torch.no_grad():
         yield from iter_buckets(exporter, bucket_bytes, lambda name, _tensor: sizes[name])
@@ -518,15 +456,15 @@ def save_hf_checkpoint(
     arch: ModelArch,
     hf_config,
     directory: str,
+    parallel: ParallelContext,
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     dtype: Optional[torch.dtype] = None,
-    groups: Optional[ExportGroups] = None,
 ) -> Optional[list[str]]:
     """Write the model as a HF directory (`safetensors_writer.write_hf_directory`) from global rank 0; every rank
     must call it (the export's gathers run on all of them). Returns the written file names on rank 0, None elsewhere."""
-    rank, world = _world()
-    exported = export_hf_weights(chunks, arch, groups=groups, dtype=dtype)
+    rank, world = parallel.rank, parallel.world_size
+    exported = export_hf_weights(chunks, arch, parallel, dtype=dtype)
     written = None
     if rank == 0:
         written = write_hf_directory(exported, directory, hf_config=hf_config, dtype=dtype,
@@ -535,5 +473,5 @@ def save_hf_checkpoint(
         for _ in exported:  # this rank's part in the gathers
             pass
     if world > 1:
-        dist.barrier(group=(groups or ExportGroups.from_parallel_state()).host)
+        dist.barrier(group=parallel.host_group)
     return written

@@ -142,15 +142,6 @@ def is_host_group(group) -> bool:
     return group is not None and group is host_group()
 
 
-def agree_on_problems(local_problems: list[str], group=None) -> list[str]:
-    """Every rank's problems, on every rank, as `rank R: problem` (`collectives.agree_on_failures` over `group`,
-    by default the host group); unprefixed without a process group."""
-    if not dist.is_initialized():
-        return list(local_problems)
-    failures = collectives.agree_on_failures(local_problems, group or host_group())
-    return [f"rank {failure.rank}: {failure.message}" for failure in failures]
-
-
 def _same_layout(sizes: ParallelSizes) -> bool:
     """Whether megatron's current parallel state already is `sizes` (None sizes meaning megatron's defaults)."""
     from megatron.core import parallel_state as ps

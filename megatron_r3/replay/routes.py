@@ -15,13 +15,12 @@ Sources:
 
 Everything here runs on CPU, once per sample, outside the GPU hot path. Ids are kept in the compact dtype of
 :func:`compact_index_dtype` (uint8 up to 256 experts) until the router widens them to int64 on device.
-Validation is fully vectorised; a failure is a :class:`RouteError` naming the sample and the rank, and
-:func:`raise_if_any_rank_failed` makes that failure collective so that no rank is left waiting in a collective.
+Validation is fully vectorised; a failure is a :class:`RouteError` naming the sample and the rank (the trainer
+makes it collective with `platform.collectives`, so that no rank is left waiting in a collective).
 """
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -286,45 +285,4 @@ def validate_routes(
     if reasons and not allow_row_fallback:
         fail(f"{'; '.join(reasons)} ({int(bad_rows.sum())} of {routes.num_rows} rows bad)")
     return RouteCheck(bad_rows=bad_rows, reasons=tuple(reasons))
-
-
-def _portable(sample_id):
-    """sample_id as sent through all_gather_object: itself when picklable, else its repr."""
-    try:
-        pickle.dumps(sample_id)
-        return sample_id
-    except Exception:
-        return repr(sample_id)
-
-
-def raise_if_any_rank_failed(error: Exception | None, group=None) -> None:
-    """Make a per-rank validation result collective: every rank of ``group`` raises, or none does.
-
-    A rank that raised alone would leave its peers blocked in the next collective (a hang, not an error). Every
-    rank of ``group`` must call this at the same point, with ``None`` when its own check passed. Without an
-    initialised process group it simply re-raises ``error``.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        if error is not None:
-            raise error
-        return
-    me = dist.get_rank()
-    local = None
-    if error is not None:
-        err_rank = getattr(error, "rank", None)
-        local = (str(error), _portable(getattr(error, "sample_id", None)), me if err_rank is None else err_rank, me)
-    gathered: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, local, group=group)
-    mine = dist.get_rank(group)  # index of this rank in `gathered` (its rank within the group)
-    others = [entry for index, entry in enumerate(gathered) if entry is not None and index != mine]
-    failures = ([local] if local is not None else []) + others  # local first: each log leads with its own problem
-    if not failures:
-        return
-    message = f"route validation failed on {len(failures)} of {len(gathered)} ranks: " + " | ".join(
-        f"[rank {origin}] {text}" for text, _, _, origin in failures
-    )
-    _, sample_id, err_rank, _ = failures[0]
-    raise RouteError(message, sample_id=sample_id, rank=err_rank) from error
 

@@ -19,7 +19,7 @@ import torch
 from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
 from megatron_r3.replay.router import ReplayTopKRouter, RouterReplayState
-from megatron_r3.platform.distributed import agree_on_problems
+from megatron_r3.platform.collectives import agree_on_failures
 from megatron_r3.replay.microbatch import MicrobatchRoutes
 
 
@@ -107,6 +107,7 @@ def run_schedule(
     model,
     num_microbatches: int,
     forward_only: bool,
+    host_group,
     routes: Optional[Sequence[MicrobatchRoutes]] = None,
     collect_agreement: bool = False,
     **schedule_kwargs,
@@ -117,6 +118,8 @@ def run_schedule(
         `routes[n]` holds microbatch n's ids for REPLAY_FORWARD. With RECORD, or with REPLAY_FORWARD and
         observe-only routes, given routes are only compared with the native ones (agreement statistics).
     collect_agreement: accumulate the per-layer agreement counters (read them with `routers.statistics()`).
+    host_group: the gloo group over the world (`ParallelContext.host_group`; None in a world of one) on which every
+        rank's replay problems are agreed, so all ranks raise the same `RouteReplayError` or none does.
     Everything else is passed to `forward_backward_func` unchanged.
     """
     replaying = action == RouterReplayAction.REPLAY_FORWARD
@@ -186,10 +189,11 @@ def run_schedule(
     for state in routers.states():
         state.action = None
         state.training_pass = False
-    agreed = agree_on_problems(problems)
+    agreed = agree_on_failures(problems, host_group)
     if agreed:
         routers.reset()
-        raise RouteReplayError("router replay failed:\n- " + "\n- ".join(agreed))
+        raise RouteReplayError("router replay failed:\n- " + "\n- ".join(
+            f"rank {failure.rank}: {failure.message}" for failure in agreed))
     result = ScheduleResult(losses=losses, recorded=recorded if action == RouterReplayAction.RECORD else None)
     if replaying and not any(r.observe_only for r in routes):
         result.replayed_tokens = sum(r.num_valid - r.num_free for r in routes)

@@ -20,6 +20,8 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from megatron_r3.platform import collectives
+from megatron_r3.platform.parallel_context import ParallelContext
 from megatron_r3.replay.routes import Routes
 from megatron_r3.rollout.config import RolloutConfig
 
@@ -130,34 +132,18 @@ class PolicyWeights:
     chunks: list
     arch: Any
     hf_config: Any
+    parallel: ParallelContext  # this trainer rank's: the export's groups, and the host group failures are agreed on
 
     def named_tensors(self) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
         """(HF name, full tensor) on trainer rank 0, (HF name, None) elsewhere; every rank must walk it to the end
         (each step drives the tensor-, expert- and pipeline-parallel gathers)."""
         from megatron_r3.model.weights import export_hf_weights
 
-        return iter(export_hf_weights(self.chunks, self.arch))
+        return iter(export_hf_weights(self.chunks, self.arch, self.parallel))
 
 
 class WeightSyncError(RuntimeError):
     """A weight update did not reach the rollout engine; raised on every trainer rank alike."""
-
-
-def raise_on_every_rank(error: Optional[BaseException], what: str) -> None:
-    """Make one rank's failure everyone's: every rank raises the same WeightSyncError naming the failed ranks, or
-    none does (one small all-reduce when all is well). Without torch.distributed, `error` is re-raised as one."""
-    import torch.distributed as dist
-
-    message = None if error is None else f"{type(error).__name__}: {error}"
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        from megatron_r3.platform.distributed import agree_on_problems
-
-        problems = agree_on_problems([message] if message is not None else [])
-        if problems:
-            raise WeightSyncError(f"{what} failed: " + " | ".join(problems)) from error
-        return
-    if error is not None:
-        raise WeightSyncError(f"{what} failed: {message}") from error
 
 
 class RolloutEngine(abc.ABC):
@@ -214,7 +200,8 @@ class RolloutEngine(abc.ABC):
                 pass
         except Exception as exc:  # noqa: BLE001 - made collective below
             error = error or exc
-        raise_on_every_rank(error, f"weight sync to the {cls.__name__}")
+        collectives.raise_if_any_rank_failed(error, weights.parallel.host_group,
+                                             what=f"weight sync to the {cls.__name__}", error_type=WeightSyncError)
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -19,13 +19,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_r3.model.dist_checkpoint import load_model_state_dict, model_sharded_state_dict
+from megatron_r3.platform.parallel_context import ParallelContext
 from megatron_r3.train.checkpoint_integrity import verify_checkpoint, write_manifest
 
 TRACKER = "latest"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _barrier() -> None:
@@ -143,24 +140,25 @@ def _sharded_state(chunks, optimizer, is_loading: bool, with_optimizer: bool = T
     return sharded
 
 
-def save_checkpoint(root: str, step: int, chunks, optimizer, trainer_state: dict) -> str:
-    """Write checkpoint `step` (every rank calls this). `chunks` are the unwrapped model chunks."""
+def save_checkpoint(root: str, step: int, chunks, optimizer, trainer_state: dict, parallel: ParallelContext) -> str:
+    """Write checkpoint `step` (every rank calls this with its `parallel` context). `chunks` are the unwrapped model
+    chunks."""
     from megatron.core import dist_checkpointing
 
     final, tmp = step_dir(root, step), step_dir(root, step) + ".tmp"
-    if _rank() == 0:
+    if parallel.is_global_rank_zero:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
     dist_checkpointing.save(_sharded_state(chunks, optimizer, is_loading=False), tmp)
     os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-    torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
-    if _rank() == 0:
+    torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{parallel.rank:05d}.pt"))
+    if parallel.is_global_rank_zero:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as handle:
             json.dump(trainer_state, handle, indent=1, sort_keys=True)
     _barrier()
-    write_manifest(tmp, step)  # checksums of every file, inside the step dir: atomic with it
-    if _rank() == 0:
+    write_manifest(tmp, step, parallel)  # checksums of every file, inside the step dir: atomic with it
+    if parallel.is_global_rank_zero:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         tracker_tmp = os.path.join(root, TRACKER + ".tmp")
@@ -173,7 +171,7 @@ def save_checkpoint(root: str, step: int, chunks, optimizer, trainer_state: dict
     return final
 
 
-def load_checkpoint(root: str, step: int, chunks, optimizer, load_optimizer: bool = True,
+def load_checkpoint(root: str, step: int, chunks, optimizer, parallel: ParallelContext, load_optimizer: bool = True,
                     load_rng: bool = True) -> dict:
     """Load checkpoint `step` into the chunks and optimizer, restore this rank's RNG; returns the trainer state.
 
@@ -183,7 +181,7 @@ def load_checkpoint(root: str, step: int, chunks, optimizer, load_optimizer: boo
     from megatron.core import dist_checkpointing
 
     directory = step_dir(root, step)
-    verify_checkpoint(root, step)  # damage -> one error naming the file and the last good step, on every rank
+    verify_checkpoint(root, step, parallel)  # damage -> one error naming the file and the last good step, on every rank
     loaded = dist_checkpointing.load(
         _sharded_state(chunks, optimizer, is_loading=True, with_optimizer=load_optimizer), directory
     )
@@ -203,7 +201,7 @@ def load_checkpoint(root: str, step: int, chunks, optimizer, load_optimizer: boo
             ) from None
     else:
         optimizer.reload_model_params()
-    rng_file = os.path.join(directory, "rng", f"rank_{_rank():05d}.pt")
+    rng_file = os.path.join(directory, "rng", f"rank_{parallel.rank:05d}.pt")
     if load_rng and os.path.exists(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))
     with open(os.path.join(directory, "trainer_state.json")) as handle:

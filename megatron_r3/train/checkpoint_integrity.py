@@ -18,7 +18,8 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from megatron_r3.platform.distributed import agree_on_problems, host_group
+from megatron_r3.platform.collectives import agree_on_failures
+from megatron_r3.platform.parallel_context import ParallelContext
 
 MANIFEST = "MANIFEST.json"
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
@@ -27,12 +28,6 @@ _CHUNK = 16 << 20
 
 class CheckpointIntegrityError(ValueError):
     """A checkpoint file is missing, truncated or altered since it was saved."""
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def file_crc32(path: str) -> int:
@@ -53,9 +48,9 @@ def _files(directory: str) -> list[str]:
     return sorted(out)
 
 
-def write_manifest(directory: str, step: int) -> None:
+def write_manifest(directory: str, step: int, parallel: ParallelContext) -> None:
     """Every rank calls this once all ranks have written `directory`; rank 0 writes the manifest atomically."""
-    rank, world = _rank_world()
+    rank, world = parallel.rank, parallel.world_size
     files = _files(directory)  # every rank lists the same (shared) directory: the shares below agree
     mine = {path: {"size": os.path.getsize(os.path.join(directory, path)),
                    "crc32": file_crc32(os.path.join(directory, path))}
@@ -63,7 +58,7 @@ def write_manifest(directory: str, step: int) -> None:
     shares = [mine]
     if world > 1:
         shares = [None] * world
-        dist.all_gather_object(shares, mine, group=host_group())
+        dist.all_gather_object(shares, mine, group=parallel.host_group)
     if rank == 0:
         entries = {path: entry for share in shares for path, entry in share.items()}
         tmp = os.path.join(directory, MANIFEST + ".tmp")
@@ -117,13 +112,15 @@ def last_good_step(root: str, before: int) -> Optional[int]:
     return None
 
 
-def verify_checkpoint(root: str, step: int) -> None:
-    """Raise CheckpointIntegrityError on every rank alike when checkpoint `step` under `root` is damaged."""
+def verify_checkpoint(root: str, step: int, parallel: ParallelContext) -> None:
+    """Raise CheckpointIntegrityError on every rank alike when checkpoint `step` under `root` is damaged (every rank
+    verifies a share of the files; the problems are agreed on `parallel`'s host group)."""
     directory = os.path.join(root, f"step_{step:07d}")
-    problems = agree_on_problems(manifest_problems(directory, step, share=_rank_world()))
-    if not problems:
+    share = (parallel.rank, parallel.world_size)
+    failures = agree_on_failures(manifest_problems(directory, step, share=share), parallel.host_group)
+    if not failures:
         return
-    problems = [p.split(": ", 1)[1] if p.startswith("rank ") else p for p in problems]
+    problems = [failure.message for failure in failures]
     good = last_good_step(root, step)
     fallback = (f"the last good checkpoint is step {good}: write {good} into {os.path.join(root, 'latest')} to "
                 f"resume from it" if good is not None else "no older checkpoint verifies")

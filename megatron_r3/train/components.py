@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron_r3.model.families import ModelArch, arch_from_hf_config, family_of, padded_vocab_size
 from megatron_r3.model.weights import load_hf_weights
-from megatron_r3.platform.distributed import ParallelSizes, initialize_model_parallel
+from megatron_r3.platform.distributed import initialize_model_parallel
 from megatron_r3.platform.logging import get_logger
+from megatron_r3.platform.parallel_context import ParallelContext, ParallelSizes
 from megatron_r3.replay.config import ReplayConfig
 from megatron_r3.replay.policy import replay_policy
 from megatron_r3.replay.schedule import ReplayRouters
@@ -44,6 +44,7 @@ class TrainingSetup:
     tokenizer: object
     sampler: object
     reward_fn: object
+    parallel: ParallelContext  # this rank's place in the layout, its groups and the host group (built once)
     engine_setup: Optional[EngineSetup] = None  # every rank: what the engine is built and synced from
     engine: Optional[object] = None  # rank 0 only
     reference: Optional[list] = None
@@ -86,7 +87,8 @@ class TrainingSetup:
         """Full HF-named weights from the sharded policy to the rollout engine on rank 0: the engine's collective
         `sync_weights`, called on every rank (each drives the export's gathers; rank 0 talks to the engine)."""
         engine_class(self.engine_setup.rollout.rollout_engine).sync_weights(
-            self.engine, PolicyWeights(self.chunks, self.arch, self.args.hf_model_config), self.engine_setup)
+            self.engine, PolicyWeights(self.chunks, self.arch, self.args.hf_model_config, self.parallel),
+            self.engine_setup)
 
     def close(self) -> None:
         if self.engine is not None:
@@ -118,11 +120,12 @@ def initial_hf_weights(args, hf_config):
     return dict(hf_state_dict_to_checkpoint_names(model))
 
 
-def build_policy(args, config, arch, vocab_size, weights):
+def build_policy(args, config, arch, vocab_size, weights, parallel: ParallelContext):
     """The model chunks of the HF config's family (it chooses the model class, spec and model arguments)."""
     family = family_of(args.hf_model_config)
-    chunks = family.build_chunks(config, **{**family.model_kwargs(args.hf_model_config), "vocab_size": vocab_size})
-    load_hf_weights(chunks, weights, arch)
+    chunks = family.build_chunks(config, parallel,
+                                 **{**family.model_kwargs(args.hf_model_config), "vocab_size": vocab_size})
+    load_hf_weights(chunks, weights, arch, parallel)
     return chunks
 
 
@@ -155,13 +158,14 @@ def build_training_setup(args) -> TrainingSetup:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.training.arguments import core_transformer_config_from_args
 
-    initialize_model_parallel(parallel_sizes(args), seed=args.seed)
+    parallel = initialize_model_parallel(parallel_sizes(args), seed=args.seed,
+                                         sequence_parallel=bool(args.sequence_parallel))
     hf_config = args.hf_model_config
     arch = arch_from_hf_config(hf_config)
     config = core_transformer_config_from_args(args)
     vocab_size = padded_vocab_size(arch.vocab_size, args.tensor_model_parallel_size, args.make_vocab_size_divisible_by)
     weights = initial_hf_weights(args, hf_config)
-    chunks = build_policy(args, config, arch, vocab_size, weights)
+    chunks = build_policy(args, config, arch, vocab_size, weights, parallel)
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -204,7 +208,7 @@ def build_training_setup(args) -> TrainingSetup:
 
     reference = reference_routers = None
     if args.grpo_kl_beta > 0:
-        reference = build_policy(args, reference_model_config(config), arch, vocab_size, weights)
+        reference = build_policy(args, reference_model_config(config), arch, vocab_size, weights, parallel)
         for chunk in reference:
             chunk.eval()
             chunk.requires_grad_(False)
@@ -215,15 +219,14 @@ def build_training_setup(args) -> TrainingSetup:
     from megatron_r3.train.rewards import get_reward_fn
 
     sampler = PromptSampler(records, args.grpo_prompts_per_step, args.seed)
-    rank = dist.get_rank() if dist.is_initialized() else 0
     setup = TrainingSetup(
         args=args, config=config, arch=arch, chunks=chunks, model=model, optimizer=optimizer, scheduler=scheduler,
         routers=ReplayRouters(model), vocab_size=arch.vocab_size, tokenizer=tokenizer, sampler=sampler,
-        reward_fn=get_reward_fn(args.reward_fn), reference=reference, reference_routers=reference_routers,
-        eos_token_id=tokenizer.eos_token_id, moe_layers=arch.moe_layers,
+        reward_fn=get_reward_fn(args.reward_fn), parallel=parallel, reference=reference,
+        reference_routers=reference_routers, eos_token_id=tokenizer.eos_token_id, moe_layers=arch.moe_layers,
     )
     setup.engine_setup = engine_setup(args, hf_config)
-    if rank == 0:
+    if parallel.is_global_rank_zero:
         setup.engine = build_engine(setup.engine_setup)
     setup.sync_weights_to_engine()
     return setup

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_r3.platform.parallel_context import ParallelContext
 from megatron_r3.replay.layout import (
     PackedLayout,
     cp_local_slots,
@@ -66,19 +67,6 @@ class TrainSample:
 
 
 @dataclass
-class RankLayout:
-    """This rank's coordinates in the layout, as the layout functions need them."""
-
-    tensor_model_parallel_size: int = 1
-    tp_rank: int = 0
-    context_parallel_size: int = 1
-    cp_rank: int = 0
-    sequence_parallel: bool = False
-    data_parallel_size: int = 1
-    dp_rank: int = 0
-
-
-@dataclass
 class TrainMicrobatch:
     """One microbatch on this rank: model inputs and per-token tensors in model order `[b, s_local]`."""
 
@@ -112,25 +100,14 @@ class StepPlan:
 
 
 def shard_minibatches(
-    samples: Sequence[TrainSample], global_batch_size: int, rank: RankLayout
+    samples: Sequence[TrainSample], global_batch_size: int, parallel: ParallelContext
 ) -> list[list[TrainSample]]:
-    """Global mini-batches of `global_batch_size` samples, each split in `dp` equal contiguous slices."""
-    dp = rank.data_parallel_size
+    """Global mini-batches of `global_batch_size` samples, each split in `dp` equal contiguous slices: this rank's
+    slices (`ParallelContext.minibatch_slice`, the samples `ParallelContext.owns_sample` names)."""
     if len(samples) % global_batch_size:
         raise ValueError(f"{len(samples)} samples do not split into mini-batches of {global_batch_size}")
-    if global_batch_size % dp:
-        raise ValueError(f"--global-batch-size {global_batch_size} is not divisible by data-parallel size {dp}")
-    per_rank = global_batch_size // dp
-    out = []
-    for start in range(0, len(samples), global_batch_size):
-        own = start + rank.dp_rank * per_rank
-        out.append(list(samples[own : own + per_rank]))
-    return out
-
-
-def data_parallel_owner(position: int, global_batch_size: int, data_parallel_size: int) -> int:
-    """The data-parallel rank that trains the sample at `position` of the step's batch (as `shard_minibatches`)."""
-    return (position % global_batch_size) // (global_batch_size // data_parallel_size)
+    return [list(samples[parallel.minibatch_slice(m, global_batch_size)])
+            for m in range(len(samples) // global_batch_size)]
 
 
 def group_by_size(samples: Sequence[TrainSample], micro_batch_size: int) -> list[list[TrainSample]]:
@@ -169,14 +146,14 @@ def group_by_tokens(
 def build_microbatch(
     samples: Sequence[TrainSample],
     layout: PackedLayout,
-    rank: RankLayout,
+    parallel: ParallelContext,
     *,
     moe_layer_numbers: Sequence[int],
     num_experts: int,
     with_routes: bool,
 ) -> TrainMicrobatch:
     """Model inputs, per-token targets and (optionally) this rank's routes for one microbatch."""
-    cp, cp_rank = rank.context_parallel_size, rank.cp_rank
+    cp, cp_rank = parallel.cp_size, parallel.cp_rank
     inputs = microbatch_inputs(
         [s.tokens for s in samples], layout, loss_masks=[s.loss_mask() for s in samples],
         context_parallel_size=cp, cp_rank=cp_rank,
@@ -186,8 +163,8 @@ def build_microbatch(
     rollout_logp = pack_per_slot([s.per_slot_rollout_logprobs() for s in samples], layout, 0.0)[local]
     token_slots = router_token_slots(
         layout, context_parallel_size=cp, cp_rank=cp_rank,
-        tensor_model_parallel_size=rank.tensor_model_parallel_size, tp_rank=rank.tp_rank,
-        sequence_parallel=rank.sequence_parallel,
+        tensor_model_parallel_size=parallel.tp_size, tp_rank=parallel.tp_rank,
+        sequence_parallel=parallel.sequence_parallel,
     )
     routes = None
     if with_routes:
@@ -209,7 +186,7 @@ def build_microbatch(
 
 def plan_step(
     samples: Sequence[TrainSample],
-    rank: RankLayout,
+    parallel: ParallelContext,
     *,
     global_batch_size: int,
     micro_batch_size: int,
@@ -228,7 +205,7 @@ def plan_step(
         (token-budget packing can give ranks different counts; the trainer agrees on the max first).
     """
     groups_per_minibatch = []
-    for m, minibatch in enumerate(shard_minibatches(samples, global_batch_size, rank)):
+    for m, minibatch in enumerate(shard_minibatches(samples, global_batch_size, parallel)):
         target = 1 if min_microbatches is None else min_microbatches[m]
         if max_tokens_per_microbatch:
             groups = group_by_tokens(minibatch, max_tokens_per_microbatch, pad_multiple, min_groups=target)
@@ -253,7 +230,7 @@ def plan_step(
             else:
                 layout = pack_bshd(n, seq_length=seq_length if equal_seq_length else None, pad_multiple=pad_multiple)
             built.append(
-                build_microbatch(group, layout, rank, moe_layer_numbers=moe_layer_numbers, num_experts=num_experts,
+                build_microbatch(group, layout, parallel, moe_layer_numbers=moe_layer_numbers, num_experts=num_experts,
                                  with_routes=with_routes)
             )
         minibatches.append(built)
@@ -261,11 +238,11 @@ def plan_step(
                     micro_batch_size=1 if thd else micro_batch_size)
 
 
-def microbatch_counts(samples, rank: RankLayout, *, global_batch_size, micro_batch_size, max_tokens_per_microbatch,
-                      pad_multiple) -> list[int]:
+def microbatch_counts(samples, parallel: ParallelContext, *, global_batch_size, micro_batch_size,
+                      max_tokens_per_microbatch, pad_multiple) -> list[int]:
     """This rank's natural microbatch count per mini-batch (before agreeing on the max across ranks)."""
     counts = []
-    for minibatch in shard_minibatches(samples, global_batch_size, rank):
+    for minibatch in shard_minibatches(samples, global_batch_size, parallel):
         if max_tokens_per_microbatch:
             counts.append(len(group_by_tokens(minibatch, max_tokens_per_microbatch, pad_multiple)))
         else:

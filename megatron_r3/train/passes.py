@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
@@ -23,6 +22,7 @@ from megatron_r3.grpo.losses import PolicyLossConfig, masked_sum, policy_loss
 from megatron_r3.grpo.mismatch import MetricAccumulator
 from megatron_r3.grpo.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
 from megatron_r3.platform import metric_names
+from megatron_r3.platform.parallel_context import ParallelContext
 from megatron_r3.replay.microbatch import MicrobatchRoutes
 from megatron_r3.replay.schedule import ReplayRouters, ScheduleResult, run_schedule
 from megatron_r3.train.microbatching import TrainMicrobatch
@@ -41,23 +41,21 @@ class PassContext:
     seq_length: int
     micro_batch_size: int
     device: torch.device
+    parallel: ParallelContext  # this rank's coordinates and groups (TP group of the vocabulary reductions)
 
     def logprobs(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_logprobs(logits, labels, self.temperature, vocab_size=self.vocab_size,
-                                       tp_rank=parallel_state.get_tensor_model_parallel_rank())
+                                       tp_rank=self.parallel.tp_rank, group=self.parallel.groups.tp)
 
     def entropy(self, logits: torch.Tensor) -> torch.Tensor:
         """Every TP rank must call it (vocabulary reductions), whether or not it counts the result."""
-        return vocab_parallel_entropy(logits, self.temperature, parallel_state.get_tensor_model_parallel_group(),
-                                      vocab_size=self.vocab_size,
-                                      tp_rank=parallel_state.get_tensor_model_parallel_rank())
+        return vocab_parallel_entropy(logits, self.temperature, self.parallel.groups.tp, vocab_size=self.vocab_size,
+                                      tp_rank=self.parallel.tp_rank)
 
     @property
     def computes_loss(self) -> bool:
         """Last pipeline stage; with TP every rank holds the same per-token values, so one of them counts them."""
-        return parallel_state.is_pipeline_last_stage(ignore_virtual=True) and (
-            parallel_state.get_tensor_model_parallel_rank() == 0
-        )
+        return self.parallel.computes_loss
 
 
 def _run(ctx: PassContext, microbatches: Sequence[TrainMicrobatch], loss_of, *, action, routes, forward_only,
@@ -73,7 +71,7 @@ def _run(ctx: PassContext, microbatches: Sequence[TrainMicrobatch], loss_of, *, 
     vp = len(ctx.chunks) > 1
     iterators = [iter(microbatches) for _ in ctx.chunks] if vp else iter(microbatches)
     return run_schedule(
-        get_forward_backward_func(),
+        get_forward_backward_func(pp_size=ctx.parallel.pp_size, vp_size=ctx.parallel.vp_size),
         ctx.routers,
         action=action,
         routes=routes,
@@ -85,6 +83,7 @@ def _run(ctx: PassContext, microbatches: Sequence[TrainMicrobatch], loss_of, *, 
         collect_agreement=collect_agreement,
         seq_length=ctx.seq_length,
         micro_batch_size=ctx.micro_batch_size,
+        host_group=ctx.parallel.host_group,
     )
 
 

@@ -19,12 +19,12 @@ import torch.distributed as dist
 
 from megatron_r3.grpo.advantages import group_normalized_advantages
 from megatron_r3.platform import metric_names
-from megatron_r3.platform.distributed import host_group
 from megatron_r3.platform.logging import get_logger
+from megatron_r3.platform.parallel_context import ParallelContext
 from megatron_r3.replay.routes import RouteError, validate_routes
 from megatron_r3.rollout.base import RolloutEngine, SamplingParams
 from megatron_r3.rollout.multiturn import generate_multiturn
-from megatron_r3.train.microbatching import TrainSample, data_parallel_owner
+from megatron_r3.train.microbatching import TrainSample
 
 log = get_logger(__name__)
 
@@ -238,14 +238,15 @@ def reward_fn_scores(reward_fn, responses, records) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class RouteShare:
-    """What one rank needs of a step's routes: its data-parallel rank's samples, and its routers' layers."""
+    """The layers of a step's routes one rank replays (its routers' layers: its pipeline stage and virtual chunks).
+    Which samples it replays follows from its coordinates (`ParallelContext.peer(rank).owns_sample`)."""
 
-    data_parallel_rank: int
     layer_numbers: tuple[int, ...]
 
 
 def share_from_rank0(
     payload: Optional[RolloutPayload],
+    parallel: ParallelContext,
     route_shares: Optional[Sequence[RouteShare]] = None,
     global_batch_size: Optional[int] = None,
 ) -> RolloutPayload:
@@ -257,20 +258,23 @@ def share_from_rank0(
     against about 12 for the rest). Every other field, and every sample's tokens, still reach every rank. The
     tensor- and context-parallel ranks of one stage receive the same share and keep their tokens in
     `localize_routes`."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        if route_shares is None or len(set(route_shares)) == 1:
+    if parallel.world_size > 1:
+        if route_shares is None or (parallel.dp_size == 1 and len(set(route_shares)) == 1):
             box = [payload]
-            dist.broadcast_object_list(box, src=0, group=host_group())
+            dist.broadcast_object_list(box, src=0, group=parallel.host_group)
             payload = box[0]
         else:
             per_rank = None
-            if dist.get_rank() == 0:
-                data_parallel_size = len({share.data_parallel_rank for share in route_shares})
-                built = {share: routes_for_share(payload, share, data_parallel_size, global_batch_size)
-                         for share in set(route_shares)}
-                per_rank = [built[share] for share in route_shares]
+            if parallel.is_global_rank_zero:
+                # one share per (data-parallel rank, layers): the TP/CP ranks of a stage get the same object
+                keys = [(parallel.peer(rank).dp_rank, share) for rank, share in enumerate(route_shares)]
+                built = {}
+                for rank, key in enumerate(keys):
+                    if key not in built:
+                        built[key] = routes_for_share(payload, parallel.peer(rank), key[1], global_batch_size)
+                per_rank = [built[key] for key in keys]
             box = [None]
-            dist.scatter_object_list(box, per_rank, src=0, group=host_group())
+            dist.scatter_object_list(box, per_rank, src=0, group=parallel.host_group)
             payload = box[0]
     if payload.error is not None:
         raise RolloutPhaseError(payload.error)
@@ -278,17 +282,17 @@ def share_from_rank0(
 
 
 def routes_for_share(
-    payload: RolloutPayload, share: RouteShare, data_parallel_size: int, global_batch_size: int
+    payload: RolloutPayload, owner: ParallelContext, share: RouteShare, global_batch_size: int
 ) -> RolloutPayload:
-    """`payload` as one rank needs it: routes (and fallback rows) only on the samples that its data-parallel rank
-    trains, narrowed to its routers' layers."""
+    """`payload` as the rank `owner` needs it: routes (and fallback rows) only on the samples that its data-parallel
+    rank trains, narrowed to its routers' layers (`share`)."""
     if payload.error is not None or not payload.samples:
         return payload
     layers = tuple(sorted(set(share.layer_numbers)))
     index = torch.tensor([n - 1 for n in layers], dtype=torch.long)
     samples = []
     for position, sample in enumerate(payload.samples):
-        if data_parallel_owner(position, global_batch_size, data_parallel_size) != share.data_parallel_rank:
+        if not owner.owns_sample(position, global_batch_size):
             samples.append(dataclasses.replace(sample, routes=None, free_rows=None))
         elif sample.routes is None:
             samples.append(sample)

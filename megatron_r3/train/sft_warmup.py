@@ -40,7 +40,7 @@ from megatron_r3.grpo.losses import masked_sum
 from megatron_r3.grpo.mismatch import MetricAccumulator
 from megatron_r3.platform import collectives
 from megatron_r3.platform import metric_names
-from megatron_r3.platform.distributed import device, host_group
+from megatron_r3.platform.distributed import device
 from megatron_r3.platform.logging import get_logger
 from megatron_r3.replay.policy import replay_policy
 from megatron_r3.train.microbatching import TrainSample
@@ -127,7 +127,7 @@ class SFTWarmup(GRPOTrainer):
             return False
         flag = torch.tensor([1.0 if (time.time() - start) / 60.0 > limit else 0.0])
         if dist.is_initialized():
-            collectives.all_reduce(flag, op=dist.ReduceOp.MAX, group=host_group())
+            collectives.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.parallel.host_group)
         return bool(flag[0] > 0)
 
     def train_step(self, evaluate: bool = False) -> dict:
@@ -141,7 +141,8 @@ class SFTWarmup(GRPOTrainer):
         metrics = MetricAccumulator()
         declare_metrics(metrics, SFT_METRICS, mismatch=False)
         ctx = PassContext(chunks=setup.model, routers=setup.routers, temperature=1.0, vocab_size=setup.vocab_size,
-                          seq_length=plan.seq_length, micro_batch_size=args.micro_batch_size, device=device())
+                          seq_length=plan.seq_length, micro_batch_size=args.micro_batch_size, device=device(),
+                          parallel=self.parallel)
 
         def loss_of(mb, inputs, logits):
             logp = ctx.logprobs(logits, inputs.labels)
@@ -158,7 +159,7 @@ class SFTWarmup(GRPOTrainer):
             setup.zero_grad()
             run_custom_pass(ctx, minibatch, loss_of, forward_only=False)
             grad_norms.append(self._optimizer_step())
-        metrics.all_reduce(host_group() if _host_reduce() else None)
+        metrics.all_reduce(self.parallel.host_group if _host_reduce() else None)
         out = metrics.means()
         finite = [g for g in grad_norms if math.isfinite(g)]
         out[metric_names.TRAIN_GRAD_NORM] = sum(finite) / len(finite) if finite else float("nan")
@@ -186,7 +187,7 @@ def save_hf_export(trainer: GRPOTrainer) -> str:
 
     setup = trainer.setup
     directory = os.path.join(trainer.args.run_dir, HF_EXPORT_DIR)
-    save_hf_checkpoint(setup.chunks, setup.arch, trainer.args.hf_model_config, directory)
+    save_hf_checkpoint(setup.chunks, setup.arch, trainer.args.hf_model_config, directory, setup.parallel)
     if trainer.is_logger:
         log.info(f"sft_warmup: wrote the warmed-up policy to {directory} (start GRPO with --hf-checkpoint "
                  f"{directory})")

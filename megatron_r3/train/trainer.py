@@ -12,7 +12,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from megatron_r3.grpo.losses import PolicyLossConfig
 from megatron_r3.grpo.mismatch import MetricAccumulator
@@ -20,7 +19,7 @@ from megatron_r3.replay.config_checks import check_replay_config, replay_bypass_
 from megatron_r3.model.flops import grpo_throughput_metrics, peak_tflops, shape_from_config
 from megatron_r3.platform import collectives
 from megatron_r3.platform import metric_names
-from megatron_r3.platform.distributed import device, host_group
+from megatron_r3.platform.distributed import device
 from megatron_r3.platform.logging import get_logger
 from megatron_r3.platform.typed_config import config_from_args
 from megatron_r3.replay.config import ReplayConfig
@@ -31,7 +30,7 @@ from megatron_r3.replay.router import COUNTERS
 from megatron_r3.train import checkpoint as ckpt
 from megatron_r3.train.checkpoint_integrity import check_resume_source
 from megatron_r3.train.metrics_log import MetricsLogger, WandbConfig, format_iteration_line
-from megatron_r3.train.microbatching import RankLayout, StepPlan, microbatch_counts, plan_step
+from megatron_r3.train.microbatching import StepPlan, microbatch_counts, plan_step
 from megatron_r3.train.passes import PassContext, declare_metrics, logprob_pass, step_metric_names, update_pass
 from megatron_r3.train.rollout_phase import RolloutPayload, RouteShare, generate_batch, share_from_rank0
 from megatron_r3.train.components import TrainingSetup, build_training_setup
@@ -57,36 +56,26 @@ class GRPOTrainer:
         self.policy = replay_policy(self.replay.router_replay, self.replay.reference_replay)
         # off mode runs what replay cannot hook (e.g. sinkhorn balancing); it then measures no routing agreement
         self.can_observe_routes = not replay_bypass_reasons(self.setup.config)
-        self.rank = RankLayout(
-            tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
-            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-            context_parallel_size=parallel_state.get_context_parallel_world_size(),
-            cp_rank=parallel_state.get_context_parallel_rank(),
-            sequence_parallel=bool(self.setup.config.sequence_parallel),
-            data_parallel_size=parallel_state.get_data_parallel_world_size(),
-            dp_rank=parallel_state.get_data_parallel_rank(),
-        )
-        self.pad_multiple = sequence_pad_multiple(
-            self.rank.tensor_model_parallel_size, self.rank.context_parallel_size, self.rank.sequence_parallel
-        )
+        self.parallel = parallel = self.setup.parallel
+        self.pad_multiple = sequence_pad_multiple(parallel.tp_size, parallel.cp_size, parallel.sequence_parallel)
         self.loss_config = PolicyLossConfig(
             clip_ratio_low=args.grpo_clamp_eps_lower,
             clip_ratio_high=args.grpo_clamp_eps_upper,
             tis_cap=args.rl_importance_sampling_truncation_coef if args.rl_inference_logprobs_is_correction else None,
             kl_coef=args.grpo_kl_beta,
         )
-        self.is_logger = dist.get_rank() == 0 if dist.is_initialized() else True
+        self.is_logger = parallel.is_global_rank_zero
         self._peak_tflops = peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                                         args.peak_tflops)
         self._flops_shape = shape_from_config(
             self.setup.config, getattr(args, "padded_vocab_size", None) or args.hf_model_config.vocab_size)
-        # what every global rank replays (its data-parallel rank, its routers' layers): rank 0 ships each rank only
-        # those routes
+        # the layers every global rank replays (its routers'); with its data-parallel rank (`parallel.peer(r)`) that
+        # is what rank 0 ships each rank of a step's routes
         self._route_shares = None
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            self._route_shares = [None] * dist.get_world_size()
-            mine = RouteShare(self.rank.dp_rank, tuple(self.setup.routers.layer_numbers))
-            dist.all_gather_object(self._route_shares, mine, group=host_group())
+        if parallel.world_size > 1:
+            self._route_shares = [None] * parallel.world_size
+            mine = RouteShare(tuple(self.setup.routers.layer_numbers))
+            dist.all_gather_object(self._route_shares, mine, group=parallel.host_group)
         self.step = 0
         self.skipped_steps = 0
         if self.resume_root is not None:
@@ -100,7 +89,7 @@ class GRPOTrainer:
         step = ckpt.latest_step(root)
         if step is None:
             raise FileNotFoundError(f"--load {root}: no checkpoint (no '{ckpt.TRACKER}' tracker file)")
-        state = ckpt.load_checkpoint(root, step, self.setup.chunks, self.setup.optimizer,
+        state = ckpt.load_checkpoint(root, step, self.setup.chunks, self.setup.optimizer, self.parallel,
                                      load_optimizer=not self.args.no_load_optim, load_rng=not self.args.no_load_rng)
         try:
             self.setup.scheduler.load_state_dict(state["scheduler"])
@@ -122,7 +111,7 @@ class GRPOTrainer:
             "sampler": self.setup.sampler.state_dict(),
             "router_replay": self.replay.router_replay,
         }
-        ckpt.save_checkpoint(self.args.save, self.step, self.setup.chunks, self.setup.optimizer, state)
+        ckpt.save_checkpoint(self.args.save, self.step, self.setup.chunks, self.setup.optimizer, state, self.parallel)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[dict]:
@@ -234,21 +223,21 @@ class GRPOTrainer:
             prompt_ids = setup.tokenize(records)
             payload = generate_batch(setup.engine, prompt_ids, records, setup.tokenizer, setup.reward_fn,
                                      setup.rollout_settings(self.step))
-        return share_from_rank0(payload, self._route_shares, self.args.global_batch_size)
+        return share_from_rank0(payload, self.parallel, self._route_shares, self.args.global_batch_size)
 
     def _plan(self, samples) -> StepPlan:
         args, setup = self.args, self.setup
-        equal = parallel_state.get_pipeline_model_parallel_world_size() > 1
+        equal = self.parallel.is_pipelined
         common = dict(global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
                       max_tokens_per_microbatch=args.max_tokens_per_microbatch, pad_multiple=self.pad_multiple)
         targets = None
         if args.max_tokens_per_microbatch:
-            counts = torch.tensor(microbatch_counts(samples, self.rank, **common), dtype=torch.int64)
+            counts = torch.tensor(microbatch_counts(samples, self.parallel, **common), dtype=torch.int64)
             if dist.is_initialized():  # every rank of an expert-parallel (data-parallel) group runs as many
-                collectives.all_reduce(counts, op=dist.ReduceOp.MAX, group=host_group())
+                collectives.all_reduce(counts, op=dist.ReduceOp.MAX, group=self.parallel.host_group)
             targets = counts.tolist()
         with_routes = any(sample.routes is not None for sample in samples)  # only this rank's share has them
-        return plan_step(samples, self.rank, equal_seq_length=equal, moe_layer_numbers=setup.routers.layer_numbers,
+        return plan_step(samples, self.parallel, equal_seq_length=equal, moe_layer_numbers=setup.routers.layer_numbers,
                          num_experts=setup.config.num_moe_experts, with_routes=with_routes,
                          min_microbatches=targets, **common)
 
@@ -256,6 +245,7 @@ class GRPOTrainer:
         return PassContext(
             chunks=chunks, routers=routers, temperature=self._temperature(), vocab_size=self.setup.vocab_size,
             seq_length=plan.seq_length, micro_batch_size=plan.micro_batch_size, device=device(),
+            parallel=self.parallel,
         )
 
     def _temperature(self) -> float:
@@ -297,7 +287,7 @@ class GRPOTrainer:
 
     def _reduce_metrics(self, metrics: MetricAccumulator, first: MetricAccumulator, replay_stats, payload,
                         grad_norms, replayed_tokens) -> dict:
-        group = host_group() if _host_reduce() else None
+        group = self.parallel.host_group if _host_reduce() else None
         metrics.all_reduce(group)
         first.all_reduce(group)
         first_means = first.means()
@@ -319,17 +309,17 @@ class GRPOTrainer:
         layers = self.setup.config.num_layers
         counters = torch.zeros(layers, 4, dtype=torch.float64)
         # ranks that see distinct tokens: SP splits them over TP, CP and DP always do; PP stages share them
-        counts_tokens = self.rank.sequence_parallel or self.rank.tp_rank == 0
+        counts_tokens = self.parallel.owns_distinct_tokens
         if counts_tokens:
             for number, per_layer in stats.layer_counters.items():
                 counters[number - 1] = torch.stack(
                     [per_layer[name].double().cpu() for name in COUNTERS]
                 )
-        first_stage = parallel_state.get_pipeline_model_parallel_rank() == 0
+        first_stage = self.parallel.is_first_pipeline_stage()
         tokens = torch.tensor([float(replayed_tokens if counts_tokens and first_stage else 0)], dtype=torch.float64)
         flat = torch.cat([counters.reshape(-1), tokens])
         if dist.is_initialized():
-            collectives.all_reduce(flat, group=host_group())
+            collectives.all_reduce(flat, group=self.parallel.host_group)
         counters, tokens = flat[:-1].view(layers, 4), float(flat[-1])
         out = {metric_names.REPLAY_REPLAYED_TOKENS: tokens}
         moe = counters[:, 0] > 0

@@ -169,10 +169,9 @@ class Context:
         return self.models[kind]
 
 
-def forward_logits(chunks, config, sequences, routes, replay: bool):
+def forward_logits(chunks, config, parallel, sequences, routes, replay: bool):
     """Full-vocabulary logits [B, S, V] of one forward-only microbatch (None on ranks without the last stage)."""
     import torch
-    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
     from megatron.core.transformer.moe.router_replay import RouterReplayAction
@@ -182,7 +181,7 @@ def forward_logits(chunks, config, sequences, routes, replay: bool):
     from megatron_r3.replay.schedule import ReplayRouters, run_schedule
     from megatron_r3.train.batch import microbatch_inputs
 
-    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    tp, tp_rank = parallel.tp_size, parallel.tp_rank
     sp = bool(config.sequence_parallel)
     routers = ReplayRouters(chunks)
     # one sample per microbatch: the interleaved (VP) schedule needs at least PP microbatches
@@ -214,7 +213,7 @@ def forward_logits(chunks, config, sequences, routes, replay: bool):
         get_forward_backward_func(), routers, action=RouterReplayAction.REPLAY_FORWARD if replay else None,
         routes=micro_routes, forward_step_func=forward_step, data_iterator=iterators,
         model=chunks if vp else chunks[0], num_microbatches=len(inputs), forward_only=True,
-        seq_length=layouts[0].seq_length, micro_batch_size=1,
+        seq_length=layouts[0].seq_length, micro_batch_size=1, host_group=parallel.host_group,
     )
     return torch.cat(collected, dim=0) if collected else None
 
@@ -232,23 +231,24 @@ def check_layout(name: str, ctx: Context, workdir: str) -> dict:
         load_hf_weights,
         save_hf_checkpoint,
     )
-    from megatron_r3.platform.distributed import ParallelSizes, initialize_model_parallel
+    from megatron_r3.platform.distributed import initialize_model_parallel
+    from megatron_r3.platform.parallel_context import ParallelSizes
 
     kind, sizes_kwargs, overrides, extra = LAYOUTS[name]
     ref = ctx.get(kind)
-    sizes = ParallelSizes(**sizes_kwargs)
-    initialize_model_parallel(sizes)
+    parallel = initialize_model_parallel(ParallelSizes(**sizes_kwargs),
+                                         sequence_parallel=bool(overrides.get("sequence_parallel")))
     hf_config = ref["model"].config
     arch = arch_from_hf_config(hf_config)
-    config, chunks = build_from_hf_config(hf_config, parallel=sizes, use_cpu_initialization=True, **overrides)
+    config, chunks = build_from_hf_config(hf_config, parallel, use_cpu_initialization=True, **overrides)
     for chunk in chunks:
         chunk.eval()
-    load_hf_weights(chunks, ref["ckpt"], arch)
+    load_hf_weights(chunks, ref["ckpt"], arch, parallel)
     results, report = {}, {}
 
     # logits exist on last-stage ranks only (-1 elsewhere); every rank takes part in the same reductions
-    logits = forward_logits(chunks, config, ref["sequences"], ref["routes"], replay=True)
-    free = forward_logits(chunks, config, ref["sequences"], ref["routes"], replay=False)
+    logits = forward_logits(chunks, config, parallel, ref["sequences"], ref["routes"], replay=True)
+    free = forward_logits(chunks, config, parallel, ref["sequences"], ref["routes"], replay=False)
     diffs = torch.tensor([-1.0, -1.0], dtype=torch.float64)
     if logits is not None:
         diffs[0] = (logits[..., : arch.vocab_size] - ref["logits"]).abs().max().item()
@@ -259,7 +259,7 @@ def check_layout(name: str, ctx: Context, workdir: str) -> dict:
     results["logits_replay"] = 0.0 <= report["logits_replay_max_abs_diff"] < TOLERANCE
     if "replay_sensitive" in extra:  # replaying other routes changes the logits: the replay is not a silent no-op
         shifted = [((r.long() + 1) % arch.num_experts).to(r.dtype) for r in ref["routes"]]
-        other = forward_logits(chunks, config, ref["sequences"], shifted, replay=True)
+        other = forward_logits(chunks, config, parallel, ref["sequences"], shifted, replay=True)
         moved = torch.tensor([-1.0 if other is None else
                               (other[..., : arch.vocab_size] - ref["logits"]).abs().max().item()], dtype=torch.float64)
         dist.all_reduce(moved, op=dist.ReduceOp.MAX)
@@ -267,14 +267,14 @@ def check_layout(name: str, ctx: Context, workdir: str) -> dict:
         results["replay_sensitive"] = moved.item() > 1e-2
 
     names, equal = [], True
-    for hf_name, tensor in export_hf_weights(chunks, arch, receivers="all"):
+    for hf_name, tensor in export_hf_weights(chunks, arch, parallel, receivers="all"):
         names.append(hf_name)
         equal &= hf_name in ref["ckpt"] and torch.equal(tensor, ref["ckpt"][hf_name])
     results["export_equal"] = bool(equal) and names == export_order(arch) and sorted(names) == sorted(ref["ckpt"])
 
     if "buckets" in extra:
         limit = 20_000
-        buckets = list(export_hf_buckets(chunks, arch, bucket_bytes=limit))
+        buckets = list(export_hf_buckets(chunks, arch, parallel, bucket_bytes=limit))
         flat = [n for bucket in buckets for n, _ in bucket]
         rank0 = dist.get_rank() == 0
         ok = flat == export_order(arch) and len(buckets) > 1
@@ -287,7 +287,7 @@ def check_layout(name: str, ctx: Context, workdir: str) -> dict:
 
     if "saved_dir" in extra:
         out = os.path.join(workdir, f"saved_{name}")
-        written = save_hf_checkpoint(chunks, arch, hf_config, out, max_shard_bytes=200_000)
+        written = save_hf_checkpoint(chunks, arch, hf_config, out, parallel, max_shard_bytes=200_000)
         ok = True
         if dist.get_rank() == 0:
             from transformers import AutoModelForCausalLM
@@ -302,8 +302,8 @@ def check_layout(name: str, ctx: Context, workdir: str) -> dict:
         for chunk in chunks:
             for param in chunk.parameters():
                 param.data.zero_()
-        load_hf_weights(chunks, SafetensorsSource(out), arch)
-        again = dict(export_hf_weights(chunks, arch, receivers="all"))
+        load_hf_weights(chunks, SafetensorsSource(out), arch, parallel)
+        again = dict(export_hf_weights(chunks, arch, parallel, receivers="all"))
         ok &= all(torch.equal(again[n], ref["ckpt"][n]) for n in ref["ckpt"])
         results["saved_dir"] = bool(ok)
 
@@ -371,7 +371,8 @@ def main() -> None:
 
         cpu_cuda._convert_checks = True
         torch.Tensor.cuda = cpu_cuda
-    from megatron_r3.platform.distributed import ParallelSizes, initialize_model_parallel
+    from megatron_r3.platform.distributed import initialize_model_parallel
+    from megatron_r3.platform.parallel_context import ParallelSizes
 
     initialize_model_parallel(ParallelSizes())
     rank = dist.get_rank()

@@ -34,7 +34,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from megatron_r3.platform.distributed import ParallelSizes, initialize_model_parallel  # noqa: E402
+from megatron_r3.platform.distributed import initialize_model_parallel  # noqa: E402
+from megatron_r3.platform.parallel_context import ParallelSizes  # noqa: E402
 from tests.distributed.launch import finish_launch  # noqa: E402
 
 initialize_model_parallel(ParallelSizes())  # gloo/NCCL + CPU support before megatron builds anything
@@ -171,12 +172,13 @@ def reduced_grads(chunks, config) -> list[torch.Tensor]:
 
 
 def build(sizes: ParallelSizes, overrides: dict):
-    initialize_model_parallel(sizes)
+    parallel = initialize_model_parallel(sizes, sequence_parallel=bool(overrides.get("sequence_parallel")))
     overrides = dict(overrides)
     fused_attention = overrides.pop("fused_attention", False)  # megatron's math unless the layout asks for SDPA
     config = make_config(sizes, overrides)
     torch.manual_seed(1234)
-    return config, build_gpt_chunks(config, vocab_size=VOCAB, max_sequence_length=64, fused_attention=fused_attention)
+    return config, build_gpt_chunks(config, parallel, vocab_size=VOCAB, max_sequence_length=64,
+                                    fused_attention=fused_attention)
 
 
 def run_format(config, chunks, fmt: str) -> dict:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from megatron_r3.model.hf_module import hf_state_dict_to_checkpoint_names
 from megatron_r3.platform.distributed import host_group
+from megatron_r3.platform.parallel_context import ParallelContext, ParallelSizes
 from megatron_r3.rollout.base import EngineSetup, SamplingParams, WeightSyncError
 from megatron_r3.rollout.config import RolloutConfig
 from megatron_r3.rollout.engines import engine_class
@@ -29,8 +30,9 @@ from tests.distributed.launch import finish_launch
 class WalkedWeights:
     """A PolicyWeights stand-in: one host-group collective per tensor; full tensors on rank 0, None elsewhere."""
 
-    def __init__(self, named: list):
+    def __init__(self, named: list, parallel: ParallelContext):
         self.named = named
+        self.parallel = parallel  # sync_weights agrees on failures over its host group
         self.walked = 0
 
     def named_tensors(self):
@@ -73,8 +75,9 @@ def main() -> None:
     torch.manual_seed(0)  # the engine starts from other weights than the policy's
     engine = cls.build(setup) if rank == 0 else None
     records = []
+    parallel = ParallelContext(ParallelSizes(), dist.get_world_size(), rank, host_group=host_group())
 
-    weights = WalkedWeights(named)
+    weights = WalkedWeights(named, parallel)
     cls.sync_weights(engine, weights, setup)
     record = {"case": "ok", "rank": rank, "walked": weights.walked, "expected": len(named)}
     if rank == 0:
@@ -82,7 +85,7 @@ def main() -> None:
         record.update(version=engine.weight_version, synced=greedy(engine), reference=greedy(reference))
     records.append(record)
 
-    planted = WalkedWeights(named[:1] + [("model.layers.0.bogus.weight", torch.zeros(2))] + named[1:])
+    planted = WalkedWeights(named[:1] + [("model.layers.0.bogus.weight", torch.zeros(2))] + named[1:], parallel)
     error = None
     try:
         cls.sync_weights(engine, planted, setup)

@@ -2,7 +2,7 @@
 
 import torch
 
-from megatron_r3.platform.distributed import ParallelSizes
+from megatron_r3.platform.parallel_context import ParallelSizes
 
 F32 = dict(pipeline_dtype=torch.float32)
 

@@ -29,7 +29,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from megatron_r3.platform.distributed import ParallelSizes, initialize_model_parallel  # noqa: E402
+from megatron_r3.platform.distributed import initialize_model_parallel  # noqa: E402
+from megatron_r3.platform.parallel_context import ParallelSizes  # noqa: E402
 
 from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
@@ -96,14 +97,15 @@ def make_config(sizes: ParallelSizes, overrides: dict, recompute: dict, dtype=to
 class Harness:
     """Model chunks, this rank's microbatches and a router-call log for one layout."""
 
-    def __init__(self, sizes: ParallelSizes, overrides: dict, recompute: dict, dtype=torch.float32):
-        self.sizes = sizes
+    def __init__(self, parallel, overrides: dict, recompute: dict, dtype=torch.float32):
+        self.parallel = parallel  # this rank's ParallelContext
+        self.sizes = sizes = parallel.sizes
         if "pipeline_dtype" in overrides:
             overrides = dict(overrides, pipeline_dtype=dtype)
         self.config = make_config(sizes, overrides, recompute, dtype)
         self.sp = bool(self.config.sequence_parallel)
         torch.manual_seed(1234)
-        self.chunks = build_gpt_chunks(self.config, vocab_size=VOCAB, max_sequence_length=64)
+        self.chunks = build_gpt_chunks(self.config, parallel, vocab_size=VOCAB, max_sequence_length=64)
         with torch.no_grad():  # a selection bias large enough to reorder the sigmoid top-k (DeepSeek layouts)
             for chunk in self.chunks:
                 for name, buffer in chunk.named_buffers():
@@ -182,7 +184,7 @@ class Harness:
             get_forward_backward_func(), self.routers, action=action, routes=routes,
             forward_step_func=forward_step, data_iterator=iterators, model=self.chunks if vp else self.chunks[0],
             num_microbatches=NUM_MICROBATCHES, forward_only=forward_only, seq_length=self.microbatches[0]["layout"].seq_length,
-            micro_batch_size=SAMPLES_PER_MICROBATCH,
+            micro_batch_size=SAMPLES_PER_MICROBATCH, host_group=self.parallel.host_group,
         )
         grads = [p.grad.clone() if p.grad is not None else None for c in self.chunks for p in c.parameters()]
         losses = [float(x["loss"]) for x in result.losses] if result.losses else []
@@ -234,8 +236,8 @@ class Harness:
 
 def check_layout(name: str, recompute_name: str, with_errors: bool, dtype=torch.float32) -> dict:
     sizes, overrides = LAYOUTS[name]
-    initialize_model_parallel(sizes)
-    h = Harness(sizes, overrides, RECOMPUTE[recompute_name], dtype)
+    parallel = initialize_model_parallel(sizes, sequence_parallel=bool(overrides.get("sequence_parallel")))
+    h = Harness(parallel, overrides, RECOMPUTE[recompute_name], dtype)
     recompute = recompute_name != "none"
     results = {}
 

@@ -231,7 +231,8 @@ def main() -> None:
 
     from megatron_r3.grpo.mismatch import MetricAccumulator
     from megatron_r3.platform import collectives
-    from megatron_r3.platform.distributed import ParallelSizes, initialize_model_parallel
+    from megatron_r3.platform.distributed import initialize_model_parallel
+    from megatron_r3.platform.parallel_context import ParallelSizes
     from tests.distributed import replay_checks
     from tests.distributed.launch import finish_launch
 

@@ -28,5 +28,6 @@ def test_a_refusal_on_rank0_raises_the_same_error_on_every_rank(records):
         assert record["walked"] == record["expected"]  # nobody left waiting in a gather
         assert record["error"] is not None
     assert planted[0]["error"] == planted[1]["error"]
-    assert planted[0]["error"] == ("weight sync to the HFRolloutEngine failed: rank 0: MappingError: update_weights: "
-                                   "unknown weight name 'model.layers.0.bogus.weight' (not a parameter of this model)")
+    assert planted[0]["error"] == ("weight sync to the HFRolloutEngine failed on 1 of 2 ranks: [rank 0] MappingError: "
+                                   "update_weights: unknown weight name 'model.layers.0.bogus.weight' (not a "
+                                   "parameter of this model)")

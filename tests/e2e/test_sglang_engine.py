@@ -460,7 +460,8 @@ def sync_check_main(address_dir: str, run_dir: str, disk_dir: str, out: str) -> 
         return out
 
     def from_export():
-        tensors = {name: tensor for name, tensor in export_hf_weights(setup.chunks, setup.arch)}  # every rank
+        # every rank walks the export
+        tensors = {name: tensor for name, tensor in export_hf_weights(setup.chunks, setup.arch, setup.parallel)}
         if rank != 0:
             return None
         model = AutoModelForCausalLM.from_config(args.hf_model_config, dtype=torch.float32)

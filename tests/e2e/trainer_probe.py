@@ -39,7 +39,7 @@ def main(run_dir: str) -> None:
     out["latest_after_crash"] = ckpt.latest_step(args.save)
     for p in trainer.setup.chunks[0].parameters():
         p.data.add_(1.0)
-    state = ckpt.load_checkpoint(args.save, 1, trainer.setup.chunks, trainer.setup.optimizer)
+    state = ckpt.load_checkpoint(args.save, 1, trainer.setup.chunks, trainer.setup.optimizer, trainer.setup.parallel)
     out["restored_step"] = state["step"]
     out["weights_restored"] = all(
         torch.equal(p, weights[name]) for name, p in trainer.setup.chunks[0].named_parameters()

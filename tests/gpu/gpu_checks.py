@@ -71,6 +71,8 @@ def tiny_model(recompute: str = "none"):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_r3.model.gpt import build_gpt_chunks
+    from megatron_r3.platform.distributed import parallel_context
+    from megatron_r3.platform.parallel_context import ParallelSizes
 
     extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
         if recompute == "full" else {}
@@ -82,7 +84,7 @@ def tiny_model(recompute: str = "none"):
         params_dtype=torch.bfloat16, bf16=True, pipeline_dtype=torch.bfloat16, apply_rope_fusion=False,
         bias_activation_fusion=False, masked_softmax_fusion=False, **extra,
     )
-    return config, build_gpt_chunks(config, vocab_size=512, max_sequence_length=1024)
+    return config, build_gpt_chunks(config, parallel_context(ParallelSizes()), vocab_size=512, max_sequence_length=1024)
 
 
 def routes_for(chunks, seq: int, batch: int):
@@ -273,7 +275,8 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     if not torch.cuda.is_available():
         raise SystemExit("gpu_checks.py needs CUDA")
-    from megatron_r3.platform.distributed import ParallelSizes, initialize_model_parallel
+    from megatron_r3.platform.distributed import initialize_model_parallel
+    from megatron_r3.platform.parallel_context import ParallelSizes
 
     initialize_model_parallel(ParallelSizes())
     results = {"environment": {

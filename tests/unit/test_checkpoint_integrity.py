@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from megatron_r3.platform.parallel_context import ParallelContext, ParallelSizes
 from megatron_r3.train.checkpoint_integrity import (
     MANIFEST,
     CheckpointIntegrityError,
@@ -15,6 +16,8 @@ from megatron_r3.train.checkpoint_integrity import (
     verify_checkpoint,
     write_manifest,
 )
+
+ONE = ParallelContext.for_rank(ParallelSizes(), 1, 0)  # a world of one, no process group
 
 
 def _checkpoint(root, step: int, size: int = 3 * 4096) -> str:
@@ -26,7 +29,7 @@ def _checkpoint(root, step: int, size: int = 3 * 4096) -> str:
         json.dump({"step": step}, handle)
     with open(os.path.join(directory, "rng", "rank_00000.pt"), "wb") as handle:
         handle.write(b"rng" * 10)
-    write_manifest(directory, step)
+    write_manifest(directory, step, ONE)
     with open(os.path.join(root, "latest"), "w") as handle:
         handle.write(str(step))
     return directory
@@ -40,7 +43,7 @@ def test_manifest_lists_every_file_with_size_and_checksum(tmp_path):
     assert sorted(manifest["files"]) == ["__0_0.distcp", "rng/rank_00000.pt", "trainer_state.json"]
     assert manifest["files"]["__0_0.distcp"]["size"] == 3 * 4096
     assert manifest_problems(directory, 2) == []
-    verify_checkpoint(str(tmp_path), 2)
+    verify_checkpoint(str(tmp_path), 2, ONE)
 
 
 def test_overwritten_block_truncation_and_missing_file_name_the_file_and_the_last_good_step(tmp_path):
@@ -52,7 +55,7 @@ def test_overwritten_block_truncation_and_missing_file_name_the_file_and_the_las
         handle.seek(4096)
         handle.write(b"\0" * 4096)
     with pytest.raises(CheckpointIntegrityError) as error:
-        verify_checkpoint(root, 4)
+        verify_checkpoint(root, 4, ONE)
     assert str(error.value) == (f"checkpoint step 4 is damaged: {distcp}: contents changed since the save (checksum "
                                 f"mismatch); the last good checkpoint is step 2: write 2 into {root}/latest to resume "
                                 f"from it")
@@ -61,7 +64,7 @@ def test_overwritten_block_truncation_and_missing_file_name_the_file_and_the_las
         handle.truncate(3)
     os.remove(os.path.join(damaged, "rng", "rank_00000.pt"))
     with pytest.raises(CheckpointIntegrityError) as error:
-        verify_checkpoint(root, 4)
+        verify_checkpoint(root, 4, ONE)
     message = str(error.value)
     assert message.startswith(f"checkpoint step 4 is damaged: {distcp}: contents changed since the save (checksum "
                               f"mismatch) (+2 more damaged file(s));")
@@ -71,7 +74,7 @@ def test_no_older_good_checkpoint_is_said(tmp_path):
     directory = _checkpoint(str(tmp_path), 1)
     os.remove(os.path.join(directory, "__0_0.distcp"))
     with pytest.raises(CheckpointIntegrityError, match=r"__0_0.distcp: missing; no older checkpoint verifies$"):
-        verify_checkpoint(str(tmp_path), 1)
+        verify_checkpoint(str(tmp_path), 1, ONE)
 
 
 def test_checkpoints_without_a_tracker_are_never_silently_restarted_over(tmp_path):

@@ -118,9 +118,9 @@ def megatron_forward(chunk, tokens, routes=None, grad=False):
 def convert(world_of_one, model):
     arch = families.arch_from_hf_config(model.config)
     assert families.family_of(model.config) is ds.FAMILY
-    config, chunks = families.build_from_hf_config(model.config, use_cpu_initialization=True)
+    config, chunks = families.build_from_hf_config(model.config, world_of_one, use_cpu_initialization=True)
     hf = dict(hf_state_dict_to_checkpoint_names(model))
-    filled = load_hf_weights(chunks, hf, arch)
+    filled = load_hf_weights(chunks, hf, arch, world_of_one)
     return arch, config, chunks[0].eval(), hf, filled
 
 
@@ -148,7 +148,7 @@ def test_logits_equal_hf_under_replay_and_export_is_bit_identical(world_of_one, 
     shifted = {i: (r + 1) % arch.num_experts for i, r in routes.items()}
     assert (megatron_forward(chunk, tokens, shifted) - ref).abs().max().item() > 1e-2
 
-    exported = dict(export_hf_weights([chunk], arch, receivers="all"))
+    exported = dict(export_hf_weights([chunk], arch, world_of_one, receivers="all"))
     assert list(exported) == export_order(arch)
     assert sorted(exported) == sorted(hf)
     for name, tensor in hf.items():

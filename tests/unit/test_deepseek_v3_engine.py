@@ -67,9 +67,9 @@ def test_mtp_checkpoint_tensors_are_skipped_on_load(world_of_one):
     with_mtp = dict(tensors)
     for name in ("model.layers.3.eh_proj.weight", "model.layers.3.mlp.gate.weight"):
         with_mtp[name] = torch.ones(8, 64)
-    config, chunks = families.build_from_hf_config(source.config, use_cpu_initialization=True)
+    config, chunks = families.build_from_hf_config(source.config, world_of_one, use_cpu_initialization=True)
     assert config.mtp_num_layers is None  # no MTP block: decoder routes address layers 1..3 only
-    load_hf_weights(chunks, with_mtp, arch)
-    exported = dict(export_hf_weights(chunks, arch, receivers="all"))
+    load_hf_weights(chunks, with_mtp, arch, world_of_one)
+    exported = dict(export_hf_weights(chunks, arch, world_of_one, receivers="all"))
     assert sorted(exported) == sorted(tensors)
     assert all(torch.equal(exported[name], tensors[name]) for name in tensors)

@@ -185,12 +185,14 @@ def test_persistent_buffers_round_trip_through_load_and_export(world_of_one, mon
     hf_config = Qwen3MoeConfig(**TINY)
     config = transformer_config_from_hf(hf_config, use_cpu_initialization=True, moe_router_enable_expert_bias=True,
                                         moe_router_score_function="sigmoid", moe_router_load_balancing_type="none")
-    chunks = QwenMoeFamily().build_chunks(config, **family_of(hf_config).model_kwargs(hf_config))
+    parallel = world_of_one
+    chunks = QwenMoeFamily().build_chunks(config, parallel, **family_of(hf_config).model_kwargs(hf_config))
     assert {name for name, _ in chunks[0].named_buffers() if name.endswith("expert_bias")} == {
         "decoder.layers.1.mlp.router.expert_bias", "decoder.layers.2.mlp.router.expert_bias"}
 
     # a family that does not map the buffer refuses it instead of dropping it
-    for walk in (lambda arch: list(export_hf_weights(chunks, arch)), lambda arch: load_hf_weights(chunks, {}, arch)):
+    for walk in (lambda arch: list(export_hf_weights(chunks, arch, parallel)),
+                 lambda arch: load_hf_weights(chunks, {}, arch, parallel)):
         with pytest.raises(MappingError) as error:
             walk(arch_from_hf_config(hf_config))
         assert error.value.args[0] == (
@@ -202,14 +204,14 @@ def test_persistent_buffers_round_trip_through_load_and_export(world_of_one, mon
     torch.manual_seed(1)
     checkpoint = {name: torch.randn(FAMILY.hf_checkpoint_shape(arch, name))
                   for name in FAMILY.hf_checkpoint_names(arch)}
-    load_hf_weights(chunks, checkpoint, arch)
+    load_hf_weights(chunks, checkpoint, arch, parallel)
     router = chunks[0].decoder.layers[2].mlp.router
     assert torch.equal(router.expert_bias, checkpoint["model.layers.2.mlp.gate.e_score_correction_bias"])
-    exported = dict(export_hf_weights(chunks, arch))
+    exported = dict(export_hf_weights(chunks, arch, parallel))
     assert list(exported) != [] and set(exported) == set(checkpoint)
     assert all(torch.equal(exported[name], checkpoint[name]) for name in checkpoint)
     # a bf16 export (weight sync to a bf16 engine) casts the weights, not the fp32 bias buffer
-    bf16 = dict(export_hf_weights(chunks, arch, dtype=torch.bfloat16))
+    bf16 = dict(export_hf_weights(chunks, arch, parallel, dtype=torch.bfloat16))
     bias = "model.layers.1.mlp.gate.e_score_correction_bias"
     assert bf16[bias].dtype == torch.float32 and torch.equal(bf16[bias], checkpoint[bias])
     assert bf16["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16

@@ -43,10 +43,10 @@ def test_logits_equal_hf_under_replay_and_export_is_bit_identical(world_of_one):
     model = make_hf()
     arch = families.arch_from_hf_config(model.config)
     assert (arch.qkv_bias, arch.qk_norm, arch.moe_layers) == (True, True, (False, True, True))
-    config, chunks = families.build_from_hf_config(model.config, use_cpu_initialization=True)
+    config, chunks = families.build_from_hf_config(model.config, world_of_one, use_cpu_initialization=True)
     assert (config.moe_router_score_function, config.moe_router_num_groups, config.add_qkv_bias) == ("sigmoid", 4, True)
     hf = dict(hf_state_dict_to_checkpoint_names(model))
-    load_hf_weights(chunks, hf, arch)
+    load_hf_weights(chunks, hf, arch, world_of_one)
     chunk = chunks[0].eval()
     assert chunk.rotary_pos_emb.inv_freq.numel() == 4  # partial RoPE: 16 * 0.5 dims, 4 frequencies
     tokens = torch.randint(0, CONFIG["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(3))
@@ -58,7 +58,7 @@ def test_logits_equal_hf_under_replay_and_export_is_bit_identical(world_of_one):
     assert (megatron_forward(chunk, tokens, None) - ref).abs().max().item() <= 1e-4
     shifted = {i: (r + 1) % arch.num_experts for i, r in routes.items()}
     assert (megatron_forward(chunk, tokens, shifted) - ref).abs().max().item() > 1e-2
-    exported = dict(export_hf_weights(chunks, arch, receivers="all"))
+    exported = dict(export_hf_weights(chunks, arch, world_of_one, receivers="all"))
     assert list(exported) == export_order(arch) and sorted(exported) == sorted(hf)
     assert all(torch.equal(exported[name], hf[name]) for name in hf)
 

@@ -265,7 +265,7 @@ def test_checkpoint_tensors_load_into_live_hf_module(make):
 
 # ---------------------------------------------------------------------------------------------------- configs
 def test_transformer_config_from_hf():
-    from megatron_r3.platform.distributed import ParallelSizes
+    from megatron_r3.platform.parallel_context import ParallelSizes
 
     config = qwen3_config(rms_norm_eps=1e-5, decoder_sparse_step=1, router_aux_loss_coef=0.01, output_router_logits=True)
     tc = transformer_config_from_hf(config, parallel=ParallelSizes(tensor_model_parallel_size=2,

@@ -1,4 +1,4 @@
-"""Unit tests for megatron_r3.train.microbatching.plan_step (pure: sizes and a RankLayout, no process group).
+"""Unit tests for megatron_r3.train.microbatching.plan_step (pure: sizes and a ParallelContext, no process group).
 
 Example: 4 samples with 4, 3, 6 and 2 tokens (3, 2, 5 and 1 model positions), prompt length 2, one mini-batch of
 all 4 on a single rank, pad multiple 2.
@@ -10,7 +10,8 @@ all 4 on a single rank, pad multiple 2.
 
 import torch
 
-from megatron_r3.train.microbatching import RankLayout, TrainSample, plan_step
+from megatron_r3.platform.parallel_context import ParallelContext, ParallelSizes
+from megatron_r3.train.microbatching import TrainSample, plan_step
 
 
 def samples():
@@ -23,7 +24,8 @@ def samples():
 
 
 def plan(equal: bool, thd: bool):
-    return plan_step(samples(), RankLayout(), global_batch_size=4, micro_batch_size=2,
+    one = ParallelContext.for_rank(ParallelSizes(), 1, 0)
+    return plan_step(samples(), one, global_batch_size=4, micro_batch_size=2,
                      max_tokens_per_microbatch=8 if thd else None, pad_multiple=2, equal_seq_length=equal,
                      moe_layer_numbers=(1,), num_experts=4, with_routes=False)
 

@@ -220,3 +220,67 @@ def test_initialize_model_parallel_returns_the_context(world_of_one):
     other = ParallelSizes(tensor_model_parallel_size=2)
     with pytest.raises(ValueError, match=r"^megatron's parallel state is another layout than ParallelSizes\("):
         parallel_context(other)
+
+
+# ---------------------------------------------------------------- no module reads megatron's global parallel state
+# Only these modules may: distributed.py initialises megatron's groups and builds the context from them;
+# parallel_context.py names megatron's rank ordering. Every other module gets its groups and coordinates from the
+# ParallelContext it is passed.
+PARALLEL_STATE_READERS = {"megatron_r3/platform/distributed.py", "megatron_r3/platform/parallel_context.py"}
+_GLOBAL_STATE_MODULES = ("parallel_state", "mpu")
+
+
+def parallel_state_references(source: str) -> list[str]:
+    """`line: what` for every import of megatron's `parallel_state` / `mpu` and every use of those names, by line."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            names = [alias.name for alias in node.names]
+            if module.split(".")[-1] in _GLOBAL_STATE_MODULES or (
+                    module.startswith("megatron") and set(names) & set(_GLOBAL_STATE_MODULES)):
+                found.append(f"{node.lineno}: from {module} import {', '.join(names)}")
+        elif isinstance(node, ast.Import):
+            found += [f"{node.lineno}: import {alias.name}" for alias in node.names
+                      if alias.name.split(".")[-1] in _GLOBAL_STATE_MODULES]
+        elif isinstance(node, ast.Attribute) and node.attr in _GLOBAL_STATE_MODULES:
+            found.append(f"{node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.Name) and node.id in _GLOBAL_STATE_MODULES:
+            found.append(f"{node.lineno}: {node.id}")
+    return sorted(found, key=lambda entry: int(entry.split(":")[0]))
+
+
+def test_parallel_state_references_finds_every_form():
+    planted = ("from megatron.core import parallel_state as ps\n"
+               "import megatron.core.parallel_state\n"
+               "from megatron.core.parallel_state import get_tensor_model_parallel_rank\n"
+               "from megatron.core import mpu\n"
+               "def f():\n"
+               "    return parallel_state.get_data_parallel_rank()\n"
+               "x = megatron.core.parallel_state\n")
+    assert parallel_state_references(planted) == [
+        "1: from megatron.core import parallel_state", "2: import megatron.core.parallel_state",
+        "3: from megatron.core.parallel_state import get_tensor_model_parallel_rank",
+        "4: from megatron.core import mpu",
+        "6: parallel_state", "7: .parallel_state"]
+    assert parallel_state_references("from megatron.core.process_groups_config import ProcessGroupCollection\n"
+                                     "ctx.tp_rank\n") == []
+
+
+def test_no_package_module_reads_megatrons_global_parallel_state():
+    from pathlib import Path
+
+    import megatron_r3
+
+    root = Path(megatron_r3.__file__).parent.parent
+    offenders = {}
+    for path in sorted((root / "megatron_r3").rglob("*.py")):
+        name = path.relative_to(root).as_posix()
+        if name not in PARALLEL_STATE_READERS:
+            found = parallel_state_references(path.read_text())
+            if found:
+                offenders[name] = found
+    assert offenders == {}, ("these modules read megatron's global parallel state; take the ParallelContext "
+                             "(megatron_r3/platform/parallel_context.py) as an argument instead")

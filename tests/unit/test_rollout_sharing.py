@@ -7,13 +7,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_r3.platform.parallel_context import ParallelContext, ParallelSizes
 from megatron_r3.replay.layout import pack_thd, router_token_slots
 from megatron_r3.replay.microbatch import localize_routes
 from megatron_r3.replay.routes import Routes
-from megatron_r3.train.microbatching import RankLayout, TrainSample, data_parallel_owner, shard_minibatches
+from megatron_r3.train.microbatching import TrainSample, shard_minibatches
 from megatron_r3.train.rollout_phase import RolloutPayload, RouteShare, routes_for_share
 
 NUM_LAYERS, TOPK, EXPERTS = 6, 2, 8
+
+
+def data_parallel_rank(dp: int, dp_rank: int) -> ParallelContext:
+    """Data-parallel rank `dp_rank` of `dp` (no model parallelism: the global rank is the data-parallel rank)."""
+    return ParallelContext.for_rank(ParallelSizes(), dp, dp_rank)
 
 
 def _payload(num_samples: int) -> RolloutPayload:
@@ -32,10 +38,9 @@ def test_owner_matches_the_samples_each_rank_trains():
     samples = list(range(24))
     for dp, gbs in ((1, 8), (2, 8), (4, 8), (2, 12), (3, 12)):
         for dp_rank in range(dp):
-            trained = [s for minibatch in shard_minibatches(samples, gbs, RankLayout(data_parallel_size=dp,
-                                                                                     dp_rank=dp_rank))
-                       for s in minibatch]
-            owned = [p for p in samples if data_parallel_owner(p, gbs, dp) == dp_rank]
+            owner = data_parallel_rank(dp, dp_rank)
+            trained = [s for minibatch in shard_minibatches(samples, gbs, owner) for s in minibatch]
+            owned = [p for p in samples if owner.owns_sample(p, gbs)]
             assert trained == owned
 
 
@@ -44,12 +49,13 @@ def test_each_rank_gets_its_samples_and_layers_only(layers):
     payload = _payload(16)
     dp, gbs = 2, 8
     for dp_rank in range(dp):
-        share = routes_for_share(payload, RouteShare(dp_rank, layers), dp, gbs)
+        owner = data_parallel_rank(dp, dp_rank)
+        share = routes_for_share(payload, owner, RouteShare(layers), gbs)
         assert len(share.samples) == 16 and share.metrics == payload.metrics
         kept = sorted(layers)
         for position, (sent, original) in enumerate(zip(share.samples, payload.samples)):
             assert torch.equal(sent.tokens, original.tokens) and sent.advantage == original.advantage
-            if data_parallel_owner(position, gbs, dp) == dp_rank:
+            if owner.owns_sample(position, gbs):
                 assert sent.route_layer_numbers == tuple(kept)
                 want = original.routes.expert_ids[:, [n - 1 for n in kept]]
                 assert torch.equal(sent.routes.expert_ids, want)
@@ -64,7 +70,7 @@ def test_each_rank_gets_its_samples_and_layers_only(layers):
 @pytest.mark.parametrize("layers", [(4, 5, 6), (2, 5), (6, 3)])
 def test_narrowed_routes_lay_out_like_the_full_ones(layers):
     samples = _payload(4).samples
-    share = routes_for_share(RolloutPayload(samples=samples), RouteShare(0, layers), 1, 4)
+    share = routes_for_share(RolloutPayload(samples=samples), data_parallel_rank(1, 0), RouteShare(layers), 4)
     layout = pack_thd([s.num_slots for s in samples], pad_multiple=4)
     slots = router_token_slots(layout, tensor_model_parallel_size=2, tp_rank=1, sequence_parallel=True)
     full = localize_routes([s.routes.expert_ids for s in samples], layout, slots, layers, EXPERTS)
@@ -79,4 +85,4 @@ def test_narrowed_routes_lay_out_like_the_full_ones(layers):
 
 def test_an_error_payload_travels_unchanged():
     failed = RolloutPayload(error="the rollout engine failed: boom")
-    assert routes_for_share(failed, RouteShare(1, (1, 2)), 2, 8) is failed
+    assert routes_for_share(failed, data_parallel_rank(2, 1), RouteShare((1, 2)), 8) is failed

@@ -1,9 +1,7 @@
-"""Unit tests for megatron_r3.replay.routes: decoding, narrowing, validation and the collective failure path."""
+"""Unit tests for megatron_r3.replay.routes: decoding, narrowing and validation."""
 
 import base64
-import os
 import re
-import socket
 
 import numpy as np
 import pytest
@@ -14,7 +12,6 @@ from megatron_r3.replay.routes import (
     RouteError,
     Routes,
     compact_index_dtype,
-    raise_if_any_rank_failed,
     routes_from_array,
     validate_routes,
 )
@@ -298,60 +295,3 @@ def test_route_error_pickles():
 
     err = pickle.loads(pickle.dumps(RouteError("bad", sample_id=("p", 1), rank=2)))
     assert str(err) == "routes of sample ('p', 1) on rank 2: bad" and err.sample_id == ("p", 1)
-
-
-def test_raise_if_any_rank_failed_without_process_group():
-    raise_if_any_rank_failed(None)
-    err = RouteError("bad", sample_id="q")
-    with pytest.raises(RouteError) as caught:
-        raise_if_any_rank_failed(err)
-    assert caught.value is err
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _collective_worker(rank, world_size, port, out_dir):
-    import torch.distributed as dist
-
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        error = RouteError("expected 11 rows, got 12", sample_id="s1", rank=rank) if rank == 1 else None
-        try:
-            raise_if_any_rank_failed(error)
-            outcome = "no error"
-        except RouteError as err:
-            outcome = f"{err.rank}|{err.sample_id}|{err}"
-        # second round: both ranks fail; each lists its own failure first and keeps its own sample_id / rank
-        try:
-            raise_if_any_rank_failed(RouteError(f"bad {rank}", sample_id=f"s{rank}", rank=rank))
-            both = "no error"
-        except RouteError as err:
-            both = f"{err.rank}|{err.sample_id}|{err.reason}"
-        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(outcome + "\n" + both)
-    finally:
-        dist.destroy_process_group()
-
-
-def test_raise_if_any_rank_failed_two_gloo_ranks(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_collective_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    expected = (
-        "1|s1|routes of sample 's1' on rank 1: route validation failed on 1 of 2 ranks: "
-        "[rank 1] routes of sample 's1' on rank 1: expected 11 rows, got 12"
-    )
-    for rank in range(2):
-        other = 1 - rank
-        both = (
-            f"{rank}|s{rank}|route validation failed on 2 of 2 ranks: "
-            f"[rank {rank}] routes of sample 's{rank}' on rank {rank}: bad {rank} | "
-            f"[rank {other}] routes of sample 's{other}' on rank {other}: bad {other}"
-        )
-        assert (tmp_path / f"rank{rank}.txt").read_text() == expected + "\n" + both

@@ -52,9 +52,10 @@ def test_bf16_model_has_bf16_norms_so_rms_norm_stays_fused():
 
     from megatron_r3.model.gpt import build_gpt_chunks
     from megatron_r3.model.specs import replay_decoder_block_spec
-    from megatron_r3.platform.distributed import ParallelSizes, initialize_model_parallel
+    from megatron_r3.platform.distributed import initialize_model_parallel
+    from megatron_r3.platform.parallel_context import ParallelSizes
 
-    initialize_model_parallel(ParallelSizes())
+    parallel = initialize_model_parallel(ParallelSizes())
     config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                                num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=16, ffn_hidden_size=64,
                                normalization="RMSNorm", qk_layernorm=True, gated_linear_unit=True,
@@ -69,5 +70,5 @@ def test_bf16_model_has_bf16_norms_so_rms_norm_stays_fused():
     ours = GPTModel(config=config, transformer_layer_spec=replay_decoder_block_spec(config), vocab_size=64,
                     max_sequence_length=16, position_embedding_type="rope")
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
-    chunk = build_gpt_chunks(config, vocab_size=64, max_sequence_length=16)[0]
+    chunk = build_gpt_chunks(config, parallel, vocab_size=64, max_sequence_length=16)[0]
     assert {p.dtype for p in chunk.parameters()} == {torch.bfloat16}

@@ -95,10 +95,10 @@ def transformer_config_from_hf(
     **overrides: Any,
 ):
     """A megatron `TransformerConfig` (the family's class) reproducing `hf_config`, for the parallel layout
-    `parallel` (`megatron_r3.platform.distributed.ParallelSizes`; default: no model parallelism). The model fields
+    `parallel` (`megatron_r3.platform.parallel_context.ParallelSizes`; default: no model parallelism). The model fields
     are the family's `megatron_fields`; bf16/fp16 follow `params_dtype`; `overrides` are applied last (e.g.
     recompute settings, `use_cpu_initialization=True`)."""
-    from megatron_r3.platform.distributed import ParallelSizes
+    from megatron_r3.platform.parallel_context import ParallelSizes
 
     family = family_of(hf_config)
     family.arch(hf_config)
@@ -185,14 +185,15 @@ def megatron_args_from_hf(args, hf_config, explicit: frozenset = frozenset()) ->
     args.padded_vocab_size = arch.vocab_size if args.make_vocab_size_divisible_by == 1 else None
 
 
-def build_from_hf_config(hf_config, *, parallel=None, make_vocab_size_divisible_by: int = 1, **config_kwargs):
-    """(TransformerConfig, this rank's model chunks) for `hf_config` in the already initialised layout
-    (`megatron_r3.platform.distributed.initialize_model_parallel(parallel)` first). Weights are random until
-    `megatron_r3.model.weights.load_hf_weights` fills them."""
+def build_from_hf_config(hf_config, parallel, *, make_vocab_size_divisible_by: int = 1, **config_kwargs):
+    """(TransformerConfig, this rank's model chunks) for `hf_config` in the layout of the `ParallelContext`
+    `parallel` (the one `megatron_r3.platform.distributed.initialize_model_parallel` returned). Weights are random
+    until `megatron_r3.model.weights.load_hf_weights` fills them."""
     family = family_of(hf_config)
-    config = transformer_config_from_hf(hf_config, parallel=parallel, **config_kwargs)
+    config = transformer_config_from_hf(hf_config, parallel=parallel.sizes, **config_kwargs)
     chunks = family.build_chunks(
         config,
+        parallel,
         **family.model_kwargs(
             hf_config,
             tensor_model_parallel_size=config.tensor_model_parallel_size,

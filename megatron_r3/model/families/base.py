@@ -138,13 +138,14 @@ class ModelFamily:
         return replay_decoder_block_spec(config, use_transformer_engine=use_transformer_engine, vp_stage=vp_stage,
                                          fused_attention=fused_attention)
 
-    def build_chunks(self, config, **model_kwargs) -> list:
-        """This rank's model chunks (one per virtual pipeline stage); the family chooses the model class (GPTModel
-        here; a family on megatron's `HybridModel` overrides this and `decoder_block_spec`). `model_kwargs` are
-        `model_kwargs(...)`'s, the trainer passing its padded vocabulary."""
+    def build_chunks(self, config, parallel, **model_kwargs) -> list:
+        """This rank's model chunks (one per virtual pipeline stage of the `ParallelContext` `parallel`, built with its
+        process groups); the family chooses the model class (GPTModel here; a family on megatron's `HybridModel`
+        overrides this and `decoder_block_spec`). `model_kwargs` are `model_kwargs(...)`'s, the trainer passing its
+        padded vocabulary."""
         from megatron_r3.model.gpt import build_gpt_chunks
 
-        return build_gpt_chunks(config, block_spec_of=self.decoder_block_spec, **model_kwargs)
+        return build_gpt_chunks(config, parallel, block_spec_of=self.decoder_block_spec, **model_kwargs)
 
     # ------------------------------------------------------------------------------------------------ names
     def map_megatron_name(self, name: str, arch: ModelArch, *, layer_number_of: Callable[[int], int],

@@ -172,7 +172,7 @@ class SGLangEngine(SGLangHTTP, RolloutEngine):
         (:func:`~megatron_r3.rollout.engines.sglang.weight_sync.sync_policy_weights`)."""
         settings = (engine.weight_sync if engine is not None
                     else setup.config.weight_sync_settings(setup.rollout.rollout_dtype))
-        sync_policy_weights(engine, weights.chunks, weights.arch, weights.hf_config, settings)
+        sync_policy_weights(engine, weights.chunks, weights.arch, weights.hf_config, weights.parallel, settings)
 
     # ------------------------------------------------------------------ generation
     def generate(

@@ -50,10 +50,10 @@ from megatron_r3.model.safetensors_writer import write_hf_directory
 from megatron_r3.platform import collectives
 from megatron_r3.platform.buckets import iter_buckets
 from megatron_r3.platform.dtypes import torch_dtype
+from megatron_r3.platform.parallel_context import ParallelContext
 from megatron_r3.rollout.base import WeightSyncError
 from megatron_r3.rollout.engines.sglang.http import SGLangHTTPError
 from megatron_r3.rollout.engines.sglang.protocol import (
-    ProtocolError,
     check_success,
     init_weights_update_group_payload,
     update_weights_from_disk_payload,
@@ -454,8 +454,11 @@ def push_named_tensors(engine, named_tensors: Iterable[tuple[str, torch.Tensor]]
     return version
 
 
-def sync_policy_weights(engine, chunks, arch, hf_config, settings: Optional[WeightSyncSettings] = None) -> None:
-    """The trainer's sync: every rank calls it (``engine`` is the SGLang engine on rank 0, None elsewhere)."""
+def sync_policy_weights(engine, chunks, arch, hf_config, parallel: ParallelContext,
+                        settings: Optional[WeightSyncSettings] = None) -> None:
+    """The trainer's sync: every rank calls it with its ``parallel`` context (``engine`` is the SGLang engine on
+    rank 0, None elsewhere). Rank 0's outcome (it alone talks to the servers) and every rank's own export errors
+    are agreed on the host group: all ranks raise the same :class:`WeightSyncError`, or none does."""
     from megatron_r3.model.weights import export_hf_buckets, save_hf_checkpoint
 
     settings = settings or (engine.weight_sync if engine is not None else WeightSyncSettings())
@@ -475,7 +478,8 @@ def sync_policy_weights(engine, chunks, arch, hf_config, settings: Optional[Weig
         sender = engine.weight_sender() if engine is not None else None
         if sender is not None:
             guarded(sender.begin, version)
-        for bucket in export_hf_buckets(chunks, arch, bucket_bytes=settings.bucket_bytes, dtype=settings.dtype):
+        for bucket in export_hf_buckets(chunks, arch, parallel, bucket_bytes=settings.bucket_bytes,
+                                        dtype=settings.dtype):
             if sender is not None and error is None:
                 guarded(sender.send_bucket, bucket)
         if sender is not None:
@@ -490,27 +494,10 @@ def sync_policy_weights(engine, chunks, arch, hf_config, settings: Optional[Weig
             incoming = guarded(publisher.incoming) if publisher is not None else None
         target = incoming or os.path.join(os.path.abspath(settings.directory or "."), ".incoming-unused")
         try:
-            save_hf_checkpoint(chunks, arch, hf_config, target, dtype=settings.dtype)
+            save_hf_checkpoint(chunks, arch, hf_config, target, parallel, dtype=settings.dtype)
         except Exception as exc:  # noqa: BLE001 - made collective below
             error = error or exc
         if engine is not None and incoming is not None:
             guarded(publisher.publish, incoming, version)
-    _raise_on_every_rank(error)
-
-
-def _raise_on_every_rank(error: Optional[BaseException]) -> None:
-    """Rank 0's outcome (it alone talks to the servers) decides for everyone; other ranks' own errors count too."""
-    message = None if error is None else f"{type(error).__name__}: {error}"
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        from megatron_r3.platform.distributed import host_group
-
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, message, group=host_group())
-        failed = [(rank, text) for rank, text in enumerate(gathered) if text is not None]
-        if failed:
-            raise WeightSyncError("weight sync to SGLang failed: " + " | ".join(f"[rank {r}] {t}" for r, t in failed))
-        return
-    if error is not None:
-        if isinstance(error, (WeightSyncError, ProtocolError)):
-            raise WeightSyncError(f"weight sync to SGLang failed: {error}") from error
-        raise WeightSyncError(f"weight sync to SGLang failed: {message}") from error
+    collectives.raise_if_any_rank_failed(error, parallel.host_group, what="weight sync to SGLang",
+                                         error_type=WeightSyncError)
