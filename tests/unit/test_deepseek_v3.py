@@ -243,8 +243,8 @@ def test_gpu_modules_match_hf_and_the_cpu_modules(world_of_one, case):
     model = make_hf(case)
     arch, _, reference, hf, _ = convert(world_of_one, model)
     config = families.transformer_config_from_hf(model.config, use_cpu_initialization=True, moe_grouped_gemm=True)
-    (chunk,) = ds.FAMILY.build_chunks(config, fused_attention=True, **ds.FAMILY.model_kwargs(model.config))
-    assert load_hf_weights([chunk], hf, arch) == len(list(chunk.parameters())) + sum(arch.moe_layers)
+    (chunk,) = ds.FAMILY.build_chunks(config, world_of_one, fused_attention=True, **ds.FAMILY.model_kwargs(model.config))
+    assert load_hf_weights([chunk], hf, arch, world_of_one) == len(list(chunk.parameters())) + sum(arch.moe_layers)
     chunk.eval()
     layers = chunk.decoder.layers
     assert all(isinstance(layer.self_attention.core_attention, FusedDotProductAttention) for layer in layers)

@@ -56,11 +56,11 @@ def test_every_registered_family_has_a_tiny_config_here():
     assert sorted(TINY) == families.registered_model_types()
 
 
-def build(model_type: str, grouped: bool, dtype: torch.dtype):
+def build(model_type: str, grouped: bool, dtype: torch.dtype, parallel):
     from transformers import AutoConfig
 
     hf_config = AutoConfig.for_model(model_type, **TINY[model_type])
-    _, chunks = families.build_from_hf_config(hf_config, use_cpu_initialization=True, moe_grouped_gemm=grouped,
+    _, chunks = families.build_from_hf_config(hf_config, parallel, use_cpu_initialization=True, moe_grouped_gemm=grouped,
                                               params_dtype=dtype)
     return families.arch_from_hf_config(hf_config), chunks
 
@@ -76,9 +76,9 @@ def expert_of(name: str):
 
 @pytest.mark.parametrize("experts", list(EXPERTS))
 @pytest.mark.parametrize("model_type", sorted(TINY))
-def test_load_export_round_trip_with_either_experts_module(model_type, experts):
+def test_load_export_round_trip_with_either_experts_module(model_type, experts, world_of_one):
     grouped, dtype = EXPERTS[experts]
-    arch, chunks = build(model_type, grouped, dtype)
+    arch, chunks = build(model_type, grouped, dtype, world_of_one)
     (chunk,) = chunks
     moe_layers = [layer for layer in chunk.decoder.layers if hasattr(layer.mlp, "experts")]
     assert moe_layers and all(isinstance(layer.mlp.experts, GroupedExperts) == grouped for layer in moe_layers)
@@ -96,7 +96,7 @@ def test_load_export_round_trip_with_either_experts_module(model_type, experts):
     gen = torch.Generator().manual_seed(7)
     hf = {n: torch.randn(families.family_for(arch.model_type).hf_checkpoint_shape(arch, n), generator=gen).to(t.dtype)
           for t, mapping in mappings if not mapping.tied for n in mapping.hf_names}
-    assert load_hf_weights(chunks, hf, arch) == len(mappings)
+    assert load_hf_weights(chunks, hf, arch, world_of_one) == len(mappings)
 
     # each routed expert's weights are its own HF expert's tensors ([gate; up] for fc1)
     experts_seen = 0
@@ -114,7 +114,7 @@ def test_load_export_round_trip_with_either_experts_module(model_type, experts):
         experts_seen += 1
     assert experts_seen == 2 * arch.num_experts * sum(arch.moe_layers)
 
-    exported = dict(export_hf_weights(chunks, arch, receivers="all"))
+    exported = dict(export_hf_weights(chunks, arch, world_of_one, receivers="all"))
     assert list(exported) == export_order(arch)
     assert sorted(exported) == sorted(hf)
     for name, tensor in hf.items():
