@@ -33,7 +33,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
-    max_new_tokens: int = 64
+    max_new_tokens: int = RolloutConfig.max_new_tokens  # --max-new-tokens
     stop_token_ids: tuple[int, ...] = ()
     seed: Optional[int] = None
 

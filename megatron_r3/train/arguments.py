@@ -88,7 +88,6 @@ def _add_plain_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Hugging Face Qwen3-MoE checkpoint directory: architecture and initial weights.")
     group.add_argument("--hf-config", type=str, default=None,
                        help="Hugging Face config.json (or its directory) for a randomly initialised model.")
-    group.add_argument("--max-new-tokens", type=int, default=32)
 
 
 def build_parser() -> argparse.ArgumentParser:
