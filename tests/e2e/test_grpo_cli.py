@@ -128,7 +128,10 @@ EP2PP2VP2 = ["--expert-model-parallel-size", "2", "--pipeline-model-parallel-siz
 # Plain SGD for the comparisons across layouts and batch formats: its update lr * g is linear in the gradient, so two
 # layouts' weights after a step differ by lr * (their gradients' fp32 rounding difference) and nothing more. Adam is
 # not: see test_layouts_reproduce_single_process_metrics.
-SGD = ["--optimizer", "sgd", "--lr", "1.0", "--sgd-momentum", "0.0"]
+# The rollout engine in fp32 as well (the default is bf16): the engine then runs on the trainer's own fp32 weights, so
+# every compared metric, the rollout-vs-train ones (r3/*) included, inherits the fp32 bound derived below. A bf16
+# engine would round the synced weights, a step function: see test_layouts_reproduce_single_process_metrics.
+SGD = ["--optimizer", "sgd", "--lr", "1.0", "--sgd-momentum", "0.0", "--rollout-dtype", "fp32"]
 # |got - want| <= REL * |want| + ABS; derived in test_layouts_reproduce_single_process_metrics.
 REL, ABS = 1e-3, 1e-6
 COMPARED = ("train/loss", "train/ppo_kl", "train/grad_norm", "r3/rollout_train_logp_abs_diff", "r3/rollout_train_k3_kl",
