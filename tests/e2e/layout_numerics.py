@@ -10,7 +10,8 @@ gradient itself is 2 (W_0.5 - W_1); lr 0 is refused), one process and TP2+PP2(SP
 rollout of step 0 runs on the initial weights in every run, so the rollout engine's dtype plays no part. The dist
 checkpoints are read back layout-independently (torch.distributed.checkpoint's global tensors). Printed: gradient
 difference between the layouts, Adam update difference, the gradient size of the elements Adam moves apart, and how
-many weights a bf16 rollout engine would receive as another bf16 value (the cast is a step function: an fp32 difference of 1e-7 becomes one bf16 step where a weight sits at a rounding boundary).
+many weights a bf16 rollout engine would receive as another bf16 value (the cast is a step function: an fp32
+difference of 1e-7 becomes one bf16 step where a weight sits at a rounding boundary).
 
 Recorded 2026-12-01 (2-core AMD EPYC, megatron-core 0.19.2, torch 2.13 CPU):
     nonzero grads 165880 of 231616; |g| median 2.21e-04, max 7.28e-02
