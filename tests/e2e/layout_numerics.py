@@ -4,16 +4,22 @@ TP2+PP2(SP) drift apart in one GRPO step under SGD and under Adam.
     OMP_NUM_THREADS=1 .venv/bin/python tests/e2e/layout_numerics.py --out /tmp/layout_numerics
 
 Five CLI runs of step 0 (R3, all 32 samples in one mini-batch, so one optimizer step; checkpoint after it): one
-process with lr 0 (the initial weights), one process and TP2+PP2(SP) with SGD lr 1 (no momentum, no weight decay:
-W1 = W0 - g, so the gradients are read back exactly up to fp32 weight rounding), one process and TP2+PP2(SP) with
-the demo's Adam. The dist checkpoints are read back layout-independently (torch.distributed.checkpoint's global
-tensors). Printed: gradient difference between the layouts, Adam update difference, and the gradient size of the
-elements Adam moves apart.
+process and TP2+PP2(SP) with SGD lr 1 (no momentum, no weight decay: W1 = W0 - g, so the layouts' gradient
+difference is read back as their weights' difference, up to fp32 weight rounding), one process with SGD lr 0.5 (the
+gradient itself is 2 (W_0.5 - W_1); lr 0 is refused), one process and TP2+PP2(SP) with the demo's Adam. The
+rollout of step 0 runs on the initial weights in every run, so the rollout engine's dtype plays no part. The dist
+checkpoints are read back layout-independently (torch.distributed.checkpoint's global tensors). Printed: gradient
+difference between the layouts, Adam update difference, the gradient size of the elements Adam moves apart, and how
+many weights a bf16 rollout engine would receive as another bf16 value (the cast is a step function: an fp32
+difference of 1e-7 becomes one bf16 step where a weight sits at a rounding boundary).
 
 Recorded 2026-12-01 (2-core AMD EPYC, megatron-core 0.19.2, torch 2.13 CPU):
-    nonzero grads 165979 of 231616; |g| median 2.21e-04, max 7.28e-02
+    nonzero grads 165880 of 231616; |g| median 2.21e-04, max 7.28e-02
     SGD: gradient (= update) difference between layouts: max 1.19e-07
     Adam: update difference max 2.03e-05 = 0.0068 lr; 10 elements differ by > 0.001 lr, their |g| median 2.98e-08
+    sgd: weights whose bf16 cast differs between layouts: 6 of 231616
+    adam: weights whose bf16 cast differs between layouts: 1 of 231616
+(nonzero grads read back through lr 0.5: an element whose 0.5 g vanishes in fp32 next to its weight counts as 0.)
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ BASE = ["--config", "configs/demo_tiny.yaml", "--grpo-prompts-per-step", "8", "-
 TP2PP2 = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel"]
 SGD = ["--optimizer", "sgd", "--lr", "1.0", "--sgd-momentum", "0.0"]
 RUNS = {  # name: (ranks, extra flags)
-    "init": (1, ["--optimizer", "sgd", "--lr", "0.0"]),
+    "sgd_half": (1, ["--optimizer", "sgd", "--lr", "0.5", "--sgd-momentum", "0.0"]),
     "sgd_1": (1, SGD),
     "sgd_tp": (4, SGD + TP2PP2),
     "adam_1": (1, []),
@@ -74,24 +80,27 @@ def main() -> None:
     import torch
 
     w = {name: weights(args.out, name) for name in RUNS}
-    keys = sorted(w["init"])
+    keys = sorted(w["sgd_1"])
 
     def flat(fn):
         return torch.cat([fn(k).flatten() for k in keys]).double()
 
-    g1 = flat(lambda k: w["init"][k] - w["sgd_1"][k])
-    gt = flat(lambda k: w["init"][k] - w["sgd_tp"][k])
+    g1 = 2 * flat(lambda k: w["sgd_half"][k] - w["sgd_1"][k])  # W0 - 0.5 g - (W0 - g)
+    dg = flat(lambda k: w["sgd_tp"][k] - w["sgd_1"][k])  # (W0 - g_tp) - (W0 - g_1)
     du = flat(lambda k: w["adam_1"][k] - w["adam_tp"][k]).abs()
     nz = g1 != 0
     print(f"nonzero grads {int(nz.sum())} of {g1.numel()}; |g| median {g1[nz].abs().median():.2e}, "
           f"max {g1.abs().max():.2e}")
-    print(f"SGD: gradient (= update) difference between layouts: max {(g1 - gt).abs().max():.2e}")
+    print(f"SGD: gradient (= update) difference between layouts: max {dg.abs().max():.2e}")
     sel = du > 1e-3 * args.lr
     line = (f"Adam: update difference max {du.max():.2e} = {du.max() / args.lr:.4f} lr; {int(sel.sum())} elements "
             f"differ by > 0.001 lr")
     if sel.any():
         line += f", their |g| median {g1[sel].abs().median():.2e}"
     print(line)
+    for kind in ("sgd", "adam"):  # what a bf16 rollout engine would be synced with after this step
+        a, b = (flat(lambda k, n=n: w[n][k].bfloat16().float()) for n in (f"{kind}_1", f"{kind}_tp"))
+        print(f"{kind}: weights whose bf16 cast differs between layouts: {int((a != b).sum())} of {a.numel()}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ What they show:
 - with an fp32 rollout engine (identical weights and dtype on both sides), R3 routes every token as the engine did
   and the trainer's own top-k agrees with the engine's everywhere;
 - TP2+PP2(SP) and EP2+PP2 with virtual stages, and packed THD micro-batches, give the single-process metrics for the
-  first two steps under plain SGD, within a tolerance derived from fp32 rounding (Adam amplifies rounding noise);
+  first two steps under plain SGD and an fp32 rollout engine, within a tolerance derived from fp32 rounding (Adam
+  amplifies rounding noise, a bf16 engine's weight cast is discontinuous);
 - resuming from a checkpoint reproduces the next step's metrics exactly;
 - a tripped gate fails the run with a clear message.
 """
@@ -128,7 +129,10 @@ EP2PP2VP2 = ["--expert-model-parallel-size", "2", "--pipeline-model-parallel-siz
 # Plain SGD for the comparisons across layouts and batch formats: its update lr * g is linear in the gradient, so two
 # layouts' weights after a step differ by lr * (their gradients' fp32 rounding difference) and nothing more. Adam is
 # not: see test_layouts_reproduce_single_process_metrics.
-SGD = ["--optimizer", "sgd", "--lr", "1.0", "--sgd-momentum", "0.0"]
+# The rollout engine in fp32 as well (the default is bf16): the engine then runs on the trainer's own fp32 weights, so
+# every compared metric, the rollout-vs-train ones (r3/*) included, inherits the fp32 bound derived below. A bf16
+# engine would round the synced weights, a step function: see test_layouts_reproduce_single_process_metrics.
+SGD = ["--optimizer", "sgd", "--lr", "1.0", "--sgd-momentum", "0.0", "--rollout-dtype", "fp32"]
 # |got - want| <= REL * |want| + ABS; derived in test_layouts_reproduce_single_process_metrics.
 REL, ABS = 1e-3, 1e-6
 COMPARED = ("train/loss", "train/ppo_kl", "train/grad_norm", "r3/rollout_train_logp_abs_diff", "r3/rollout_train_k3_kl",
@@ -188,13 +192,23 @@ def test_layouts_reproduce_single_process_metrics(root, sgd_single, name, mode, 
       is bounded alike: gradients <= ~2e-4 relative (measured: max |g_tp - g_1| = 1.2e-7 = 1.6e-6 * max|g|).
     - SGD moves the weights by lr * g, linear in g: after a step the layouts' weights differ by lr * (gradient
       difference), so the next metrics inherit the same ~2e-4 relative bound. REL = 1e-3 is 5x this worst case
-      (measured: <= 3.4e-5 relative, below). ABS = 1e-6 covers metrics that are 0 in exact arithmetic but
-      come out as cancelling sums (the first mini-batch's loss, sum of zero-mean advantages times ratio 1: |loss| ~
-      4e-9 measured). A PPO clip decision flips only for a token whose ratio lies within ~1e-6 of 1 +- eps_clip:
-      probability ~1e-5 per step here.
-    - The bf16 rollout engine rounds the synced weights: a weight within lr * |dg| <= 1.2e-7 of a bf16 rounding
-      boundary (spacing ~1e-3 at |w| ~ 0.2) rounds the other way, ~2e-4 of the weights, each by one bf16 step, which
-      moves the engine's logprobs (the r3/* metrics) by far less than REL.
+      (measured: <= 2.0e-6 relative for every metric above 1e-3, below). ABS = 1e-6 covers metrics that are 0 in
+      exact arithmetic but come out as cancelling sums (the first mini-batch's loss, sum of zero-mean advantages
+      times ratio 1: |loss| ~ 4e-9 measured). A PPO clip decision flips only for a token whose ratio lies within
+      ~1e-6 of 1 +- eps_clip: probability ~1e-5 per step here.
+    - The rollout engine runs in fp32 here (SGD holds --rollout-dtype fp32): it computes with the trainer's own fp32
+      weights, so its logprobs and routes are the same continuous function of weights that differ by lr * |dg|, and
+      the rollout-vs-train metrics (r3/*) are bounded like the rest (they are fp32-vs-fp32 summation noise, ~7e-7,
+      inside ABS; what they catch is an engine fed other weights than the trainer holds).
+    - Not so with the default bf16 engine: the cast to bf16 is a step function, and a weight within lr * |dg| <=
+      1.2e-7 of a bf16 rounding boundary rounds to the neighbouring bf16 value (one bf16 step, ~4e-3 relative) in
+      one layout only. Measured after step 0, one process vs TP2+PP2(SP) (R3, this SGD): 5 of 231616 weights cast to
+      another bf16 value; those two bf16 models on the same 32 x 24 tokens give per-token logprobs 3.8e-3 apart
+      (mean; max 0.17) and route 3 of 2304 token-layers to other experts (near-ties, which R3 then replays), against
+      1.1e-6 and 0 for the same weights in fp32. r3/rollout_train_logp_abs_diff of step 1 came out 4.6% apart (43x
+      this tolerance) while every trainer-side metric agreed. No fp32-derived bound holds through a bf16 cast (it
+      passed while megatron's momentum 0.9 silently applied, with other weights near the boundaries: chance, not a
+      bound); the bf16 engine is exercised by the single-process tests above.
     - Why not Adam (the demo's optimizer): its first update lr * g / (|g| + eps) has slope lr * eps / (|g| + eps)^2,
       so a gradient element that is a near-cancelling sum (fp32 noise around 0) moves by a layout-dependent fraction
       of lr. Measured on this model (one process vs TP2+PP2(SP)): after one Adam step the 10 elements whose update
@@ -207,11 +221,13 @@ def test_layouts_reproduce_single_process_metrics(root, sgd_single, name, mode, 
       metrics then get REL = 2e-2 (one flipped route moves routing agreement by 1/192: 64 response tokens x 3 MoE
       layers).
 
-    Measured: every layout and THD used at most 3.1% of this tolerance (largest: r3/rollout_train_logp_abs_diff at
-    step 1, 3.4e-5 relative, through the bf16 rollout engine's rounding of the synced weights). A missing gradient
-    reduction is caught: with megatron's TP all-reduce of sequence-parallel (norm) gradients skipped
-    (tests/e2e/planted_layout_bug.py), tp2pp2-R3 fails at step 0 (ppo_kl 8.7x, grad_norm 10.2x the tolerance) and
-    step 1 (up to 4286x); output recorded there.
+    Measured (2026-12-01, fp32 engine): every layout and THD used at most 14% of this tolerance, the largest share
+    taken by r3/rollout_train_logp_abs_diff (~7e-7, inside ABS); every other metric at most 0.6% (the first
+    mini-batch's cancelling loss, inside ABS), none more than 2.0e-6 relative. A missing gradient reduction is
+    caught: with megatron's TP all-reduce of sequence-parallel (norm) gradients skipped
+    (tests/e2e/planted_layout_bug.py), tp2pp2-R3 fails at step 0 (ppo_kl 7.4x, grad_norm 11.7x the tolerance) and
+    step 1 (loss 164x, grad_norm 232x; r3/rollout_train_logp_abs_diff 35568x: the TP ranks' copies of the norm
+    weights drift apart, which the engine, synced with one set of weights, does not reproduce).
     """
     _, metrics = run_cli(root, f"{name}_{mode}", ["--router-replay", mode, "--train-iters", "2",
                                                   "--save-interval", "1000", *SGD, *flags], nproc=4)
@@ -223,7 +239,8 @@ def test_layouts_reproduce_single_process_metrics(root, sgd_single, name, mode, 
 def test_packed_thd_microbatches_match_padded(root, sgd_single):
     """Token-budget packing (THD, per-sample cu_seqlens, 48 tokens per micro-batch) computes the same two steps as
     padded rows (BSHD): only the micro-batch partition and so the order of fp32 reductions differ, and the
-    tolerance is the one derived in test_layouts_reproduce_single_process_metrics (same SGD, same bound)."""
+    tolerance is the one derived in test_layouts_reproduce_single_process_metrics (same SGD and fp32 engine, same
+    bound)."""
     _, metrics = run_cli(root, "thd_R3", ["--router-replay", "R3", "--train-iters", "2", "--save-interval", "1000",
                                           *SGD, "--max-tokens-per-microbatch", "48"])
     assert_same_steps(metrics, sgd_single["R3"], COMPARED, REL, "thd")
