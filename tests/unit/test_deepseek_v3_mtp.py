@@ -72,6 +72,10 @@ def test_decoder_routes_never_address_mtp_layers(mtp_model):
     arch, _, _, config, chunks = mtp_model
     assert config.mtp_num_layers is None
     assert not any(getattr(chunk, "mtp_process", False) for chunk in chunks)
+    from megatron_r3.replay.router import ReplayTopKRouter
+
+    every_router = [m for chunk in chunks for m in chunk.modules() if isinstance(m, ReplayTopKRouter)]
+    assert len(every_router) == sum(arch.moe_layers) and not any(r.is_mtp_layer for r in every_router)
     routers = ReplayRouters(chunks)
     assert routers.layer_numbers == tuple(i + 1 for i, moe in enumerate(arch.moe_layers) if moe) == (2, 3)
     assert len(arch.moe_layers) == arch.num_layers == 3
