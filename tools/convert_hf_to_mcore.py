@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a HF Qwen3-MoE / Qwen2-MoE directory (safetensors, possibly sharded) to a megatron-core dist checkpoint.
+"""Convert a HF model directory (a registered family: Qwen3-MoE, Qwen2-MoE, DeepSeek-V3, GLM-4.5) (safetensors, possibly sharded) to a megatron-core dist checkpoint.
 
     python -m torch.distributed.run --nproc-per-node 4 tools/convert_hf_to_mcore.py \
         --hf-dir HF_DIR --out MCORE_DIR --tensor-model-parallel-size 2 --expert-model-parallel-size 2
@@ -8,6 +8,8 @@ The layout used for the conversion does not matter for the result: `megatron.cor
 tensor under its global key and offsets, so the checkpoint loads into any TP/PP/VP/EP layout (see
 `tools/convert_mcore_to_hf.py`, and `megatron_r3.model.dist_checkpoint.load_dist_checkpoint` for training). Each rank reads
 only the safetensors tensors of its own shard. The HF config is stored next to the checkpoint as `hf_config.json`.
+A checkpoint's MTP layers (DeepSeek-V3 / GLM-4.5) are not converted: the conversion stops naming them unless
+`--mtp-checkpoint-tensors skip` is given (the converted checkpoint, and HF exports of it, then contain no MTP layers).
 """
 
 from __future__ import annotations
@@ -78,6 +80,10 @@ def parse_args(argv=None):
     parser.add_argument("--out", required=True, help="output directory of the megatron dist checkpoint")
     parser.add_argument("--dtype", choices=sorted(SHORT_NAMES), default="fp32", help="parameter dtype of the checkpoint")
     add_layout_args(parser)
+    from megatron_r3.model.hf_load_config import HFLoadConfig
+    from megatron_r3.platform.typed_config import add_config_arguments
+
+    add_config_arguments(parser, HFLoadConfig, "HF checkpoint load")
     return parser.parse_args(argv)
 
 
@@ -85,13 +91,15 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from megatron_r3.model.families import load_hf_config
     from megatron_r3.model.dist_checkpoint import save_dist_checkpoint
+    from megatron_r3.model.hf_load_config import HFLoadConfig
     from megatron_r3.model.weights import SafetensorsSource, load_hf_weights
+    from megatron_r3.platform.typed_config import config_from_args
 
     hf_config = load_hf_config(args.hf_dir)
     arch, chunks, parallel = build_chunks(hf_config, args)
     source = SafetensorsSource(args.hf_dir)
     try:
-        load_hf_weights(chunks, source, arch, parallel)
+        load_hf_weights(chunks, source, arch, parallel, config_from_args(HFLoadConfig, args))
     finally:
         source.close()
     save_dist_checkpoint(chunks, args.out, parallel, hf_config=hf_config)

@@ -52,6 +52,7 @@ from megatron_r3.model.hf_mapping import (
     to_megatron_shard,
 )
 from megatron_r3.model.families import ModelArch, family_for
+from megatron_r3.model.hf_load_config import HFLoadConfig, check_mtp_checkpoint_tensors
 from megatron_r3.model.safetensors_writer import DEFAULT_MAX_SHARD_BYTES, SAFE_INDEX, write_hf_directory
 from megatron_r3.platform import collectives
 from megatron_r3.platform.buckets import iter_buckets
@@ -176,16 +177,19 @@ class _Needed(Mapping):
 
 
 @torch.no_grad()
-def load_hf_weights(chunks, source, arch: ModelArch, parallel: ParallelContext) -> int:
+def load_hf_weights(chunks, source, arch: ModelArch, parallel: ParallelContext,
+                    config: Optional[HFLoadConfig] = None) -> int:
     """Copy this rank's shard of every parameter of `chunks` from HF checkpoint tensors.
 
     source: a `{name: tensor}` mapping in checkpoint names, a live HF model, a safetensors directory, or a
     `TensorSource`. No collectives: each rank reads what it needs. Returns the number of parameters loaded;
-    raises `MappingError` naming every missing or misshapen tensor.
+    raises `MappingError` naming every missing or misshapen tensor, and for a checkpoint's MTP tensors unless
+    `config.mtp_checkpoint_tensors` is "skip" (`hf_load_config.check_mtp_checkpoint_tensors`).
     """
     src = as_tensor_source(source)
     problems, count = [], 0
     try:
+        check_mtp_checkpoint_tensors(arch, src.names(), config or HFLoadConfig())
         for param, mapping in model_mappings(chunks, arch, parallel):
             size, rank, _ = parallel.tensor_split(mapping.is_expert)
             try:

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from megatron_r3.model.families import ModelArch, arch_from_hf_config, family_of, padded_vocab_size
+from megatron_r3.model.hf_load_config import HFLoadConfig
 from megatron_r3.model.weights import load_hf_weights
 from megatron_r3.platform.distributed import initialize_model_parallel
 from megatron_r3.platform.logging import get_logger
@@ -125,7 +126,7 @@ def build_policy(args, config, arch, vocab_size, weights, parallel: ParallelCont
     family = family_of(args.hf_model_config)
     chunks = family.build_chunks(config, parallel,
                                  **{**family.model_kwargs(args.hf_model_config), "vocab_size": vocab_size})
-    load_hf_weights(chunks, weights, arch, parallel)
+    load_hf_weights(chunks, weights, arch, parallel, config_from_args(HFLoadConfig, args))
     return chunks
 
 

@@ -50,6 +50,14 @@ DERIVED = {
     "bias_swiglu_fusion": "core_transformer_config_from_args -> bias_activation_fusion",
 }
 
+# TransformerConfig fields that would reach the model config but that no family builds: megatron's MTP block. The
+# model is the HF checkpoint's decoder (mtp_num_layers stays None); a checkpoint's MTP tensors are refused on load
+# or skipped with --mtp-checkpoint-tensors skip (megatron_r3/model/hf_load_config.py).
+MTP_FIELDS = frozenset({"mtp_num_layers", "mtp_loss_scaling_factor", "mtp_use_repeated_layer", "mtp_detach_heads",
+                        "mtp_hybrid_override_pattern", "mtp_standalone"})
+# Values of a refused flag that mean the same as its default (no MTP layers).
+SAME_AS_DEFAULT = {"mtp_num_layers": (0,)}
+
 # Flags only the supervised warm-up (train/sft_warmup.py) reads.
 SFT_WARMUP_READS = frozenset({"eval_interval", "exit_duration_in_mins"})
 
@@ -59,6 +67,8 @@ _DDP = "the policy's DistributedDataParallel settings are fixed in megatron_r3/t
 _SCHEDULE = "the learning-rate schedule takes --lr, --min-lr, --lr-decay-style, --lr-warmup-iters, --lr-warmup-init"
 _EVAL = "GRPO has no evaluation loop: reward/mean of every step's rollout is logged in metrics.jsonl"
 _CKPT = "checkpoints are saved synchronously in megatron's torch_dist format (megatron_r3/train/checkpoint.py)"
+_MTP = ("no model family builds MTP layers (the model is the checkpoint's decoder); a checkpoint's MTP tensors are "
+        "refused on load unless --mtp-checkpoint-tensors skip, and HF exports then contain no MTP layers")
 _LOG = "metrics.jsonl, TensorBoard and W&B get every metric at every step; the console line every --log-interval"
 
 HINTS = {
@@ -91,6 +101,7 @@ HINTS = {
     "loss_scale": "fp16 loss scaling is not configurable here: train in bf16 (--trainer-dtype bf16)",
     "initial_loss_scale": "fp16 loss scaling is not configurable here: train in bf16 (--trainer-dtype bf16)",
     "perform_rl_step": "pretrain_grpo.py is the RL trainer; megatron's own RL loop flags do not apply",
+    **{dest: _MTP for dest in MTP_FIELDS},
 }
 _DEFAULT_HINT = ("pretrain_grpo.py runs its own data, rollout and training loop and never reads it; remove it "
                  "(megatron_r3/train/megatron_flag_policy.py lists the megatron flags it honours)")
@@ -104,7 +115,7 @@ def transformer_config_fields() -> frozenset:
 
 def honoured_flags(extra: Iterable[str] = ()) -> frozenset:
     """Dests of the megatron flags whose value reaches the run."""
-    return READ_BY_TRAINER | frozenset(DERIVED) | transformer_config_fields() | frozenset(extra)
+    return READ_BY_TRAINER | frozenset(DERIVED) | (transformer_config_fields() - MTP_FIELDS) | frozenset(extra)
 
 
 @functools.lru_cache(maxsize=1)
@@ -151,5 +162,5 @@ def check_ignored_flags(args: argparse.Namespace, extra_honoured: Iterable[str] 
     defaults = megatron_defaults() if defaults is None else defaults
     for dest, action in sorted(ignored_flags(extra_honoured).items()):
         value = getattr(args, dest, defaults.get(dest))
-        if value != defaults.get(dest):
+        if value != defaults.get(dest) and value not in SAME_AS_DEFAULT.get(dest, ()):
             raise ValueError(ignored_flag_message(action, value))

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from megatron_r3.model.hf_load_config import HFLoadConfig
+
 
 @dataclass
 class TaskConfig:
@@ -67,5 +69,5 @@ class GateConfig:
 
 
 TRAINER_CONFIGS = ((TaskConfig, "megatron_r3: prompts and reward"), (RunConfig, "megatron_r3: run"),
-                   (GateConfig, "megatron_r3: gates"))
+                   (GateConfig, "megatron_r3: gates"), (HFLoadConfig, "megatron_r3: HF checkpoint load"))
 """The trainer's config classes and their --help group titles, in the order `add_grpo_arguments` adds them."""

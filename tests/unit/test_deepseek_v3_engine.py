@@ -1,6 +1,6 @@
 """The embedded hf engine on a DeepSeek-V3 model: route capture from HF's `DeepseekV3TopkRouter` in SGLang's
 `[T-1, num_hidden_layers, K]` layout (dense layers zero), equal to a fresh full-sequence forward's top-k (biased
-selection included); weight sync of the expert-bias buffer; MTP checkpoint tensors ignored on load."""
+selection included); weight sync of the expert-bias buffer (MTP checkpoint tensors on load: test_deepseek_v3_mtp.py)."""
 
 import pytest
 import torch
@@ -50,26 +50,3 @@ def test_weight_sync_includes_the_expert_bias_and_ignores_mtp_tensors():
     live = dict(engine.model.named_buffers())
     assert torch.equal(live["model.layers.1.mlp.gate.e_score_correction_bias"],
                        source.model.layers[1].mlp.gate.e_score_correction_bias)
-
-
-
-def test_mtp_checkpoint_tensors_are_skipped_on_load(world_of_one):
-    """A checkpoint's MTP layer (`model.layers.{num_hidden_layers}.*`, `num_nextn_predict_layers` > 0) is not built:
-    the loader reads the decoder's names only and the export is the decoder checkpoint, bit for bit."""
-    from megatron_r3.model import families
-    from megatron_r3.model.weights import export_hf_weights, load_hf_weights
-
-    source = make_hf("q_lora_groups")
-    source.config.num_nextn_predict_layers = 1
-    arch = arch_from_hf_config(source.config)
-    assert arch.num_mtp_layers == 1 and arch.num_layers == 3
-    tensors = dict(hf_state_dict_to_checkpoint_names(source))
-    with_mtp = dict(tensors)
-    for name in ("model.layers.3.eh_proj.weight", "model.layers.3.mlp.gate.weight"):
-        with_mtp[name] = torch.ones(8, 64)
-    config, chunks = families.build_from_hf_config(source.config, world_of_one, use_cpu_initialization=True)
-    assert config.mtp_num_layers is None  # no MTP block: decoder routes address layers 1..3 only
-    load_hf_weights(chunks, with_mtp, arch, world_of_one)
-    exported = dict(export_hf_weights(chunks, arch, world_of_one, receivers="all"))
-    assert sorted(exported) == sorted(tensors)
-    assert all(torch.equal(exported[name], tensors[name]) for name in tensors)

@@ -77,6 +77,10 @@ def test_each_ignored_flag_is_refused(parser, dest):
                                "reward/mean of every step's rollout is logged in metrics.jsonl"),
     (["--exit-interval", "5"], "--exit-interval 5: not supported by pretrain_grpo.py; stop after N steps with "
                                "--train-iters N"),
+    (["--mtp-num-layers", "1"], "--mtp-num-layers 1: not supported by pretrain_grpo.py; no model family builds MTP "
+                                "layers (the model is the checkpoint's decoder); a checkpoint's MTP tensors are "
+                                "refused on load unless --mtp-checkpoint-tensors skip, and HF exports then contain "
+                                "no MTP layers"),
 ])
 def test_named_flags_give_their_hint(parser, argv, message):
     with pytest.raises(ValueError) as error:
@@ -89,6 +93,7 @@ def test_defaults_and_honoured_values_pass(parser):
     check_ignored_flags(parser.parse_args(["--ckpt-format", "torch_dist", "--wandb-project", "p", "--lr", "0.1",
                                            "--sgd-momentum", "0.0", "--recompute-activations"]))
     check_ignored_flags(parser.parse_args(["--eval-interval", "5"]), SFT_WARMUP_READS)
+    check_ignored_flags(parser.parse_args(["--mtp-num-layers", "0", "--mtp-checkpoint-tensors", "skip"]))
 
 
 def test_every_honoured_name_is_read_by_the_package():

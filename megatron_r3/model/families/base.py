@@ -12,7 +12,8 @@ single source of:
 - which decoder layers are MoE layers (`moe_layers`, HF's own rule);
 - the model class and layer spec (`decoder_block_spec`, `build_chunks`: GPTModel for the Qwen families, room for `HybridModel`);
 - the checkpoint name mapping in both directions, buffers included (`map_megatron_name`, `hf_checkpoint_names`,
-  `hf_checkpoint_shape`, `routed_expert_hf_names`); routed-expert *megatron* names (SequentialMLP's and the
+  `hf_checkpoint_shape`, `routed_expert_hf_names`, and `mtp_checkpoint_names`: the checkpoint's MTP tensors, which
+  no family builds, refused or skipped on load); routed-expert *megatron* names (SequentialMLP's and the
   grouped experts') are mapped once for every family by `hf_mapping.map_megatron_name`, which asks the family
   only for the HF names of one expert;
 - the megatron -> HF config direction (`hf_config_from_megatron`, `hf_config_to_json_dict`);
@@ -55,6 +56,7 @@ class ModelArch:
     qk_norm: bool = True
     shared_expert_intermediate_size: Optional[int] = None
     shared_expert_gate: bool = False
+    num_mtp_layers: int = 0  # HF `num_nextn_predict_layers`: checkpoint layers model.layers.{num_layers + i}, not built
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_query_groups:
@@ -86,6 +88,42 @@ def padded_vocab_size(
 def hf_get(hf_config, name: str, default=None):
     """`hf_config.name`, or `default` when the field is absent (older or partial configs)."""
     return getattr(hf_config, name, default)
+
+
+def gpt_model_kwargs(arch: ModelArch, hf_config, *, rotary_base: float, tensor_model_parallel_size: int = 1,
+                     make_vocab_size_divisible_by: int = 1, **extra: Any) -> dict[str, Any]:
+    """`build_chunks` keyword arguments of a GPTModel family with RoPE: the padded vocabulary, HF's
+    `max_position_embeddings`, `rotary_base` and the tied output layer; `extra` adds family-specific ones (e.g.
+    `rotary_percent`)."""
+    return dict(
+        vocab_size=padded_vocab_size(arch.vocab_size, tensor_model_parallel_size, make_vocab_size_divisible_by),
+        max_sequence_length=int(hf_get(hf_config, "max_position_embeddings", 4096)),
+        position_embedding_type="rope",
+        rotary_base=rotary_base,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        **extra,
+    )
+
+
+def mlp_checkpoint_shape(arch: ModelArch, rest: str, shared_prefix: str) -> Optional[tuple[int, ...]]:
+    """The shape of a layer's MLP checkpoint tensor `rest` (its name after `model.layers.{i}.`) in HF's SwiGLU
+    naming: the dense `mlp.{gate,up,down}_proj.weight`, the router `mlp.gate.weight`, the shared experts under
+    `shared_prefix` (`mlp.shared_expert.` for Qwen2-MoE, `mlp.shared_experts.` for DeepSeek-V3 / GLM-4.5) and the
+    routed `mlp.experts.{e}.*`; None for any other name (the family's own tables answer those)."""
+    h = arch.hidden_size
+
+    def projection(ffn: Optional[int]) -> tuple[int, ...]:
+        return (h, ffn) if rest.endswith("down_proj.weight") else (ffn, h)
+
+    if rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"):
+        return projection(arch.intermediate_size)
+    if rest == "mlp.gate.weight":
+        return (arch.num_experts, h)
+    if rest.startswith(shared_prefix):
+        return projection(arch.shared_expert_intermediate_size)
+    if rest.startswith("mlp.experts."):
+        return projection(arch.moe_intermediate_size)
+    return None
 
 
 class ModelFamily:
@@ -161,6 +199,15 @@ class ModelFamily:
     def hf_checkpoint_shape(self, arch: ModelArch, name: str) -> tuple[int, ...]:
         """The shape of checkpoint tensor `name`."""
         raise NotImplementedError
+
+    def mtp_checkpoint_names(self, arch: ModelArch, names) -> list[str]:
+        """The names among checkpoint tensor `names` that belong to MTP layers, which no family builds: HF's
+        DeepSeek-V3 / GLM-4.5 store MTP layer i as `model.layers.{num_layers + i}.*` (i < `arch.num_mtp_layers`).
+        Loading refuses or skips them (`model/hf_load_config.HFLoadConfig.mtp_checkpoint_tensors`)."""
+        if not arch.num_mtp_layers:
+            return []
+        mtp = tuple(f"model.layers.{arch.num_layers + i}." for i in range(arch.num_mtp_layers))
+        return [name for name in names if name.startswith(mtp)]
 
     def routed_expert_hf_names(self, arch: ModelArch, layer: int, expert: int, projection: str) -> tuple[str, ...]:
         """HF names of megatron's "fc1" (gate, up: fused [gate; up]) or "fc2" (down) of global routed expert

@@ -76,9 +76,12 @@ engine's routing, not the trainer's free routing, and its change moves the engin
 
 The MLA projections need no re-layout: megatron's q up-projection output is per head [qk_head_dim; rope] and its kv
 up-projection per head [qk_head_dim; v_head_dim], HF's `view(..., heads, dim)` + `split` read the same rows; the kv
-down-projection is [kv_lora_rank; rope] in both. MTP layers (`model.layers.{L}` and up, `num_nextn_predict_layers`)
-are not built (`mtp_num_layers` stays None): `skip_mtp` below lists them and the loader ignores them; decoder routes
-address layers 1..L only.
+down-projection is [kv_lora_rank; rope] in both.
+
+MTP: the checkpoint's MTP layers (`model.layers.{L + i}.*` for i < `num_nextn_predict_layers`) are not built
+(`mtp_num_layers` stays None, megatron's --mtp-num-layers is refused). Loading a checkpoint that holds them stops with
+a message naming them, unless `--mtp-checkpoint-tensors skip` (`model/hf_load_config.py`) drops them, counted and
+logged once; exports then hold the decoder only. Decoder routes address layers 1..L only (no MTP router exists).
 """
 
 from __future__ import annotations
@@ -90,7 +93,13 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_r3.model.families.base import ModelArch, ModelFamily, UnsupportedHFConfig, padded_vocab_size
+from megatron_r3.model.families.base import (
+    ModelArch,
+    ModelFamily,
+    UnsupportedHFConfig,
+    gpt_model_kwargs,
+    mlp_checkpoint_shape,
+)
 from megatron_r3.model.hf_mapping import COPY, GATE_UP, MappingError, ParamMapping
 
 MODEL_TYPE = "deepseek_v3"
@@ -108,7 +117,6 @@ class DeepseekV3Arch(ModelArch):
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
-    num_mtp_layers: int = 0
 
 
 def _get(hf_config, name: str, default=None):
@@ -266,14 +274,10 @@ def megatron_fields(hf_config) -> dict[str, Any]:
 def model_kwargs(hf_config, *, tensor_model_parallel_size: int = 1, make_vocab_size_divisible_by: int = 1) -> dict:
     """Keyword arguments of `build_chunks` (GPTModel). GPTModel builds no rotary embedding for MLA (the attention
     makes its own from the config's rope fields), so `rotary_base` here only mirrors the config."""
-    arch = arch_from_hf_config(hf_config)
-    return dict(
-        vocab_size=padded_vocab_size(arch.vocab_size, tensor_model_parallel_size, make_vocab_size_divisible_by),
-        max_sequence_length=int(_get(hf_config, "max_position_embeddings", 4096)),
-        position_embedding_type="rope",
-        rotary_base=rope_settings(hf_config)["rotary_base"],
-        share_embeddings_and_output_weights=arch.tie_word_embeddings,
-    )
+    return gpt_model_kwargs(arch_from_hf_config(hf_config), hf_config,
+                            rotary_base=rope_settings(hf_config)["rotary_base"],
+                            tensor_model_parallel_size=tensor_model_parallel_size,
+                            make_vocab_size_divisible_by=make_vocab_size_divisible_by)
 
 
 def hf_config_from_megatron(config, *, vocab_size: int, max_position_embeddings: int, rotary_base=None,
@@ -420,8 +424,8 @@ def hf_layer_names(arch: DeepseekV3Arch, layer: int) -> list[str]:
 
 def hf_checkpoint_names(arch: DeepseekV3Arch) -> list[str]:
     """Every checkpoint tensor of the decoder model in export order. MTP layers (`model.layers.{i}` with
-    i >= num_hidden_layers) are not among them: loading reads only these names, so a checkpoint's MTP tensors are
-    skipped."""
+    i >= num_hidden_layers) are not among them: loading refuses or skips a checkpoint's MTP tensors
+    (`ModelFamily.mtp_checkpoint_names`)."""
     names = ["model.embed_tokens.weight"]
     for layer in range(arch.num_layers):
         names += hf_layer_names(arch, layer)
@@ -451,20 +455,13 @@ def hf_checkpoint_shape(arch: DeepseekV3Arch, name: str) -> tuple[int, ...]:
         "self_attn.kv_a_layernorm.weight": (arch.kv_lora_rank,),
         "self_attn.kv_b_proj.weight": (n * (arch.qk_nope_head_dim + arch.v_head_dim), arch.kv_lora_rank),
         "self_attn.o_proj.weight": (h, n * arch.v_head_dim),
-        "mlp.gate.weight": (arch.num_experts, h),
         "mlp.gate.e_score_correction_bias": (arch.num_experts,),
-        "mlp.gate_proj.weight": (arch.intermediate_size, h),
-        "mlp.up_proj.weight": (arch.intermediate_size, h),
-        "mlp.down_proj.weight": (h, arch.intermediate_size),
     }
     if rest in shapes:
         return shapes[rest]
-    if rest.startswith("mlp.shared_experts."):
-        f = arch.shared_expert_intermediate_size
-        return (h, f) if rest.endswith("down_proj.weight") else (f, h)
-    if rest.startswith("mlp.experts."):
-        f = arch.moe_intermediate_size
-        return (h, f) if rest.endswith("down_proj.weight") else (f, h)
+    shape = mlp_checkpoint_shape(arch, rest, shared_prefix="mlp.shared_experts.")
+    if shape is not None:
+        return shape
     raise MappingError(f"unknown checkpoint name {name!r}")
 
 

@@ -14,7 +14,8 @@ when `attention_bias`, q/k RMSNorm when `use_qk_norm`) plus the DeepSeek-V3 fami
                                    top-2 group score == megatron's top-(topk // topk_group))
     first_k_dense_replace          moe_layer_freq = [0] * k + [1] * (L - k)
 
-MTP layers (`num_nextn_predict_layers`) are not built and are skipped on load, as in the DeepSeek-V3 family.
+MTP layers (`num_nextn_predict_layers`) are not built; a checkpoint holding them is refused or skipped on load
+(`--mtp-checkpoint-tensors`), as in the DeepSeek-V3 family.
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ from typing import Any, Optional
 import torch
 
 from megatron_r3.model.families import deepseek_v3 as ds
-from megatron_r3.model.families.base import ModelArch, UnsupportedHFConfig, hf_get
+from megatron_r3.model.families.base import (
+    ModelArch,
+    UnsupportedHFConfig,
+    gpt_model_kwargs,
+    hf_get,
+    mlp_checkpoint_shape,
+)
 from megatron_r3.model.families.qwen_moe import LAYER_RE, QwenMoeFamily
 from megatron_r3.model.hf_mapping import COPY, GATE_UP, MappingError, ParamMapping
 
@@ -82,6 +89,7 @@ class Glm4MoeFamily(QwenMoeFamily):
             qk_norm=bool(hf_get(hf_config, "use_qk_norm", False)),
             shared_expert_intermediate_size=shared * hf_config.moe_intermediate_size or None,
             shared_expert_gate=False,
+            num_mtp_layers=int(hf_get(hf_config, "num_nextn_predict_layers", 0) or 0),
         )
 
     @staticmethod
@@ -115,17 +123,10 @@ class Glm4MoeFamily(QwenMoeFamily):
 
     def model_kwargs(self, hf_config, *, tensor_model_parallel_size: int = 1,
                      make_vocab_size_divisible_by: int = 1) -> dict[str, Any]:
-        from megatron_r3.model.families.base import padded_vocab_size
-
-        arch = self.arch(hf_config)
-        return dict(
-            vocab_size=padded_vocab_size(arch.vocab_size, tensor_model_parallel_size, make_vocab_size_divisible_by),
-            max_sequence_length=int(hf_get(hf_config, "max_position_embeddings", 4096)),
-            position_embedding_type="rope",
-            rotary_base=self._rope_theta(hf_config),
-            rotary_percent=partial_rotary_factor(hf_config),
-            share_embeddings_and_output_weights=arch.tie_word_embeddings,
-        )
+        return gpt_model_kwargs(self.arch(hf_config), hf_config, rotary_base=self._rope_theta(hf_config),
+                                tensor_model_parallel_size=tensor_model_parallel_size,
+                                make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                                rotary_percent=partial_rotary_factor(hf_config))
 
     def map_megatron_name(self, name: str, arch: ModelArch, *, layer_number_of, expert_offset: int) -> ParamMapping:
         match = LAYER_RE.match(name)
@@ -152,8 +153,7 @@ class Glm4MoeFamily(QwenMoeFamily):
         if rest == "mlp.gate.e_score_correction_bias":
             return (arch.num_experts,)
         if rest.startswith("mlp.shared_experts."):
-            f, h = arch.shared_expert_intermediate_size, arch.hidden_size
-            return (h, f) if rest.endswith("down_proj.weight") else (f, h)
+            return mlp_checkpoint_shape(arch, rest, shared_prefix="mlp.shared_experts.")
         return super().hf_checkpoint_shape(arch, name)
 
     def hf_config_from_megatron(self, config, *, vocab_size: int, max_position_embeddings: int, rotary_base: float,

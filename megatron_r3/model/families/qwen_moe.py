@@ -56,7 +56,14 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_r3.model.families.base import ModelArch, ModelFamily, UnsupportedHFConfig, hf_get, padded_vocab_size
+from megatron_r3.model.families.base import (
+    ModelArch,
+    ModelFamily,
+    UnsupportedHFConfig,
+    gpt_model_kwargs,
+    hf_get,
+    mlp_checkpoint_shape,
+)
 from megatron_r3.model.hf_mapping import COPY, GATE_UP, QKV, MappingError, ParamMapping
 
 TOP1_NORM_TOPK_PROB = (
@@ -247,14 +254,9 @@ class QwenMoeFamily(ModelFamily):
 
     def model_kwargs(self, hf_config, *, tensor_model_parallel_size: int = 1,
                      make_vocab_size_divisible_by: int = 1) -> dict[str, Any]:
-        arch = self.arch(hf_config)
-        return dict(
-            vocab_size=padded_vocab_size(arch.vocab_size, tensor_model_parallel_size, make_vocab_size_divisible_by),
-            max_sequence_length=int(hf_get(hf_config, "max_position_embeddings", 4096)),
-            position_embedding_type="rope",
-            rotary_base=rope_theta(hf_config),
-            share_embeddings_and_output_weights=arch.tie_word_embeddings,
-        )
+        return gpt_model_kwargs(self.arch(hf_config), hf_config, rotary_base=rope_theta(hf_config),
+                                tensor_model_parallel_size=tensor_model_parallel_size,
+                                make_vocab_size_divisible_by=make_vocab_size_divisible_by)
 
     # ------------------------------------------------------------------------------------------------ names
     def map_megatron_name(self, name: str, arch: ModelArch, *, layer_number_of: Callable[[int], int],
@@ -332,20 +334,13 @@ class QwenMoeFamily(ModelFamily):
             "self_attn.q_norm.weight": (d,),
             "self_attn.k_norm.weight": (d,),
             "self_attn.o_proj.weight": (h, q_out),
-            "mlp.gate.weight": (arch.num_experts, h),
-            "mlp.gate_proj.weight": (arch.intermediate_size, h),
-            "mlp.up_proj.weight": (arch.intermediate_size, h),
-            "mlp.down_proj.weight": (h, arch.intermediate_size),
             "mlp.shared_expert_gate.weight": (1, h),
         }
         if rest in shapes:
             return shapes[rest]
-        if rest.startswith("mlp.shared_expert."):
-            f = arch.shared_expert_intermediate_size
-            return (h, f) if rest.endswith("down_proj.weight") else (f, h)
-        if rest.startswith("mlp.experts."):
-            f = arch.moe_intermediate_size
-            return (h, f) if rest.endswith("down_proj.weight") else (f, h)
+        shape = mlp_checkpoint_shape(arch, rest, shared_prefix="mlp.shared_expert.")
+        if shape is not None:
+            return shape
         raise MappingError(f"unknown checkpoint name {name!r}")
 
     # ------------------------------------------------------------------------------------------------ ours -> HF
