@@ -8,13 +8,15 @@ the tensor-parallel group of the gradients of parameters that sequence paralleli
 routers): each TP rank then keeps the gradient of its half of the sequence only. This is the kind of error a
 missing or wrong reduction in a layout produces; nothing here is used by CI or by the trainer.
 
-Recorded 2026-12-01 (2-core AMD EPYC, the command above): the test fails at step 0,
-    AssertionError: (('tp2pp2', 'R3'), 0, 'train/ppo_kl', 0.6592230536043644, 0.6535106748342514)
+Recorded 2026-12-01 (2-core AMD EPYC, the command above, fp32 rollout engine as in the test): the test fails at
+step 0,
+    AssertionError: (('tp2pp2', 'R3'), 0, 'train/ppo_kl', 0.6180388554930687, 0.6134954020380974)
 Deviation from the one-process run in units of the test's tolerance (1e-3 * |want| + 1e-6):
-    step 0: ppo_kl 8.7x, grad_norm 10.2x (loss, |dlogp|, k3, entropy 0.0x: the rollout and the first update's
-            forward come before the first wrong gradient)
-    step 1: loss 2085x, ppo_kl 504x, grad_norm 93x, r3/rollout_train_logp_abs_diff 4286x, k3 3418x, entropy 2.1x
-Without the planted bug the same test (and the other layouts and THD) used at most 3.1% of the tolerance.
+    step 0: ppo_kl 7.4x, grad_norm 11.7x (the rollout and the first update's forward come before the first wrong
+            gradient)
+    step 1: loss 164x, ppo_kl 164x, grad_norm 232x, r3/rollout_train_logp_abs_diff 35568x, k3 1139x, entropy 20.5x,
+            replay/routing_agreement 25x
+Without the planted bug the same test (and the other layouts and THD) used at most 14% of the tolerance.
 """
 
 import os
