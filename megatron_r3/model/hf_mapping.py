@@ -125,6 +125,18 @@ def routed_expert_of(name: str) -> Optional[tuple[int, str, int]]:
     return int(match["j"]), f"fc{match['grp_fc']}", int(match["grp_l"])
 
 
+def routed_expert_name(name: str, local: int) -> str:
+    """The name of local expert `local` in the same layer, projection and naming as the routed-expert weight
+    `name` (ValueError for any other name)."""
+    match = _ROUTED_EXPERT_RE.match(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not a routed-expert weight")
+    prefix = f"decoder.layers.{match['j']}.mlp.experts."
+    if match["seq_l"] is not None:
+        return f"{prefix}local_experts.{local}.linear_fc{match['seq_fc']}.weight"
+    return f"{prefix}linear_fc{match['grp_fc']}.weight{local}"
+
+
 def map_megatron_name(
     name: str,
     arch: ModelArch,

@@ -49,6 +49,7 @@ from megatron_r3.model.hf_mapping import (
     hf_checkpoint_names,
     hf_checkpoint_shape,
     map_megatron_name,
+    routed_expert_name,
     to_megatron_shard,
 )
 from megatron_r3.model.families import ModelArch, family_for
@@ -379,7 +380,7 @@ class _Exporter:
         for ep_rank, block in enumerate(by_ep):
             for local in range(local_count):
                 mapping = map_megatron_name(
-                    _local_expert_name(template.megatron_name, local),
+                    routed_expert_name(template.megatron_name, local),
                     self.arch,
                     layer_number_of=lambda j, n=template.layer: n + 1,
                     expert_offset=ep_rank * local_count,
@@ -410,14 +411,6 @@ class _Exporter:
                         tensor = torch.empty(hf_checkpoint_shape(self.arch, name), dtype=dtype, device=self.device)
                     collectives.broadcast(tensor, src=0, group=world_group)
                 yield name, tensor
-
-
-def _local_expert_name(template_name: str, local: int) -> str:
-    """The megatron name of local expert `local` in the same layer and projection as `template_name`."""
-    import re
-
-    name = re.sub(r"local_experts\.\d+\.", f"local_experts.{local}.", template_name)
-    return re.sub(r"(linear_fc[12]\.weight)\d+$", rf"\g<1>{local}", name)
 
 
 def export_hf_weights(

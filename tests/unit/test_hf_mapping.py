@@ -349,3 +349,15 @@ def test_norm_topk_prob_equals_megatron_pre_softmax_setting(norm_topk_prob):
     torch.testing.assert_close(probs, hf_dense, rtol=1e-6, atol=1e-6)
     assert (wrong - hf_dense).abs().max() > 1e-2  # the other setting really differs
     assert transformer_config_from_hf(config).moe_router_pre_softmax == (not norm_topk_prob)
+
+
+def test_routed_expert_name_keeps_the_layer_projection_and_naming():
+    from megatron_r3.model.hf_mapping import routed_expert_name, routed_expert_of
+
+    sequential = "decoder.layers.3.mlp.experts.local_experts.0.linear_fc2.weight"
+    grouped = "decoder.layers.3.mlp.experts.linear_fc1.weight0"
+    assert routed_expert_name(sequential, 5) == "decoder.layers.3.mlp.experts.local_experts.5.linear_fc2.weight"
+    assert routed_expert_name(grouped, 7) == "decoder.layers.3.mlp.experts.linear_fc1.weight7"
+    assert routed_expert_of(routed_expert_name(grouped, 7)) == (3, "fc1", 7)
+    with pytest.raises(ValueError, match="is not a routed-expert weight"):
+        routed_expert_name("decoder.layers.3.mlp.router.weight", 1)
