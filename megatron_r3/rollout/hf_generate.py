@@ -354,12 +354,19 @@ def generate_batch_static(model, chunk, first: int, sampling: SamplingParams, ge
             prompt_rows, decode_rows = routes_rows
             rows = torch.cat([prompt_rows[row, width - prompt_length:], decode_rows[row, : length - 1]])
             routes = routes_from_array(rows, num_experts=recorder.num_experts, source="hf", sample_id=first + row)
-        samples.append(RolloutSample(
-            tokens=torch.cat([prompt, response[row, :length]]),
-            prompt_length=prompt_length,
-            response_logprobs=logprobs[row, :length].clone(),
-            routes=routes,
-            finish_reason="stop" if stopped_out[row] else "length",
-            prompt_index=prompt_index,
-        ))
+        samples.append(sample_of_row(prompt_index, prompt, response[row], logprobs[row], length, stopped_out[row],
+                                     routes))
     return samples
+
+
+def sample_of_row(prompt_index: int, prompt: torch.Tensor, response: torch.Tensor, logprobs: torch.Tensor,
+                  length: int, stopped: bool, routes) -> RolloutSample:
+    """One decoded row (host tensors, padded past `length`) as a sample; both decode loops end with this."""
+    return RolloutSample(
+        tokens=torch.cat([prompt, response[:length]]),
+        prompt_length=prompt.numel(),
+        response_logprobs=logprobs[:length].clone(),
+        routes=routes,
+        finish_reason="stop" if stopped else "length",
+        prompt_index=prompt_index,
+    )

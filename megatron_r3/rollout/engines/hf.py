@@ -53,7 +53,7 @@ from megatron_r3.rollout.base import (
 from megatron_r3.rollout.hf_capture import RouteCapture, moe_layer_map
 from megatron_r3.model.families import family_of
 from megatron_r3.rollout.engines.hf_config import HFEngineConfig
-from megatron_r3.rollout.hf_generate import generate_batch_static
+from megatron_r3.rollout.hf_generate import generate_batch_static, sample_of_row
 from megatron_r3.rollout.sampling import sample_tokens
 
 
@@ -327,16 +327,8 @@ class HFRolloutEngine(RolloutEngine):
                     routes_buffer[row, : prompt_length + length - 1],
                     num_experts=self._capture.num_experts, source="hf", sample_id=first + row,
                 )
-            samples.append(
-                RolloutSample(
-                    tokens=torch.cat([prompt, response[row, :length]]),
-                    prompt_length=prompt_length,
-                    response_logprobs=logprobs[row, :length].clone(),
-                    routes=routes,
-                    finish_reason="stop" if stopped[row] else "length",
-                    prompt_index=prompt_index,
-                )
-            )
+            samples.append(sample_of_row(prompt_index, prompt, response[row], logprobs[row], length, stopped[row],
+                                         routes))
         return samples
 
     # ------------------------------------------------------------------ lifecycle
