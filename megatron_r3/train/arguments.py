@@ -24,7 +24,6 @@ import yaml
 
 from megatron_r3.platform.python_compat import apply_python_compat
 from megatron_r3.platform.typed_config import add_config_arguments
-from megatron_r3.replay.config import ReplayConfig
 from megatron_r3.rollout.engines import add_rollout_arguments
 from megatron_r3.train.run_config import TRAINER_CONFIGS
 
@@ -98,7 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_megatron_arguments(parser)
     escape_bare_percent_in_help(parser)
     add_rollout_arguments(parser)  # --rollout-engine (the registered engines), shared and per-engine flags
-    add_config_arguments(parser, ReplayConfig, "megatron_r3 router replay")
     return add_grpo_arguments(parser)
 
 

@@ -13,7 +13,6 @@ another version the unknown-key check is left to the full parse.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import sys
@@ -70,7 +69,6 @@ def _light_parser() -> argparse.ArgumentParser:
 
 def preflight(argv: Sequence[str], environ=os.environ) -> None:
     """Raise UsageError (one line) for the mistakes that can be seen without importing torch or megatron."""
-    from megatron_r3.replay.config import ReplayConfig
     from megatron_r3.rollout.engines import rollout_flag_dests
     from megatron_r3.train.arguments import grpo_flag_dests, read_yaml_config, unknown_key_message
 
@@ -87,7 +85,6 @@ def preflight(argv: Sequence[str], environ=os.environ) -> None:
         megatron = megatron_flag_dests()
         if megatron is not None:
             known = megatron | grpo_flag_dests() | rollout_flag_dests()
-            known |= {field.name for field in dataclasses.fields(ReplayConfig)}
             unknown = sorted(key.replace("-", "_") for key in values if key.replace("-", "_") not in known)
             if unknown:
                 raise UsageError(unknown_key_message(cli.config, unknown, sorted(known)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from megatron_r3.replay.config import ReplayConfig
 from megatron_r3.model.hf_load_config import HFLoadConfig
 
 
@@ -68,6 +69,7 @@ class GateConfig:
     """Fail if r3/rollout_train_logp_abs_diff exceeds this bound at any step."""
 
 
-TRAINER_CONFIGS = ((TaskConfig, "megatron_r3: prompts and reward"), (RunConfig, "megatron_r3: run"),
+TRAINER_CONFIGS = ((ReplayConfig, "megatron_r3 router replay"),
+                   (TaskConfig, "megatron_r3: prompts and reward"), (RunConfig, "megatron_r3: run"),
                    (GateConfig, "megatron_r3: gates"), (HFLoadConfig, "megatron_r3: HF checkpoint load"))
 """The trainer's config classes and their --help group titles, in the order `add_grpo_arguments` adds them."""
