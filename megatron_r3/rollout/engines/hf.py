@@ -12,7 +12,9 @@ Generation
     position ids (``cumsum(mask) - 1``), prefilled once into a transformers ``DynamicCache``, then decoded one token
     per step; a sequence that finishes (stop token or length) is dropped from the batch and the cache
     (``DynamicCache.batch_select_indices``), like a continuous-batching server retiring a request. Each sequence is
-    capped at ``max_position_embeddings`` tokens in total (finish reason "length").
+    capped at ``max_position_embeddings`` tokens in total (finish reason "length"). That is the loop on the CPU;
+    on a GPU (``--hf-static-decode auto``) the batch keeps its shape instead: a static cache, sampling and stop checks
+    on the device, one host check every ``--hf-stop-check-interval`` steps (:mod:`megatron_r3.rollout.hf_generate`).
 
 Logprobs
     ``response_logprobs[i] = log_softmax(logits / T)[token_i]`` in float32, T the temperature (T = 1 for greedy),
