@@ -48,8 +48,12 @@ PRESETS = {
 
 
 def make_config(preset: dict, dtype: torch.dtype, grouped: bool):
+    """The preset as a TransformerConfig; `grouped` (the fast arm): GroupedExperts, and megatron's SwiGLU fusion where
+    `model/fusions.py` compiles it (CUDA + Triton; the norms follow the same switch)."""
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_r3.model.fusions import compiled_fusions_available
 
     return TransformerConfig(
         num_layers=preset["num_layers"], hidden_size=preset["hidden_size"],
@@ -62,7 +66,8 @@ def make_config(preset: dict, dtype: torch.dtype, grouped: bool):
         add_bias_linear=False,
         qk_layernorm=True, hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype,
         bf16=dtype == torch.bfloat16, pipeline_dtype=dtype, use_cpu_initialization=not torch.cuda.is_available(),
-        apply_rope_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
+        apply_rope_fusion=False, bias_activation_fusion=grouped and compiled_fusions_available(),
+        masked_softmax_fusion=False,
     )
 
 
@@ -330,11 +335,17 @@ def main() -> None:
     parser.add_argument("--slow-steps", type=int, default=3, help="steps of the slow (SequentialMLP) arm")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the data-sheet peak")
     parser.add_argument("--skip-slow", action="store_true")
+    parser.add_argument("--no-compiled-fusions", action="store_true",
+                        help="megatron's disable_jit_fuser(): eager RMSNorm and SwiGLU on the fast arm too")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     args.device = select_device(args.device)
     args.preset = args.preset or ("qwen3-30b-a3b-4l" if args.device == "cuda" else "cpu-tiny")
     preset = PRESETS[args.preset]
+    if args.no_compiled_fusions:
+        from megatron.core.jit import disable_jit_fuser
+
+        disable_jit_fuser()
 
     from megatron.core.transformer.moe.router_replay import RouterReplayAction  # noqa: F401
 

@@ -54,6 +54,8 @@ from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
+from megatron_r3.model.fusions import weighted_swiglu
+
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `torch._grouped_mm` runs for (device, dtype): CPU (torch >= 2.9) fp32/bf16; CUDA bf16 on
@@ -211,7 +213,10 @@ class GroupedExperts(MegatronModule):
 
     # ------------------------------------------------------------------------------------------------ forward
     def _activation(self, fc1_out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        """megatron `MLP`'s unfused activation and per-token gate weight (in the activation's dtype)."""
+        """megatron `MLP`'s activation and per-token gate weight (in the activation's dtype); SwiGLU is fused on GPUs
+        under `config.bias_activation_fusion`, as in megatron's `MLP` (`model/fusions.weighted_swiglu`)."""
+        if self.config.gated_linear_unit and self.config.activation_func is torch.nn.functional.silu:
+            return weighted_swiglu(fc1_out, probs, fused=self.config.bias_activation_fusion)
         if self.config.gated_linear_unit:
             gate, up = torch.chunk(fc1_out, 2, dim=-1)
             hidden = self.config.activation_func(gate) * up

@@ -13,12 +13,15 @@ megatron's `finalize_model_grads` (`_allreduce_non_tensor_model_parallel_grads`)
 tensor-parallel group, exactly as for megatron's own `FusedLayerNorm` and TE's norms.
 
 Numerics: statistics in fp32, the normalised activations cast back to the input dtype before the weight multiply
-(the Hugging Face Qwen3 / Llama RMSNorm formula; identical to `torch.nn.RMSNorm` in fp32 up to rounding).
+(the Hugging Face Qwen3 / Llama RMSNorm formula; identical to `torch.nn.RMSNorm` in fp32 up to rounding). On GPUs
+the RMSNorm formula runs compiled into one kernel forward and one backward (`model/fusions.py`).
 """
 
 from __future__ import annotations
 
 import torch
+
+from megatron_r3.model.fusions import rms_norm
 
 
 class SequenceParallelNorm(torch.nn.Module):
@@ -47,11 +50,9 @@ class SequenceParallelNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight + 1 if self.zero_centered_gamma else self.weight
-        x32 = x.float()
         if self.normalization == "RMSNorm":
-            normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-            return weight * normed.to(x.dtype)
-        normed = torch.nn.functional.layer_norm(x32, (self.hidden_size,), eps=self.eps)
+            return rms_norm(x, weight, self.eps)  # one fused kernel each way on GPUs (model/fusions.py)
+        normed = torch.nn.functional.layer_norm(x.float(), (self.hidden_size,), eps=self.eps)
         return weight * normed.to(x.dtype) + self.bias
 
     def extra_repr(self) -> str:

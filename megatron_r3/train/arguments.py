@@ -355,17 +355,32 @@ def apply_trainer_dtype(args: argparse.Namespace) -> None:
             args.moe_grouped_gemm = True  # model/grouped_experts.py without TE (torch._grouped_mm, bf16, Hopper+)
 
 
+def gpu_compiled_fusions_available() -> bool:
+    """Whether this process trains on a GPU where `model/fusions.py`'s compiled kernels run (CUDA and Triton)."""
+    import torch
+
+    from megatron_r3.model.fusions import compiled_fusions_available
+
+    return torch.cuda.is_available() and compiled_fusions_available()
+
+
 def disable_fusions_without_transformer_engine(args: argparse.Namespace) -> None:
     """Megatron turns on kernels that need TransformerEngine/apex by default (RoPE, softmax, SwiGLU fusion,
     gradient-accumulation fusion); without TE they raise at build time, so they are switched off, as the
-    user would with --no-rope-fusion etc. The numerics are the unfused ones megatron defines."""
+    user would with --no-rope-fusion etc. The numerics are the unfused ones megatron defines.
+
+    Kept on a GPU with Triton: megatron's SwiGLU fusion (`--bias-swiglu-fusion`, megatron's default; `jit_fuser`, i.e.
+    `torch.compile`, needs no TE), which `GroupedExperts` and megatron's `MLP` use; `--no-bias-swiglu-fusion` still
+    turns it off. On the CPU it is off (the CPU tests compare the eager formulas)."""
     from megatron_r3.model.specs import transformer_engine_available
 
     if transformer_engine_available():
         return
-    for name in ("apply_rope_fusion", "masked_softmax_fusion", "bias_swiglu_fusion", "bias_gelu_fusion",
-                 "bias_dropout_fusion", "gradient_accumulation_fusion", "cross_entropy_loss_fusion",
-                 "moe_permute_fusion", "moe_router_fusion"):
+    off = ["apply_rope_fusion", "masked_softmax_fusion", "bias_gelu_fusion", "bias_dropout_fusion",
+           "gradient_accumulation_fusion", "cross_entropy_loss_fusion", "moe_permute_fusion", "moe_router_fusion"]
+    if not gpu_compiled_fusions_available():
+        off.append("bias_swiglu_fusion")
+    for name in off:
         if hasattr(args, name):
             setattr(args, name, False)
     args.no_persist_layer_norm = True
