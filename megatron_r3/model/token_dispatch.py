@@ -54,28 +54,33 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 class GatherPermutation:
     """Where each permuted row comes from, and where each token's rows went (all on the routing map's device).
 
-    `flat_index` [tokens*topk]: position of each row's (expert, token) pair in the expert-major flattened routing
-      map (megatron's `flat_sorted`; reads the permuted probs out of `probs.T`).
     `row_token` [tokens*topk]: token id of each permuted row (megatron's `sorted_indices`).
+    `row_expert` [tokens*topk]: expert id of each permuted row (non-decreasing).
     `token_rows` [tokens, topk]: the permuted rows of each token, experts ascending (the inverse permutation)."""
 
-    flat_index: torch.Tensor
     row_token: torch.Tensor
+    row_expert: torch.Tensor
     token_rows: torch.Tensor
 
     @classmethod
     def of(cls, routing_map: torch.Tensor, topk: int) -> "GatherPermutation":
         """The permutation of a dropless top-k `routing_map` [tokens, experts] (bool), on its device, no host sync.
 
-        Rows are ordered as megatron's `moe_utils.permute` orders them (the same stable argsort); the inverse is a
-        stable argsort of the rows' token ids, which lists each token's rows in ascending row (= expert) order."""
+        Rows are ordered as megatron's `moe_utils.permute` orders them (the same stable argsort of the expert-major
+        flattened map); the inverse is a stable argsort of the rows' token ids, which lists each token's rows in
+        ascending row (= expert) order."""
         num_tokens = routing_map.shape[0]
-        num_rows = num_tokens * topk
         expert_major = routing_map.bool().T.contiguous().reshape(-1)
-        flat_index = expert_major.argsort(descending=True, stable=True)[:num_rows]
+        flat_index = expert_major.argsort(descending=True, stable=True)[: num_tokens * topk]
         row_token = flat_index % num_tokens
         token_rows = row_token.argsort(stable=True).view(num_tokens, topk)
-        return cls(flat_index=flat_index, row_token=row_token, token_rows=token_rows)
+        return cls(row_token=row_token, row_expert=flat_index // num_tokens, token_rows=token_rows)
+
+    def gather_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs [tokens, experts] -> [tokens*topk] at each row's (token, expert): megatron's permuted probs (the
+        same values), read by `index_select` so the backward is an `index_add_` onto distinct positions."""
+        index = self.row_token * probs.shape[1] + self.row_expert
+        return probs.reshape(-1).index_select(0, index)
 
 
 def sum_token_rows(rows: torch.Tensor, token_rows: torch.Tensor) -> torch.Tensor:
@@ -165,8 +170,8 @@ class GatherPermuteAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
 
     # ------------------------------------------------------------------ permutation 1
     def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
-        """megatron's dispatch_preprocess with permutation 1 done by `GatherPermute`; the permuted probs are read
-        as megatron reads them (`probs.T` flattened, at the rows' (expert, token) positions)."""
+        """megatron's dispatch_preprocess with permutation 1 done by `GatherPermute` and the permuted probs by
+        `GatherPermutation.gather_probs`."""
         if not self.gather_permute:
             return super().dispatch_preprocess(hidden_states, routing_map, probs)
         if probs.dim() != 2 or routing_map.dim() != 2 or routing_map.dtype != torch.bool:
@@ -187,7 +192,7 @@ class GatherPermuteAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
         self.reversed_local_input_permutation_mapping = permutation.row_token
         self.token_rows = permutation.token_rows
         permuted_tokens = GatherPermute.apply(hidden_states, permutation.row_token, permutation.token_rows)
-        permuted_probs = probs.T.contiguous().reshape(-1)[permutation.flat_index]
+        permuted_probs = permutation.gather_probs(probs)
         return permuted_tokens, permuted_probs
 
     # ------------------------------------------------------------------ permutation 2

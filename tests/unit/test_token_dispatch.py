@@ -185,10 +185,9 @@ def test_planted_bug_reversed_token_order_within_experts_is_caught(monkeypatch):
     def reversed_within_experts(cls, routing_map, topk):
         right = original(cls, routing_map, topk)
         num_tokens = routing_map.shape[0]
-        expert = right.flat_index // num_tokens
-        order = torch.argsort(expert * num_tokens + (num_tokens - 1 - right.row_token))  # expert asc, token desc
-        flat_index, row_token = right.flat_index[order], right.row_token[order]
-        return cls(flat_index, row_token, row_token.argsort(stable=True).view(num_tokens, topk))
+        order = torch.argsort(right.row_expert * num_tokens + (num_tokens - 1 - right.row_token))  # token desc
+        row_token, row_expert = right.row_token[order], right.row_expert[order]
+        return cls(row_token, row_expert, row_token.argsort(stable=True).view(num_tokens, topk))
 
     monkeypatch.setattr(token_dispatch.GatherPermutation, "of", classmethod(reversed_within_experts))
     config = make_config(num_experts=6, topk=2)
