@@ -3,8 +3,8 @@ the same config, on the CPU in fp32, in a world of one (EP x expert-TP = 1: the 
 
 What must be equal, and how exactly:
 - permuted rows, permuted probs, tokens_per_expert, the rows' gradients and the probs' gradients: BITWISE. Both
-  dispatchers move the same values to the same places (the same argsort orders the rows; the probs are read and
-  their gradients written by the same indexing op); nothing is summed.
+  dispatchers move the same values to the same places (the same argsort orders the rows; each permuted prob is
+  read from one (token, expert) entry and its gradient lands on that entry alone, added to 0); nothing is summed.
 - the combined output and the input's gradient: each token's value is the sum of its k expert rows (forward:
   megatron's `scatter_add_` vs our gather + `sum(1)`; backward: megatron's `index_add_` vs the same gather + sum).
   Both are recursive fp32 sums of the same k terms (megatron's starts from an exact 0), possibly in different orders.
