@@ -25,6 +25,7 @@ from megatron_r3.model.fused_attention import FusedDotProductAttention
 from megatron_r3.model.grouped_experts import GroupedExperts
 from megatron_r3.model.mla_attention import mla_core_attention, mla_local_layer_spec
 from megatron_r3.model.norm import SequenceParallelNorm
+from megatron_r3.model.token_dispatch import with_gather_dispatch_layer
 from megatron_r3.replay.router import ReplayTopKRouter
 
 
@@ -107,7 +108,8 @@ def fused_attention_selected(config) -> bool:
 
 def _layer_with_local_fast_modules(layer_spec: ModuleSpec, config, fused_attention: bool | None) -> ModuleSpec:
     """Local spec: core attention per `fused_attention` (None: `fused_attention_selected`); experts
-    `GroupedExperts` when `config.moe_grouped_gemm` (megatron's own switch, which its local spec ignores)."""
+    `GroupedExperts` when `config.moe_grouped_gemm` (megatron's own switch, which its local spec ignores); the MoE
+    layer `GatherDispatchMoELayer` (sync-free, atomics-free permutation) for the alltoall dispatcher."""
     if fused_attention is None:
         fused_attention = fused_attention_selected(config)
     core = FusedDotProductAttention if fused_attention else ContextParallelDotProductAttention
@@ -117,6 +119,9 @@ def _layer_with_local_fast_modules(layer_spec: ModuleSpec, config, fused_attenti
     if getattr(config, "moe_grouped_gemm", False):
         submodules = dataclasses.replace(layer_spec.submodules, mlp=with_grouped_experts(layer_spec.submodules.mlp))
         layer_spec = dataclasses.replace(layer_spec, submodules=submodules)
+    if getattr(config, "moe_token_dispatcher_type", None) == "alltoall":  # model/token_dispatch.py
+        mlp = with_gather_dispatch_layer(layer_spec.submodules.mlp)
+        layer_spec = dataclasses.replace(layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=mlp))
     return layer_spec
 
 
@@ -137,7 +142,8 @@ def replay_decoder_block_spec(
     MoE layer's router replaced by `ReplayTopKRouter`. TransformerEngine modules when TE is importable (unchanged),
     else local ones with `ContextParallelDotProductAttention` or its SDPA subclass as core attention (CP and THD
     without TE), `SequenceParallelNorm` as every norm (sequence parallelism and `params_dtype` weights without TE
-    or apex) and `GroupedExperts` when `config.moe_grouped_gemm`. `fused_attention` forces the SDPA core
+    or apex), `GroupedExperts` when `config.moe_grouped_gemm` and `GatherDispatchMoELayer` for the alltoall
+    dispatcher. `fused_attention` forces the SDPA core
     attention on or off (megatron's `attention_backend` also sets TE environment variables when a model is built,
     so processes that build several models pick the attention here rather than through the config)."""
     if use_transformer_engine is None:
