@@ -31,7 +31,7 @@ DEFAULTS = {
     "cuda": dict(hf_config="configs/models/qwen3_moe_1b_bench.json", prompts=16, group_size=8, max_new_tokens=128,
                  steps=3, micro_batch_size=16, global_batch_size=64),
 }
-PHASES = ("rollout", "old_logprob", "reference", "update", "weight_sync")
+PHASES = ("rollout", "scoring", "batching", "old_logprob", "reference", "update", "weight_sync", "metrics")
 
 
 def run_mode(args, mode: str, work: str) -> dict:
@@ -87,6 +87,9 @@ def summarise(run: dict) -> dict:
            "step_s": median("timing/step_s"), "first_step_s": steps[0]["timing/step_s"]}
     for phase in PHASES:
         out[f"{phase}_s"] = median(f"timing/{phase}_s")
+    # the step's time outside every timed phase (should be ~0: a large value is time nobody accounts for)
+    out["other_s"] = statistics.median(s["timing/step_s"] - sum(s.get(f"timing/{p}_s", 0.0) for p in PHASES)
+                                       for s in timed)
     for key in ("r3/rollout_train_k3_kl", "replay/routing_agreement", "replay/used_route_match",
                 "rollout/response_length_mean", "throughput/tflops_per_gpu", "throughput/mfu",
                 "throughput/train_tflops_per_gpu", "throughput/train_mfu"):
@@ -141,7 +144,7 @@ def main() -> None:
         for mode, s in summaries.items():
             step = s["step_s"] or float("nan")
             rows.append((mode, round(s["tokens_per_step"]), round(s["tokens_per_s"], 1), round(s["step_s"], 3),
-                         *(f"{s[f'{p}_s']:.3f} ({100 * s[f'{p}_s'] / step:.0f}%)" for p in PHASES),
+                         *(f"{s[f'{p}_s']:.3f} ({100 * s[f'{p}_s'] / step:.0f}%)" for p in (*PHASES, "other")),
                          round(s["first_step_s"], 2), f"{runs[mode]['wall_s']:.0f}",
                          s["throughput/tflops_per_gpu"], s["throughput/train_tflops_per_gpu"],
                          s["throughput/train_mfu"]))
@@ -151,7 +154,7 @@ def main() -> None:
                     f"{args.micro_batch_size}, {'bf16' if args.bf16 else args.trainer_dtype} trainer, bf16 hf engine"
                     f"{' (CUDA-graph decode)' if args.hf_cuda_graph else ''}; medians "
                     f"of steps 1..{args.steps - 1}",
-                    ["mode", "tokens/step", "tokens/s", "step s", *(f"{p} s" for p in PHASES), "step 0 s",
+                    ["mode", "tokens/step", "tokens/s", "step s", *(f"{p} s" for p in (*PHASES, "other")), "step 0 s",
                      "process wall s", "TFLOP/s/GPU (step)", "TFLOP/s/GPU (trainer passes)", "MFU (trainer passes)"],
                     rows)
         if "R3" in summaries and "off" in summaries:

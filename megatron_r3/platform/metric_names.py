@@ -55,10 +55,13 @@ TRAIN_SKIPPED_STEPS = "train/skipped_steps"
 # ---- timing and throughput ------------------------------------------------------------------------------------------
 TIMING_STEP_S = "timing/step_s"
 TIMING_ROLLOUT_S = "timing/rollout_s"
+TIMING_SCORING_S = "timing/scoring_s"
+TIMING_BATCHING_S = "timing/batching_s"
 TIMING_OLD_LOGPROB_S = "timing/old_logprob_s"
 TIMING_REFERENCE_S = "timing/reference_s"
 TIMING_UPDATE_S = "timing/update_s"
 TIMING_WEIGHT_SYNC_S = "timing/weight_sync_s"
+TIMING_METRICS_S = "timing/metrics_s"
 THROUGHPUT_PREFIX = "throughput/"
 THROUGHPUT_TRAIN_PREFIX = "throughput/train_"
 THROUGHPUT_TOKENS_PER_S = "throughput/tokens_per_s"
@@ -108,11 +111,15 @@ DESCRIPTIONS = {
     TRAIN_LR: "learning rate after the step",
     TRAIN_SKIPPED_STEPS: "optimizer steps skipped so far for non-finite gradients",
     TIMING_STEP_S: "seconds of the whole step",
-    TIMING_ROLLOUT_S: "seconds of generation and reward",
+    TIMING_ROLLOUT_S: "seconds of generation (the rollout engine's generate call)",
+    TIMING_SCORING_S: "seconds from the end of generation to the batch on every rank: route checks, rewards, "
+                      "advantages, the share from rank 0",
+    TIMING_BATCHING_S: "seconds of packing micro-batches and uploading their routes",
     TIMING_OLD_LOGPROB_S: "seconds of the old-logprob pass",
     TIMING_REFERENCE_S: "seconds of the reference-model pass",
     TIMING_UPDATE_S: "seconds of the policy updates",
     TIMING_WEIGHT_SYNC_S: "seconds of the weight sync to the rollout engine",
+    TIMING_METRICS_S: "seconds of reducing the step's metrics over ranks (before logging)",
     THROUGHPUT_TOKENS_PER_S: "rollout tokens per second of step time",
     THROUGHPUT_MODEL_TFLOPS: "model TFLOPs of the trainer's passes this step",
     THROUGHPUT_TFLOPS_PER_GPU: "model TFLOP/s per GPU over the whole step",

@@ -133,8 +133,11 @@ class GRPOTrainer:
         step_start = time.perf_counter()
         payload = self._rollout()
         samples = payload.samples
-        timings = {metric_names.TIMING_ROLLOUT_S: payload.metrics.get(metric_names.TIMING_ROLLOUT_S, 0.0)}
+        rollout_s = payload.metrics.get(metric_names.TIMING_ROLLOUT_S, 0.0)
+        timings = {metric_names.TIMING_ROLLOUT_S: rollout_s,
+                   metric_names.TIMING_SCORING_S: time.perf_counter() - step_start - rollout_s}
 
+        start = time.perf_counter()
         plan = self._plan(samples)
         metrics = MetricAccumulator()
         declare_metrics(metrics, step_metric_names(tis=self.loss_config.tis_cap is not None,
@@ -145,6 +148,7 @@ class GRPOTrainer:
             if mb.routes is not None:
                 mb.routes = mb.routes.pin_memory().to(device(), non_blocking=True)
         rollout_routes = [mb.routes for mb in microbatches] if microbatches[0].routes is not None else None
+        timings[metric_names.TIMING_BATCHING_S] = time.perf_counter() - start
 
         # old logprobs (and the mismatch metrics)
         start = time.perf_counter()
@@ -198,7 +202,9 @@ class GRPOTrainer:
         setup.sync_weights_to_engine()
         timings[metric_names.TIMING_WEIGHT_SYNC_S] = time.perf_counter() - start
 
+        start = time.perf_counter()
         step_metrics = self._reduce_metrics(metrics, first, replay_stats, payload, grad_norms, replayed_tokens)
+        timings[metric_names.TIMING_METRICS_S] = time.perf_counter() - start
         step_metrics.update(timings)
         step_metrics[metric_names.TIMING_STEP_S] = time.perf_counter() - step_start
         tokens = sum(int(s.tokens.shape[0]) for s in samples)
