@@ -522,6 +522,7 @@ def replay_checks(stepper: Stepper, dev, args) -> dict:
             with counter.region():
                 fn()
             counts[name] = counter.implicit + counter.explicit
+            out[f"host sync sites {name}"] = "; ".join(f"{site} x{n}" for site, n in sorted(counter.sites.items()))
         out["host syncs off"] = counts["off"]
         out["host syncs R3"] = counts["R3"]
         out["host syncs R3 - off"] = counts["R3"] - counts["off"]

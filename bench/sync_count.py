@@ -26,6 +26,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import traceback
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -43,6 +44,7 @@ class SyncCounter:
         self.implicit = 0
         self.explicit = 0
         self.explicit_by = {}
+        self.sites = {}  # "file:line (kind)" -> count: where the syncs the counter saw came from
 
     @property
     def total(self) -> int:
@@ -52,6 +54,7 @@ class SyncCounter:
     def region(self):
         self.implicit = self.explicit = 0
         self.explicit_by = {}
+        self.sites = {}
         patched = [(torch.cuda, "synchronize"), (torch.cuda.Event, "synchronize"), (torch.cuda.Stream, "synchronize")]
         originals = [getattr(owner, name) for owner, name in patched]
 
@@ -59,6 +62,9 @@ class SyncCounter:
             def counted(*args, **kwargs):
                 self.explicit += 1
                 self.explicit_by[label] = self.explicit_by.get(label, 0) + 1
+                caller = traceback.extract_stack(limit=2)[0]
+                site = f"{os.path.basename(caller.filename)}:{caller.lineno} ({label})"
+                self.sites[site] = self.sites.get(site, 0) + 1
                 mode = torch.cuda.get_sync_debug_mode()
                 torch.cuda.set_sync_debug_mode(0)
                 try:
@@ -93,6 +99,12 @@ class SyncCounter:
             printed = capture.read().decode("utf-8", "replace")
             capture.close()
             self.implicit = sum(MESSAGE in str(w.message) for w in caught) + printed.count(MESSAGE)
+            for w in caught:
+                if MESSAGE in str(w.message):
+                    site = f"{os.path.basename(w.filename)}:{w.lineno} (implicit)"
+                    self.sites[site] = self.sites.get(site, 0) + 1
+            if printed.count(MESSAGE):
+                self.sites["C++ warning, no Python site"] = printed.count(MESSAGE)
 
 
 def calibrate(counter: SyncCounter) -> list[tuple]:

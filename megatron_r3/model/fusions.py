@@ -7,7 +7,7 @@ Why
   (hidden and q/k norms) and SwiGLU took 11.4 of the step's 39.3 ms of kernel time: each op reads and writes the whole
   activation, and the fp32 statistics of the norm double that traffic. TE fuses each into one kernel forward and one
   backward; `torch.compile` (Inductor + Triton, part of every CUDA build of PyTorch) does the same from the eager
-  formula, so the numerics stay the formula's.
+  formula, so the numerics stay the formula's. The RMSNorm is compiled with dynamic shapes from the start.
 
 When it runs
   Only for CUDA tensors, and only when megatron's `jit_fuser` is `torch.compile` (megatron's `disable_jit_fuser()`
@@ -62,9 +62,9 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 @functools.lru_cache(maxsize=None)
 def _compiled_rms_norm():
-    from megatron.core import jit
-
-    return jit.jit_fuser(rms_norm_reference)
+    # dynamic from the start: token counts change with every packed micro-batch, and a first static compile would only
+    # be thrown away at the first new length (megatron's own jit_fuser functions take the default and recompile once)
+    return torch.compile(rms_norm_reference, dynamic=True)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
