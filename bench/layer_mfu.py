@@ -209,8 +209,8 @@ def experts_agreement(preset, dev, dtype) -> dict:
     grouped = GroupedExperts(experts, config, pg_collection=pgs).to(dev)
     with torch.no_grad():
         for e, expert in enumerate(sequential.local_experts):
-            grouped.linear_fc1.weights()[e].copy_(expert.linear_fc1.weight)
-            grouped.linear_fc2.weights()[e].copy_(expert.linear_fc2.weight)
+            grouped.linear_fc1.weight[e].copy_(expert.linear_fc1.weight)
+            grouped.linear_fc2.weight[e].copy_(expert.linear_fc2.weight)
     gen = torch.Generator(device=dev).manual_seed(3)
     logits = torch.randn(tokens, experts, device=dev, generator=gen)
     top = torch.topk(logits, topk, dim=-1)

@@ -17,24 +17,25 @@ Input and output
   Math per expert e: `act(x @ W1_e^T) * prob @ W2_e^T`, with megatron's GLU (`act(gate) * up`, [gate; up] per
   expert-TP shard) and the gate weight applied in the activation dtype, like megatron's `MLP`.
 
-Checkpoint format (the TEGroupedMLP one)
-  Parameters `linear_fc1.weight{l}` `[2·ffn/etp, h]` (GLU: `[gate_r; up_r]` of this expert-TP rank) and
-  `linear_fc2.weight{l}` `[h, ffn/etp]` for local expert l, i.e. TE's `GroupedLinear` names, which
-  `hf_mapping` already maps (`...mlp.experts.linear_fc1.weight{l}` <-> `model.layers.{i}.mlp.experts.{e}.*`) and
-  `weights` gathers over ETP/EP. `sharded_state_dict` emits, per local expert, the same ShardedTensors as
-  `SequentialMLP` (key `...mlp.experts.experts.linear_fc{1,2}.weight`, expert axis = global expert id, expert-TP
-  axis 0 / 1, megatron's SwiGLU factory for fc1, replica id over expert-data-parallel), so dist checkpoints are
-  interchangeable between the two modules and across layouts.
+Parameters: one per projection
+  `linear_fc1.weight` `[E_local, 2·ffn/etp, h]` (GLU: `[gate_r; up_r]` of this expert-TP rank per expert) and
+  `linear_fc2.weight` `[E_local, h, ffn/etp]`, the stacked operands of the grouped matmul, read as they are (no copy
+  per forward). One parameter instead of one per expert: at 128 experts a 4-layer step had 1024 more AccumulateGrad
+  nodes, DDP grad hooks and optimizer tensors than it needed, all host work on the critical path of a GPU step.
+  Each carries megatron's tensor-parallel attributes with `partition_dim` 1 (fc1) / 2 (fc2) and `allreduce=False`
+  under expert parallelism, so DDP reduces its gradient over the expert-data-parallel group.
 
-No copy of the weights per step
-  The local experts' weights of one projection are allocated as views of one `[E_local, out, in]` tensor; the
-  forward reads them back as that stacked tensor (`as_strided` on their shared storage, checked by addresses on the
-  host: no sync) through an autograd function whose backward hands each parameter its slice of the stacked gradient.
-  Megatron's DDP re-homes parameters into its contiguous param buffer when the distributed optimizer is on, in
-  reverse registration order; the experts' weights are therefore registered last expert first, so they land there
-  back to back in expert order and the view survives (without the distributed optimizer DDP leaves parameters in
-  place). Anything else that re-homes them (padding between them, another order) makes the same function stack
-  them (one copy per forward), still correct.
+Checkpoints: every consumer still sees per-expert tensors
+  - HF mapping / weight sync: `hf_mapping.chunk_param_mappings` expands each stacked weight into its experts' views
+    under TE `GroupedLinear`'s names `...mlp.experts.linear_fc{1,2}.weight{l}`, which the families map to
+    `model.layers.{i}.mlp.experts.{e}.*`; loading writes through those views.
+  - dist checkpoints: `sharded_state_dict` emits, per projection, a `ShardedTensorFactory` that builds per local
+    expert the ShardedTensors `SequentialMLP` writes (key `...mlp.experts.experts.linear_fc{1,2}.weight`, expert
+    axis = global expert id, expert-TP axis 0 / 1, megatron's SwiGLU split for fc1, replica id over
+    expert-data-parallel) and stacks them back on load; optimizer states go through the same factory. Checkpoints
+    are therefore interchangeable with `SequentialMLP`'s and across EP / ETP layouts.
+  - torch state dicts: key `linear_fc{1,2}.weight` (stacked); the per-expert keys `linear_fc{1,2}.weight{l}` that
+    earlier versions of this module wrote still load.
 
 `torch._grouped_mm` backward needs a contiguous incoming gradient (an expanded one fails with "Invalid strides/sizes,
 got [0, 0]"); `_contiguous_grad` makes it so. Unsupported configs (biases, non-GLU activations other than megatron's
@@ -44,10 +45,11 @@ got [0, 0]"); `_contiguous_grad` makes it so. Unsupported configs (biases, non-G
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Optional
 
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedStateDict
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict, ShardedTensorFactory
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, get_expert_parallel_rng_tracker_name
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
@@ -71,58 +73,6 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return False
 
 
-class _StackedParameters(torch.autograd.Function):
-    """`[p_0, ..., p_{n-1}]` (same shape) -> `[n, *shape]`: a view of their storage when they are consecutive in it
-    (no copy), else a stacked copy. Backward: slice l of the gradient to p_l."""
-
-    @staticmethod
-    def forward(ctx, layout_cache, *params):
-        first = params[0].detach()
-        if _consecutive_cached(params, layout_cache):
-            return first.as_strided((len(params), *first.shape), (first.numel(), *first.stride()),
-                                    first.storage_offset())
-        return torch.stack([p.detach() for p in params])
-
-    @staticmethod
-    def backward(ctx, grad):
-        return (None, *grad.unbind(0))
-
-
-def _consecutive_cached(params, layout_cache: Optional[dict]) -> bool:
-    """`_consecutive(params)`, remembered in `layout_cache` under the addresses of the first and last parameter and
-    their storages: the full check walks every expert in Python (~0.2 ms for 128 experts, twice per layer and
-    forward, on the critical path right after the dispatcher's host sync). Whatever re-homes the experts' weights
-    (DDP's param buffer, `.to()`, a dtype cast) moves the first and last ones too, so the key changes."""
-    if layout_cache is None:
-        return _consecutive(params)
-    first, last = params[0], params[-1]
-    key = (len(params), first.data_ptr(), last.data_ptr(), first.untyped_storage().data_ptr(),
-           last.untyped_storage().data_ptr(), tuple(first.shape), first.dtype)
-    if layout_cache.get("key") != key:
-        layout_cache["key"], layout_cache["consecutive"] = key, _consecutive(params)
-    return layout_cache["consecutive"]
-
-
-def _consecutive(params) -> bool:
-    """True when params are contiguous, equally shaped and laid out back to back in one storage (host check only)."""
-    first = params[0]
-    if not first.is_contiguous():
-        return False
-    step = first.numel() * first.element_size()
-    base, storage = first.data_ptr(), first.untyped_storage().data_ptr()
-    for index, param in enumerate(params):
-        if (param.shape != first.shape or param.dtype != first.dtype or not param.is_contiguous()
-                or param.data_ptr() != base + index * step or param.untyped_storage().data_ptr() != storage):
-            return False
-    return True
-
-
-def stacked(params, layout_cache: Optional[dict] = None) -> torch.Tensor:
-    """The local experts' weights of one projection as one `[E_local, out, in]` tensor, autograd to each param;
-    `layout_cache`: a dict owned by the caller that remembers whether `params` are laid out back to back."""
-    return _StackedParameters.apply(layout_cache, *params)
-
-
 class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor):
@@ -139,33 +89,31 @@ def _contiguous_grad(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class ExpertWeights(torch.nn.Module):
-    """`weight0 .. weight{n-1}` of one projection of the local experts, views of one `[n, out, in]` allocation
-    (TE `GroupedLinear` parameter names). `partition_dim`: the expert-TP split dim of each weight (0 fc1, 1 fc2)."""
+    """`weight` `[num_local_experts, out, in]`: one projection of all local experts (see the module doc).
+    `partition_dim`: the expert-TP split dim of one expert's weight (0 fc1, 1 fc2)."""
 
     def __init__(self, num_local_experts: int, out_features: int, in_features: int, *, config, init_method,
                  partition_dim: int, use_expert_pgs: bool):
         super().__init__()
         self.num_local_experts = num_local_experts
         device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
-        storage = torch.empty(num_local_experts, out_features, in_features, dtype=config.params_dtype, device=device)
-        weights = []
-        for index in range(num_local_experts):  # initialised in expert order (the RNG stream SequentialMLP uses)
-            weight = torch.nn.Parameter(storage[index])
-            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=partition_dim, stride=1)
-            setattr(weight, "allreduce", not use_expert_pgs)
-            if config.perform_initialization:
+        self.weight = torch.nn.Parameter(
+            torch.empty(num_local_experts, out_features, in_features, dtype=config.params_dtype, device=device))
+        set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=partition_dim + 1, stride=1)
+        setattr(self.weight, "allreduce", not use_expert_pgs)
+        if config.perform_initialization:
+            for index in range(num_local_experts):  # expert by expert: the RNG stream SequentialMLP's experts use
                 with get_cuda_rng_tracker().fork(get_expert_parallel_rng_tracker_name()):
-                    init_method(weight.data)
-            weights.append(weight)
-        # Registered last expert first: megatron's DDP lays parameters into its contiguous param buffer (distributed
-        # optimizer) in *reverse* registration order, so this order puts weight0 .. weight{n-1} back to back in
-        # ascending order there and `stacked` stays a view (no per-forward copy of the experts' weights).
-        for index in reversed(range(num_local_experts)):
-            self.register_parameter(f"weight{index}", weights[index])
-        self.layout_cache: dict = {}  # see `stacked`
+                    init_method(self.weight.data[index])
 
-    def weights(self) -> list[torch.nn.Parameter]:
-        return [getattr(self, f"weight{index}") for index in range(self.num_local_experts)]
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Also accept the per-expert keys `{prefix}weight{l}` that earlier versions wrote (stacked here)."""
+        per_expert = [f"{prefix}weight{index}" for index in range(self.num_local_experts)]
+        if f"{prefix}weight" not in state_dict and all(key in state_dict for key in per_expert):
+            state_dict[f"{prefix}weight"] = torch.stack([state_dict.pop(key) for key in per_expert])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # SequentialMLP's linears write an (empty) `_extra_state` object per expert into dist checkpoints; this module
     # writes the same objects (a list under its own `_extra_state` key) so those checkpoints load either way.
@@ -236,8 +184,7 @@ class GroupedExperts(MegatronModule):
         if self.config.moe_apply_probs_on_input:
             tokens = (probs.unsqueeze(-1) * tokens).to(tokens.dtype)
             probs = torch.ones_like(probs)
-        w1 = stacked(self.linear_fc1.weights(), self.linear_fc1.layout_cache)  # [E, fc1_out, h]
-        w2 = stacked(self.linear_fc2.weights(), self.linear_fc2.layout_cache)  # [E, h, ffn]
+        w1, w2 = self.linear_fc1.weight, self.linear_fc2.weight  # [E, fc1_out, h], [E, h, ffn]
         if self._use_grouped_mm(tokens):
             # int32 cumulative ends on the tokens' device; an asynchronous copy when the dispatcher kept them on host
             offsets = torch.cumsum(tokens_per_expert.to(tokens.device, non_blocking=True), 0, dtype=torch.int32)
@@ -262,33 +209,76 @@ class GroupedExperts(MegatronModule):
     # ------------------------------------------------------------------------------------------------ checkpoint
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: Optional[dict] = None) -> ShardedStateDict:
-        """Per local expert, the ShardedTensors `SequentialMLP` writes (see the module doc), under this module's
-        state-dict keys `{prefix}linear_fc{1,2}.weight{l}`."""
+        """Per projection, a factory of the per-expert ShardedTensors `SequentialMLP` writes (see the module doc),
+        under this module's state-dict keys `{prefix}linear_fc{1,2}.weight`; plus the per-expert extra-state
+        objects under `{prefix}linear_fc{1,2}._extra_state`."""
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         singleton = metadata.get("singleton_local_shards", False)
-        num_global = self.ep_group.size() * self.num_local_experts
-        first_global = self.ep_group.rank() * self.num_local_experts
-        out = {f"{prefix}linear_fc1._extra_state": [], f"{prefix}linear_fc2._extra_state": []}
-        for local in range(self.num_local_experts):
-            expert = first_global + local
-            if singleton:
-                key_prefix, offsets = f"{prefix}experts.{expert}.", sharded_offsets
-            else:
-                key_prefix, offsets = f"{prefix}experts.", (*sharded_offsets, (len(sharded_offsets), expert, num_global))
-            for name, module, axis in (("linear_fc1", self.linear_fc1, 0), ("linear_fc2", self.linear_fc2, 1)):
-                weight = module.weights()[local]
-                sharded = make_sharded_tensors_for_checkpoint({"weight": weight, "_extra_state": None},
-                                                              f"{key_prefix}{name}.",
-                                                              {"weight": axis}, offsets, tp_group=self.tp_group,
-                                                              dp_cp_group=metadata["dp_cp_group"])
-                tensor = sharded[f"{key_prefix}{name}.weight"]
-                if name == "linear_fc1" and self.config.gated_linear_unit:
-                    tensor = apply_swiglu_sharded_factory(tensor, offsets, singleton, tp_group=self.tp_group,
-                                                          dp_group=metadata["dp_cp_group"])
-                extra = sharded[f"{key_prefix}{name}._extra_state"]
-                for item in (tensor, extra):
-                    item.replica_id = (*item.replica_id[:2], self.dp_group.rank())
-                out[f"{prefix}{name}.weight{local}"] = tensor
-                out[f"{prefix}{name}._extra_state"].append(extra)
+        out = {}
+        for name, module, axis in (("linear_fc1", self.linear_fc1, 0), ("linear_fc2", self.linear_fc2, 1)):
+            experts = _ExpertShards(self, prefix, name, axis, sharded_offsets, singleton, metadata["dp_cp_group"])
+            first = experts.build_expert(experts.key, module.weight.detach()[0], 0)
+            replica_id = (first[0] if isinstance(first, list) else first).replica_id
+            out[f"{prefix}{name}.weight"] = ShardedTensorFactory(
+                experts.key, module.weight, experts.build, experts.merge, replica_id)
+            out[f"{prefix}{name}._extra_state"] = experts.extra_states()
         return out
 
+
+_EXPERT_SUFFIX = re.compile(r"experts\.(linear_fc[12]\.weight)$")
+
+
+class _ExpertShards:
+    """Build/merge functions of one projection's `ShardedTensorFactory`: stacked `[E_local, ...]` tensor (the
+    weight, or an optimizer state of its shape, under a key ending in `experts.linear_fc{1,2}.weight`) <-> the
+    per-expert ShardedTensors of `SequentialMLP` (fc1 through megatron's SwiGLU factory under GLU)."""
+
+    def __init__(self, experts: GroupedExperts, prefix: str, name: str, axis: int, sharded_offsets: tuple,
+                 singleton: bool, dp_cp_group):
+        self.experts, self.name, self.axis = experts, name, axis
+        self.sharded_offsets, self.singleton, self.dp_cp_group = tuple(sharded_offsets), singleton, dp_cp_group
+        self.first_global = experts.ep_group.rank() * experts.num_local_experts
+        self.num_global = experts.ep_group.size() * experts.num_local_experts
+        self.glu = name == "linear_fc1" and experts.config.gated_linear_unit
+        self.key = f"{prefix}experts.{name}.weight"  # SequentialMLP's key (its experts live in `.experts`)
+
+    def _key_and_offsets(self, key: str, expert: int):
+        if self.singleton:  # one key per expert: `...experts.{expert}.linear_fc1.weight`
+            return _EXPERT_SUFFIX.sub(rf"experts.{expert}.\1", key), self.sharded_offsets
+        axis = len(self.sharded_offsets)
+        return key, (*self.sharded_offsets, (axis, expert, self.num_global))
+
+    def _sharded(self, key: str, tensor: torch.Tensor, expert: int, extra: bool = False):
+        expert_key, offsets = self._key_and_offsets(key, expert)
+        holder = "expert."
+        sharded = make_sharded_tensors_for_checkpoint({"weight": tensor, "_extra_state": None}, holder,
+                                                      {"weight": self.axis}, offsets,
+                                                      tp_group=self.experts.tp_group, dp_cp_group=self.dp_cp_group)
+        item = sharded[f"{holder}_extra_state" if extra else f"{holder}weight"]
+        item = replace(item, key=expert_key[: -len("weight")] + "_extra_state" if extra else expert_key)
+        item.replica_id = (*item.replica_id[:2], self.experts.dp_group.rank())
+        return item, offsets
+
+    def build_expert(self, key: str, tensor: torch.Tensor, local: int):
+        sharded, offsets = self._sharded(key, tensor, self.first_global + local)
+        if not self.glu:
+            return sharded
+        glu = apply_swiglu_sharded_factory(sharded, offsets, self.singleton, tp_group=self.experts.tp_group,
+                                           dp_group=self.dp_cp_group)
+        self.glu_merge = glu.merge_fn
+        return glu.build()
+
+    def build(self, key: str, data: torch.Tensor, replica_id, flattened_range):
+        if flattened_range is not None:
+            raise ValueError(f"{key}: flattened optimizer states are not supported for stacked expert weights "
+                             "(use the distributed optimizer's dp_reshardable checkpoint format)")
+        return [self.build_expert(key, data[local], local) for local in range(data.shape[0])]
+
+    def merge(self, loaded: list) -> torch.Tensor:
+        """Inverse of `build`: per expert, [gate; up] merged by megatron's SwiGLU factory; stacked over experts."""
+        return torch.stack([self.glu_merge(part) if self.glu else part for part in loaded])
+
+    def extra_states(self) -> list:
+        module = getattr(self.experts, self.name)
+        return [self._sharded(self.key, module.weight.detach()[local], self.first_global + local, extra=True)[0]
+                for local in range(self.experts.num_local_experts)]

@@ -4,7 +4,8 @@ the functions here dispatch on `arch.model_type`. The table below is the Qwen-Mo
 
 Routed experts are the one exception, written here once for every family: megatron names local expert l's weights
 `mlp.experts.local_experts.{l}.linear_fc{1,2}.weight` (`SequentialMLP`) or `mlp.experts.linear_fc{1,2}.weight{l}`
-(`TEGroupedMLP` and our `GroupedExperts`, which the trainer uses in bf16 on a GPU), whatever the family; so
+(`TEGroupedMLP`; our `GroupedExperts`, which the trainer uses in bf16 on a GPU, holds one stacked
+`linear_fc{1,2}.weight` that `per_expert_named_parameters` presents under these names), whatever the family; so
 `map_megatron_name` maps both namings itself (`routed_expert_of`) and asks the family only for the HF names of
 global expert e (`ModelFamily.routed_expert_hf_names`). A family's `map_megatron_name` never sees an expert name,
 so no family can map one naming and forget the other.
@@ -106,7 +107,7 @@ def _family(arch: ModelArch):
 
 
 # Local expert l's weights in megatron's two namings: SequentialMLP `...mlp.experts.local_experts.{l}.linear_fc1.weight`
-# and TEGroupedMLP / GroupedExperts `...mlp.experts.linear_fc1.weight{l}`.
+# and TEGroupedMLP `...mlp.experts.linear_fc1.weight{l}` (also GroupedExperts' per-expert views).
 _ROUTED_EXPERT_RE = re.compile(
     r"^decoder\.layers\.(?P<j>\d+)\.mlp\.experts\."
     r"(?:local_experts\.(?P<seq_l>\d+)\.linear_fc(?P<seq_fc>[12])\.weight"
@@ -178,6 +179,21 @@ def persistent_buffers(module: torch.nn.Module):
                 yield (f"{module_name}.{buffer_name}" if module_name else buffer_name), tensor
 
 
+_STACKED_EXPERTS_RE = re.compile(r"^decoder\.layers\.\d+\.mlp\.experts\.linear_fc[12]\.weight$")
+
+
+def per_expert_named_parameters(module: torch.nn.Module):
+    """`module.named_parameters()` with each stacked routed-expert weight (`GroupedExperts`'
+    `...mlp.experts.linear_fc{1,2}.weight` `[E_local, out, in]`) replaced by its experts' views, named as TE's
+    `GroupedLinear` names them (`...linear_fc{1,2}.weight{l}`): loading writes through the views, export reads them."""
+    for name, tensor in module.named_parameters():
+        if _STACKED_EXPERTS_RE.match(name) and tensor.dim() == 3:
+            for local, view in enumerate(tensor.detach().unbind(0)):
+                yield f"{name}{local}", view
+        else:
+            yield name, tensor
+
+
 def chunk_param_mappings(chunk: torch.nn.Module, arch: ModelArch, *, expert_offset: int = 0):
     """[(tensor, ParamMapping)] for every parameter *and persistent buffer* of one megatron model chunk, with global
     layer numbers read from each layer's `layer_number` (so PP and VP offsets come from megatron itself). A buffer
@@ -190,7 +206,7 @@ def chunk_param_mappings(chunk: torch.nn.Module, arch: ModelArch, *, expert_offs
     def layer_number_of(j: int) -> int:
         return int(layers[j].layer_number)
 
-    tensors = list(module.named_parameters()) + list(persistent_buffers(module))
+    tensors = list(per_expert_named_parameters(module)) + list(persistent_buffers(module))
     return [
         (tensor, map_megatron_name(name, arch, layer_number_of=layer_number_of, expert_offset=expert_offset))
         for name, tensor in tensors

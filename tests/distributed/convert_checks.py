@@ -126,7 +126,7 @@ LAYOUTS = {
         dict(sequence_parallel=True),
         ("saved_dir",),
     ),
-    # GroupedExperts (model/grouped_experts.py, TE GroupedMLP parameter names) under expert TP2 x EP2
+    # GroupedExperts (model/grouped_experts.py, stacked weights seen per expert under TE GroupedMLP names), ETP2 x EP2
     "tp2ep2_grouped": (
         "qwen3",
         dict(tensor_model_parallel_size=2, expert_model_parallel_size=2),
@@ -137,7 +137,7 @@ LAYOUTS = {
     "ds_tp2sp": ("deepseek", dict(tensor_model_parallel_size=2), dict(sequence_parallel=True), ("replay_sensitive",)),
     "ds_ep2": ("deepseek", dict(expert_model_parallel_size=2), {}, ("buckets",)),
     "ds_pp2_noq": ("deepseek_noq", dict(pipeline_model_parallel_size=2), {}, ("saved_dir",)),
-    # ... with the grouped experts a bf16 GPU run builds (GroupedExperts' `linear_fc1.weight{l}` names) over ETP2 x EP2
+    # ... with the grouped experts a bf16 GPU run builds (GroupedExperts' stacked weights) over ETP2 x EP2
     "ds_tp2ep2_noq_grouped": (
         "deepseek_noq",
         dict(tensor_model_parallel_size=2, expert_model_parallel_size=2),

@@ -7,7 +7,7 @@ update of each step reproduces the old-logprob pass (`train/ppo_kl_first_minibat
 itself, so some routes differ from the engine's (agreement < 1) and nothing is replayed.
 
 A third run, R3 on the GPU's code path: what `--trainer-dtype auto` picks on a Hopper GPU - a bf16 trainer with an
-fp32 router and grouped-GEMM experts (`GroupedExperts`, parameters `linear_fc1.weight{l}`; set through
+fp32 router and grouped-GEMM experts (`GroupedExperts`, stacked `linear_fc1.weight` seen per expert; set through
 grpo_runs.py's `gpu_settings` because megatron's `--moe-grouped-gemm` check needs CUDA), so the weight load, the
 weight sync to the engine, the shared and routed experts, the expert-bias buffer and the final dist checkpoint all
 run with the grouped experts' names (every bf16 GPU run failed at its first weight load before the deepseek_v3 family

@@ -16,6 +16,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 from megatron_r3.model import families  # noqa: E402
 from megatron_r3.model.families import UnsupportedHFConfig  # noqa: E402
 from megatron_r3.model.families import deepseek_v3 as ds  # noqa: E402
+from megatron_r3.model.hf_mapping import per_expert_named_parameters  # noqa: E402
 from megatron_r3.model.hf_module import hf_state_dict_to_checkpoint_names  # noqa: E402
 from megatron_r3.model.weights import export_hf_weights, export_order, load_hf_weights  # noqa: E402
 
@@ -244,7 +245,8 @@ def test_gpu_modules_match_hf_and_the_cpu_modules(world_of_one, case):
     arch, _, reference, hf, _ = convert(world_of_one, model)
     config = families.transformer_config_from_hf(model.config, use_cpu_initialization=True, moe_grouped_gemm=True)
     (chunk,) = ds.FAMILY.build_chunks(config, world_of_one, fused_attention=True, **ds.FAMILY.model_kwargs(model.config))
-    assert load_hf_weights([chunk], hf, arch, world_of_one) == len(list(chunk.parameters())) + sum(arch.moe_layers)
+    assert load_hf_weights([chunk], hf, arch, world_of_one) == len(list(per_expert_named_parameters(chunk))) + sum(
+        arch.moe_layers)
     chunk.eval()
     layers = chunk.decoder.layers
     assert all(isinstance(layer.self_attention.core_attention, FusedDotProductAttention) for layer in layers)
@@ -258,16 +260,23 @@ def test_gpu_modules_match_hf_and_the_cpu_modules(world_of_one, case):
         logits = megatron_forward(built, tokens, routes, grad=True)
         assert (logits.detach() - ref).abs().max().item() <= TOLERANCE
         (logits.float() ** 2).mean().backward()
-        grads.append({ds_name(n): p.grad.clone() for n, p in built.named_parameters()})
+        grads.append(named_gradients(built))
     assert sorted(grads[0]) == sorted(grads[1])
     for name, grad in grads[0].items():
         scale = grads[1][name].abs().max().item()
         assert (grad - grads[1][name]).abs().max().item() <= 1e-4 * max(scale, 1e-6), name
 
 
-def ds_name(name: str) -> str:
-    """A routed-expert parameter in SequentialMLP's naming (the grouped `linear_fc1.weight{l}` -> local_experts)."""
+def named_gradients(chunk) -> dict:
+    """Every parameter's gradient by name, routed experts per expert in SequentialMLP's naming (the grouped stacked
+    `linear_fc1.weight` -> `local_experts.{l}.linear_fc1.weight`)."""
     import re
 
-    return re.sub(r"mlp\.experts\.linear_fc([12])\.weight(\d+)$", r"mlp.experts.local_experts.\2.linear_fc\1.weight",
-                  name)
+    out = {}
+    for name, param in chunk.named_parameters():
+        if re.search(r"mlp\.experts\.linear_fc[12]\.weight$", name):
+            for local, grad in enumerate(param.grad):
+                out[re.sub(r"linear_fc([12])\.weight$", rf"local_experts.{local}.linear_fc\1.weight", name)] = grad
+        else:
+            out[name] = param.grad.clone()
+    return out

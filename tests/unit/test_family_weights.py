@@ -1,7 +1,7 @@
 """Every registered model family (iterating `families.REGISTRY`), built with each experts module the trainer can
 pick - megatron's `SequentialMLP` (`local_experts.{l}.linear_fc1.weight`) and the grouped-GEMM `GroupedExperts`
-(`linear_fc1.weight{l}`, what `--trainer-dtype auto` switches to in bf16 on a Hopper GPU) - maps every parameter and
-persistent buffer of its megatron model to checkpoint tensors, covering the checkpoint exactly once; loading random
+(stacked weights seen per expert as `linear_fc1.weight{l}`, what `--trainer-dtype auto` switches to in bf16 on a
+Hopper GPU) - maps every parameter and persistent buffer of its megatron model to checkpoint tensors, covering the checkpoint exactly once; loading random
 checkpoint tensors and exporting them gives them back bit-identically (same dtype), and each routed expert's weights
 hold its own HF expert's tensors.
 
@@ -21,7 +21,12 @@ pytest.importorskip("transformers")
 
 from megatron_r3.model import families  # noqa: E402
 from megatron_r3.model.grouped_experts import GroupedExperts  # noqa: E402
-from megatron_r3.model.hf_mapping import chunk_param_mappings, hf_checkpoint_names, persistent_buffers  # noqa: E402
+from megatron_r3.model.hf_mapping import (  # noqa: E402
+    chunk_param_mappings,
+    hf_checkpoint_names,
+    per_expert_named_parameters,
+    persistent_buffers,
+)
 from megatron_r3.model.weights import export_hf_weights, export_order, load_hf_weights  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("world_of_one")  # tests/unit/conftest.py
@@ -47,7 +52,7 @@ TINY = {
 }
 # the test's own reading of megatron's two expert namings (independent of hf_mapping's)
 SEQUENTIAL = re.compile(r"decoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight")
-GROUPED = re.compile(r"decoder\.layers\.(\d+)\.mlp\.experts\.linear_fc([12])\.weight(\d+)")
+GROUPED = re.compile(r"decoder\.layers\.(\d+)\.mlp\.experts\.linear_fc([12])\.weight(\d+)")  # per-expert views
 EXPERTS = {"sequential_fp32": (False, torch.float32), "grouped_fp32": (True, torch.float32),
            "grouped_bf16": (True, torch.bfloat16)}
 
@@ -82,7 +87,8 @@ def test_load_export_round_trip_with_either_experts_module(model_type, experts, 
     (chunk,) = chunks
     moe_layers = [layer for layer in chunk.decoder.layers if hasattr(layer.mlp, "experts")]
     assert moe_layers and all(isinstance(layer.mlp.experts, GroupedExperts) == grouped for layer in moe_layers)
-    names = [name for name, _ in chunk.named_parameters()]
+    # GroupedExperts holds one stacked `linear_fc{1,2}.weight` per layer; the mapping sees its experts' views
+    names = [name for name, _ in per_expert_named_parameters(chunk)]
     assert any((GROUPED if grouped else SEQUENTIAL).fullmatch(n) for n in names)
     assert not any((SEQUENTIAL if grouped else GROUPED).fullmatch(n) for n in names)
 
@@ -100,7 +106,7 @@ def test_load_export_round_trip_with_either_experts_module(model_type, experts, 
 
     # each routed expert's weights are its own HF expert's tensors ([gate; up] for fc1)
     experts_seen = 0
-    for name, param in chunk.named_parameters():
+    for name, param in per_expert_named_parameters(chunk):  # views of the stacked weights' storage when grouped
         parsed = expert_of(name)
         if parsed is None:
             continue
