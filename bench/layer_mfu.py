@@ -84,8 +84,10 @@ def build(preset: dict, dtype: torch.dtype, fast: bool):
 
 
 def copy_weights(slow, fast) -> None:
-    """The slow model's weights into the fast one (SequentialMLP names -> GroupedExperts names)."""
-    target = dict(fast.named_parameters())
+    """The slow model's weights into the fast one (SequentialMLP names -> GroupedExperts' per-expert views)."""
+    from megatron_r3.model.hf_mapping import per_expert_named_parameters
+
+    target = dict(per_expert_named_parameters(fast))
     with torch.no_grad():
         for name, param in slow.named_parameters():
             mapped = re.sub(r"experts\.local_experts\.(\d+)\.(linear_fc[12])\.weight", r"experts.\2.weight\1", name)
@@ -321,9 +323,11 @@ def _grouped_order_grads(sequential, grouped, dtype, x, counts, probs, grad_out)
     by_name = {}
     for name, p in sequential.named_parameters():
         match = re.search(r"local_experts\.(\d+)\.(linear_fc[12])\.weight", name)
-        by_name[f"{match[2]}.weight{match[1]}"] = p.grad.float().flatten()
+        by_name[match[2], int(match[1])] = p.grad.float().flatten()
     sequential.zero_grad(set_to_none=True)
-    return torch.cat([by_name[name] for name, _ in sorted(grouped.named_parameters())])
+    # GroupedExperts' stacked `linear_fc{1,2}.weight` flatten expert by expert
+    return torch.cat([by_name[name.removesuffix(".weight"), e] for name, _ in grouped.named_parameters()
+                      for e in range(grouped.num_local_experts)])
 
 
 def main() -> None:
